@@ -1,0 +1,206 @@
+"""The command line: parse, call the runner, print. One function per verb, no logic.
+
+Every expected failure is an OrchestrateError: printed as one line `error: ...` on stderr
+with its exit code (README: "Exit codes"). Anything else is a bug: exit 1 with the
+exception's one-line summary (a traceback only with ORCHESTRATE_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from functools import wraps
+
+import click
+from loguru import logger
+
+from orchestrator import __version__
+from orchestrator.errors import EXIT_CODES, OrchestrateError, PlanError
+from orchestrator.plan import json_schema, load_plan
+from orchestrator.state.store import PHASES
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    logger.remove()
+    if fmt == "json":
+        logger.add(sys.stderr, level=level, serialize=True)
+    else:
+        logger.add(sys.stderr, level=level, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+                   colorize=None)
+
+
+def _emit(outcome, output: str, text_renderer=None) -> None:
+    if output == "json":
+        click.echo(json.dumps({"message": outcome.message, **outcome.data}, indent=2, default=str))
+    else:
+        click.echo(text_renderer(outcome.data) if text_renderer else outcome.message)
+
+
+def handled(fn):
+    """Map failures to one line and an exit code; never a traceback for expected errors."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OrchestrateError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; run the same command again to resume", err=True)
+            sys.exit(10)
+        except click.exceptions.Exit:
+            raise
+        except Exception as e:  # noqa: BLE001 - the last line of defence
+            if os.environ.get("ORCHESTRATE_DEBUG"):
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            click.echo(f"error: internal error: {type(e).__name__}: {first} (ORCHESTRATE_DEBUG=1 for a traceback)",
+                       err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def _dsn_required(dsn: str | None) -> str:
+    if not dsn:
+        raise PlanError("no database given: pass --dsn or set ORCHESTRATE_DSN")
+    return dsn
+
+
+dsn_option = click.option("--dsn", envvar="ORCHESTRATE_DSN", help="libpq DSN or URL (env ORCHESTRATE_DSN).")
+output_option = click.option("--output", "-o", type=click.Choice(["text", "json"]), default="text", show_default=True)
+plan_argument = click.argument("plan_file", metavar="PLAN", type=click.Path(dir_okay=False))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="orchestrate")
+@click.option("--log-level", default="INFO", show_default=True, envvar="ORCHESTRATE_LOG_LEVEL",
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              envvar="ORCHESTRATE_LOG_FORMAT", help="json: one JSON object per log line, for machines.")
+def cli(log_level: str, log_format: str) -> None:
+    """Zero-downtime range partitioning of live PostgreSQL tables."""
+    _setup_logging(log_level.upper(), log_format)
+
+
+cli.help = (cli.help or "") + "\n\n\b\nExit codes:\n" + "\n".join(f"  {k:>2}  {v}" for k, v in EXIT_CODES.items())
+
+
+@cli.command("plan")
+@plan_argument
+@dsn_option
+@output_option
+@handled
+def plan_cmd(plan_file: str, dsn: str | None, output: str) -> None:
+    """Validate PLAN (against the live table with --dsn) and print the ordered steps. Changes nothing."""
+    from orchestrator import report, runner
+
+    plan = load_plan(plan_file)
+    _emit(runner.make_plan(plan, dsn), output, report.plan_text)
+
+
+@cli.command("apply")
+@plan_argument
+@dsn_option
+@click.option("--until", type=click.Choice(PHASES), help="Stop once this phase is complete.")
+@click.option("--replica-dsn", "replica_dsns", multiple=True, envvar="ORCHESTRATE_REPLICA_DSN",
+              help="A replica to watch for lag (repeatable; env ORCHESTRATE_REPLICA_DSN, space-separated).")
+@click.option("--cutover/--no-cutover", "cutover", default=None,
+              help="Cut over now even if the plan postpones it (or hold it back).")
+@click.option("--recopy", multiple=True, metavar="RANGE",
+              help="Re-copy a range (by its label in status, or 'all' for the mismatched ones) before verifying.")
+@click.option("--workers", type=click.IntRange(1, 32), help="Backfill workers (overrides the plan).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on this port.")
+@output_option
+@handled
+def apply_cmd(plan_file: str, dsn: str | None, until: str | None, replica_dsns: tuple[str, ...],
+              cutover: bool | None, recopy: tuple[str, ...], workers: int | None, metrics_port: int | None,
+              output: str) -> None:
+    """Run or resume the migration: prepare, capture, backfill, verify, cutover."""
+    from orchestrator import report, runner
+
+    plan = load_plan(plan_file)
+    dsn = _dsn_required(dsn)
+    replicas = tuple(d for arg in replica_dsns for d in arg.split()) if replica_dsns else ()
+    progress = report.ProgressPrinter()
+    options = {"workers": workers, "metrics_port": metrics_port}
+    try:
+        outcome = runner.apply(plan, dsn, until=until, replica_dsns=replicas, cutover=cutover, recopy=recopy,
+                               progress=progress, options=options)
+    finally:
+        progress.close()
+    _emit(outcome, output)
+
+
+@cli.command("status")
+@plan_argument
+@dsn_option
+@output_option
+@handled
+def status_cmd(plan_file: str, dsn: str | None, output: str) -> None:
+    """Show the migration's phase, range progress, checkpoints and phase durations."""
+    from orchestrator import report, runner
+
+    plan = load_plan(plan_file)
+    _emit(runner.status(plan, _dsn_required(dsn)), output, report.status_text)
+
+
+@cli.command("rollback")
+@plan_argument
+@dsn_option
+@output_option
+@handled
+def rollback_cmd(plan_file: str, dsn: str | None, output: str) -> None:
+    """Go back to the original table under its original name, from any phase (also after cutover)."""
+    from orchestrator import runner
+
+    plan = load_plan(plan_file)
+    _emit(runner.rollback(plan, _dsn_required(dsn)), output)
+
+
+@cli.command("finalize")
+@plan_argument
+@dsn_option
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@output_option
+@handled
+def finalize_cmd(plan_file: str, dsn: str | None, yes: bool, output: str) -> None:
+    """Drop the retired table and the reverse trigger. This destroys the way back."""
+    from orchestrator import runner
+
+    plan = load_plan(plan_file)
+    dsn = _dsn_required(dsn)
+    if not yes:
+        if not sys.stdin.isatty():
+            raise PlanError("finalize drops the retired table and ends any chance of rollback: pass --yes to confirm")
+        click.confirm(f"Drop {plan.retired} and the reverse trigger? Rollback will no longer be possible", abort=True)
+    _emit(runner.finalize(plan, dsn), output)
+
+
+@cli.command("schema")
+def schema_cmd() -> None:
+    """Print the plan's JSON schema (plans/schema.json is this output)."""
+    click.echo(json.dumps(json_schema(), indent=2))
+
+
+@cli.command("demo")
+@click.option("--rows", default=1_000_000, show_default=True, type=click.IntRange(1000))
+@click.option("--days", default=365, show_default=True, type=click.IntRange(2))
+@click.option("--clients", default=4, show_default=True, type=click.IntRange(0, 64))
+@click.option("--keep", is_flag=True, help="Leave the cluster running at the end (prints its DSN).")
+@handled
+def demo_cmd(rows: int, days: int, clients: int, keep: bool) -> None:
+    """Start a local PostgreSQL, build a live `orders` table and migrate it under a write workload."""
+    from orchestrator import demo
+
+    demo.run(rows=rows, days=days, clients=clients, keep=keep)
+
+
+def main() -> None:
+    cli(prog_name="orchestrate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,304 @@
+"""Catalog reads: what the live table looks like and what depends on it. Never writes.
+
+Everything the phases need to know about the table is gathered once into a
+:class:`TableInfo`, so planning, prepare and cutover reason about the same facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import psycopg
+
+from orchestrator.errors import PreflightError
+from orchestrator.sql import QualifiedName, ident
+
+KEY_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str  # format_type()
+    not_null: bool
+    default: str | None
+    generated: str  # '' | 's' (stored) | 'v' (virtual, PG18)
+    identity: str  # '' | 'a' (ALWAYS) | 'd' (BY DEFAULT)
+    stattarget: int | None
+
+    @property
+    def writable(self) -> bool:
+        """Can an INSERT name this column? (generated columns are computed by the twin)."""
+        return not self.generated
+
+
+@dataclass(frozen=True)
+class Index:
+    name: str
+    definition: str  # pg_get_indexdef, fully qualified (search_path = pg_catalog)
+    unique: bool
+    primary: bool
+    constraint: str | None  # name of the constraint it backs (pk/unique/exclusion)
+    columns: tuple[str, ...]  # plain column names, empty for expression-only
+    has_expressions: bool
+
+
+@dataclass(frozen=True)
+class Dependent:
+    """A relation that depends on the table (view or materialized view)."""
+
+    oid: int
+    name: QualifiedName
+    kind: str  # 'v' | 'm'
+    definition: str
+    options: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Trigger:
+    name: str
+    definition: str
+    enabled: str
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    name: str
+    table: QualifiedName  # the table that holds the constraint
+    definition: str
+    columns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OwnedSequence:
+    name: QualifiedName
+    column: str
+    identity: bool
+
+
+@dataclass
+class TableInfo:
+    """Everything the orchestrator knows about one live table."""
+
+    name: QualifiedName
+    oid: int
+    relkind: str
+    owner: str
+    comment: str | None
+    acl: list[tuple[str, str, bool]]  # (grantee or PUBLIC, privilege, grantable)
+    columns: list[Column]
+    primary_key: list[str]
+    indexes: list[Index]
+    checks: list[tuple[str, str]]
+    outgoing_fks: list[ForeignKey]
+    incoming_fks: list[ForeignKey]
+    dependents: list[Dependent]
+    triggers: list[Trigger]
+    sequences: list[OwnedSequence]
+    replica_identity: str
+    replica_identity_index: str | None
+    rls_enabled: bool
+    rls_forced: bool
+    policies: list[tuple[str, str]]  # (name, CREATE POLICY with a {table} placeholder)
+    publications: list[str]
+    reloptions: list[str]
+    estimated_rows: int
+    total_bytes: int
+    column_acl: list[tuple[str, str, str]] = field(default_factory=list)  # (column, grantee, privilege)
+
+    def column(self, name: str) -> Column | None:
+        return next((c for c in self.columns if c.name == name), None)
+
+    @property
+    def writable_columns(self) -> list[str]:
+        return [c.name for c in self.columns if c.writable]
+
+    @property
+    def all_columns(self) -> list[str]:
+        return [c.name for c in self.columns]
+
+    @property
+    def has_identity_always(self) -> bool:
+        return any(c.identity == "a" for c in self.columns)
+
+
+def resolve(cur: psycopg.Cursor, name: QualifiedName) -> tuple[int, str] | None:
+    cur.execute(
+        "SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s",
+        (name.schema, name.name),
+    )
+    row = cur.fetchone()
+    return (row[0], row[1]) if row else None
+
+
+def exists(cur: psycopg.Cursor, name: QualifiedName) -> bool:
+    return resolve(cur, name) is not None
+
+
+def _case_hint(cur: psycopg.Cursor, name: QualifiedName) -> str:
+    cur.execute(
+        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE lower(n.nspname) = lower(%s) AND lower(c.relname) = lower(%s) AND c.relkind IN ('r','p') LIMIT 1",
+        (name.schema, name.name),
+    )
+    row = cur.fetchone()
+    if row:
+        return f" (did you mean {QualifiedName(row[0], row[1])}? quote mixed-case names in the plan)"
+    return ""
+
+
+def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partitioned: bool = False) -> TableInfo:
+    """Read the table's catalog entry and dependents; PreflightError if it is not a table."""
+    # One transaction: a consistent read, and SET LOCAL renders every definition fully
+    # qualified (search_path = pg_catalog), whatever the caller's search_path.
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SET LOCAL search_path = pg_catalog")
+        found = resolve(cur, name)
+        if found is None:
+            raise PreflightError(f"table {name} does not exist{_case_hint(cur, name)}")
+        oid, relkind = found
+        if relkind == "p" and not allow_partitioned:
+            raise PreflightError(f"table {name} is already partitioned")
+        if relkind not in ("r", "p"):
+            raise PreflightError(f"{name} is not an ordinary table (relkind {relkind!r})")
+        cur.execute(
+            """SELECT pg_get_userbyid(c.relowner), obj_description(c.oid, 'pg_class'), c.relreplident,
+                      c.relrowsecurity, c.relforcerowsecurity, coalesce(c.reloptions, '{}'),
+                      greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid), c.relpersistence
+               FROM pg_class c WHERE c.oid = %s""",
+            (oid,),
+        )
+        owner, comment, replident, rls, rls_forced, reloptions, reltuples, total_bytes, persistence = cur.fetchone()
+        if persistence == "t":
+            raise PreflightError(f"{name} is a temporary table")
+        cur.execute(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                      pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text,
+                      CASE WHEN a.attstattarget >= 0 THEN a.attstattarget END
+               FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+               WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum""",
+            (oid,),
+        )
+        columns = [Column(r[0], r[1], r[2], r[3], r[4] or "", r[5] or "", r[6]) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid), i.indisunique, i.indisprimary,
+                      con.conname,
+                      ARRAY(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(n, o)
+                            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
+                            WHERE k.n > 0 ORDER BY k.o),
+                      0 = ANY (i.indkey::int2[]) OR i.indexprs IS NOT NULL, c2.relname
+               FROM pg_index i JOIN pg_class c2 ON c2.oid = i.indexrelid
+               LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+               WHERE i.indrelid = %s ORDER BY c2.relname""",
+            (oid,),
+        )
+        indexes = [Index(r[7], r[1], r[2], r[3], r[4], tuple(r[5]), r[6]) for r in cur.fetchall()]
+        pk = next((list(i.columns) for i in indexes if i.primary), [])
+        cur.execute(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s AND contype = 'c' ORDER BY conname",
+            (oid,),
+        )
+        checks = [(r[0], r[1]) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+               WHERE conrelid = %s AND contype = 'f' ORDER BY conname""",
+            (oid,),
+        )
+        outgoing = [ForeignKey(r[0], name, r[1]) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT con.conname, n.nspname, c.relname, pg_get_constraintdef(con.oid),
+                      ARRAY(SELECT a.attname FROM unnest(con.conkey) k(n)
+                            JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n)
+               FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace
+               WHERE con.confrelid = %s AND con.contype = 'f' AND con.conrelid <> con.confrelid
+               ORDER BY 1""",
+            (oid,),
+        )
+        incoming = [ForeignKey(r[0], QualifiedName(r[1], r[2]), r[3], tuple(r[4])) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT DISTINCT v.oid, n.nspname, v.relname, v.relkind, pg_get_viewdef(v.oid),
+                      coalesce(v.reloptions, '{}')
+               FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
+               JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace n ON n.oid = v.relnamespace
+               WHERE d.refobjid = %s AND d.refclassid = 'pg_class'::regclass AND v.oid <> %s
+               ORDER BY v.oid""",
+            (oid, oid),
+        )
+        dependents = [Dependent(r[0], QualifiedName(r[1], r[2]), r[3], r[4], tuple(r[5])) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT tgname, pg_get_triggerdef(oid), tgenabled::text FROM pg_trigger
+               WHERE tgrelid = %s AND NOT tgisinternal AND tgname NOT LIKE 'orchestrate\_%%' ORDER BY tgname""",
+            (oid,),
+        )
+        triggers = [Trigger(*r) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT n.nspname, s.relname, a.attname, d.deptype = 'i'
+               FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+               JOIN pg_namespace n ON n.oid = s.relnamespace
+               JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+               WHERE d.refobjid = %s AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')""",
+            (oid,),
+        )
+        sequences = [OwnedSequence(QualifiedName(r[0], r[1]), r[2], r[3]) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                      a.privilege_type, a.is_grantable
+               FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = %s AND a.grantee <> c.relowner""",
+            (oid,),
+        )
+        acl = [(r[0], r[1], r[2]) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT att.attname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                      a.privilege_type
+               FROM pg_attribute att, aclexplode(att.attacl) a
+               WHERE att.attrelid = %s AND att.attacl IS NOT NULL AND NOT att.attisdropped""",
+            (oid,),
+        )
+        column_acl = [(r[0], r[1], r[2]) for r in cur.fetchall()]
+        cur.execute(
+            "SELECT i.indexrelid::regclass::text FROM pg_index i WHERE i.indrelid = %s AND i.indisreplident", (oid,)
+        )
+        row = cur.fetchone()
+        replident_index = row[0] if row else None
+        cur.execute(
+            """SELECT polname, format('CREATE POLICY %%I ON %%s AS %%s FOR %%s TO %%s%%s%%s', polname, '{table}',
+                      CASE WHEN polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
+                      CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                  WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                      CASE WHEN polroles = '{0}' THEN 'PUBLIC'
+                           ELSE (SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles WHERE oid = ANY (polroles)) END,
+                      CASE WHEN polqual IS NOT NULL THEN ' USING (' || pg_get_expr(polqual, polrelid) || ')' ELSE '' END,
+                      CASE WHEN polwithcheck IS NOT NULL THEN ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) || ')' ELSE '' END)
+               FROM pg_policy WHERE polrelid = %s ORDER BY polname""",
+            (oid,),
+        )
+        policies = [(r[0], r[1]) for r in cur.fetchall()]
+        cur.execute(
+            """SELECT p.pubname FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+               WHERE pr.prrelid = %s ORDER BY 1""",
+            (oid,),
+        )
+        publications = [r[0] for r in cur.fetchall()]
+    return TableInfo(
+        name=name, oid=oid, relkind=relkind, owner=owner, comment=comment, acl=acl, columns=columns,
+        primary_key=pk, indexes=indexes, checks=checks, outgoing_fks=outgoing, incoming_fks=incoming,
+        dependents=dependents, triggers=triggers, sequences=sequences, replica_identity=replident,
+        replica_identity_index=replident_index, rls_enabled=rls, rls_forced=rls_forced, policies=policies,
+        publications=publications, reloptions=list(reloptions), estimated_rows=int(reltuples),
+        total_bytes=int(total_bytes), column_acl=column_acl,
+    )
+
+
+def key_bounds(conn: psycopg.Connection, table: QualifiedName, key: str) -> tuple[datetime | None, datetime | None]:
+    """min and max of the key (two index probes when the key is indexed)."""
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT min({ident(key)})::timestamp, max({ident(key)})::timestamp FROM {table}")
+        lo, hi = cur.fetchone()
+    return lo, hi
+
+
+def has_index_on(info: TableInfo, column: str) -> bool:
+    return any(i.columns and i.columns[0] == column for i in info.indexes)

@@ -1,0 +1,272 @@
+"""backfill: copy the rows that existed before capture, range by range, server-side.
+
+Ranges (one day of the key by default, plus open-ended ranges below and above and one for
+NULL keys) are planned once capture is live: every row outside them was written after the
+trigger existed and is already in the twin. Within a range, batches are windows of
+(key, pk) values: an unlocked read finds where the next window ends, then one statement
+copies the window locking its source rows (see sql.backfill_copy for why this is race-free)
+and the range's cursor is advanced in the same transaction. Rows never pass through Python.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from queue import Empty, Queue
+
+import psycopg
+from loguru import logger
+
+from orchestrator import sql
+from orchestrator.db import connect, is_connection_error
+from orchestrator.errors import ConnectionFailed, OrchestrateError
+from orchestrator.inspect import key_bounds
+from orchestrator.phases import Context, Step
+from orchestrator.phases.prepare import fmt
+
+
+def plan_ranges(ctx: Context, key_min: datetime | None, key_max: datetime | None, nullable: bool) -> list[dict]:
+    """The list of ranges: NULL keys, below the first, each interval, from the last on."""
+    iv = ctx.plan.backfill.range_value
+    out: list[dict] = []
+    if nullable:
+        out.append({"label": "NULL keys", "lo": None, "hi": None, "is_null": True})
+    if key_min is None:
+        out.append({"label": "all keys", "lo": None, "hi": None, "is_null": False})
+        return out
+    start, end = iv.floor(key_min), iv.add(iv.floor(key_max))
+    out.append({"label": f"before {start:%Y-%m-%d}", "lo": None, "hi": fmt(start), "is_null": False})
+    t = start
+    while t < end:
+        nxt = iv.add(t)
+        label = f"{t:%Y-%m-%d}" if iv.unit == "day" and iv.count == 1 else f"{t:%Y-%m-%d}..{nxt:%Y-%m-%d}"
+        out.append({"label": label, "lo": fmt(t), "hi": fmt(nxt), "is_null": False})
+        t = nxt
+    out.append({"label": f"from {end:%Y-%m-%d}", "lo": fmt(end), "hi": None, "is_null": False})
+    return out
+
+
+@dataclass
+class Pace:
+    """Batch size shared by the workers: adapts toward the target duration, or is pinned."""
+
+    size: int
+    target_s: float
+    lo: int
+    hi: int
+    fixed: bool
+    sleep_ratio: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def observe(self, rows: int, seconds: float) -> None:
+        if self.fixed or rows < self.size // 2 or seconds <= 0:
+            return  # a short tail batch says nothing about speed
+        with self.lock:
+            factor = min(2.0, max(0.5, self.target_s / seconds))
+            self.size = int(min(self.hi, max(self.lo, self.size * factor)))
+
+
+@dataclass
+class Counters:
+    rows: int = 0
+    batches: int = 0
+    ranges_done: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, rows: int, done: bool) -> None:
+        with self.lock:
+            self.rows += rows
+            self.batches += 1
+            self.ranges_done += int(done)
+
+
+def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, pace: Pace,
+               counters: Counters, stop: threading.Event, throttle=None) -> None:
+    """Copy one range batch by batch; each batch commits with the range's new cursor."""
+    src, dst = ctx.plan.table_name, ctx.plan.twin
+    where, wparams = sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
+    cursor = rng["cursor"]
+    sync = "on" if ctx.plan.backfill.synchronous_commit else "off"
+    if rng.get("state") == "repair":
+        _repair(conn, ctx, shape, rng, where, wparams, sync)
+        counters.add(0, True)
+        return
+    while not stop.is_set():
+        if throttle is not None:
+            throttle.wait(stop)
+            if stop.is_set():
+                return
+        t0 = time.monotonic()
+        size = pace.size
+        with conn.transaction(), conn.cursor() as cur:
+            # Safe: the checkpoint below commits in this same transaction, so a server crash
+            # loses the batch and its checkpoint together and the batch is simply redone.
+            cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+            after = cursor is not None
+            cparams = list(cursor) if after else []
+            cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]), [*wparams, *cparams, size - 1])
+            boundary = cur.fetchone()
+            cur.execute(sql.backfill_copy(src, dst, shape, where, after, boundary is not None, rng["is_null"]),
+                        [*wparams, *cparams, *(boundary or [])])
+            n = max(cur.rowcount, 0)
+            final = boundary is None
+            cur.execute(
+                "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + %s, "
+                "batches = batches + 1, state = %s, copied_at = now(), verify_state = 'pending' "
+                "WHERE migration_id = %s AND idx = %s",
+                (None if final else psycopg.types.json.Jsonb(list(boundary)), n,
+                 "copied" if final else "copying", ctx.mid, rng["idx"]),
+            )
+        elapsed = time.monotonic() - t0
+        pace.observe(n, elapsed)
+        counters.add(n, final)
+        if final:
+            return
+        cursor = list(boundary)
+        if pace.sleep_ratio:
+            time.sleep(elapsed * pace.sleep_ratio)
+
+
+def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
+            sync: str) -> None:
+    """Re-copy a range that failed verification: delete the twin's rows and copy again, in
+    one transaction; concurrent writes stay correct (the copy locks its source rows)."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+        cur.execute(f"DELETE FROM {ctx.plan.twin} WHERE {where}", wparams)
+        removed = cur.rowcount
+        cur.execute(sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False, rng["is_null"]),
+                    wparams)
+        n = cur.rowcount
+        cur.execute(
+            "UPDATE orchestrate.ranges SET cursor = NULL, rows_copied = %s, batches = batches + 1, state = 'copied', "
+            "copied_at = now(), verify_state = 'pending', verify_detail = NULL WHERE migration_id = %s AND idx = %s",
+            (n, ctx.mid, rng["idx"]),
+        )
+    ctx.store.event(ctx.mid, "repair", f"range {rng['label']} re-copied: {removed} twin rows replaced by {n}",
+                    removed=removed, copied=n)
+
+
+class Backfill:
+    name = "backfill"
+
+    def steps(self, ctx: Context) -> list[Step]:
+        shape = ctx.shape()
+        where, _ = sql.range_predicate(shape, "<lo>", "<hi>", False)
+        b = ctx.plan.backfill
+        return [Step(
+            self.name,
+            f"copy each {b.range} range in batches of about {b.target_batch_seconds}s "
+            f"(start {b.batch_size} rows, {b.workers} worker(s)), checkpoint in the same transaction",
+            sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, True, True, False),
+            f"ROW SHARE on {ctx.plan.table_name} and FOR SHARE row locks on the batch's rows until it commits "
+            "(writers of those rows wait for one batch)",
+        )]
+
+    def ensure_ranges(self, ctx: Context) -> None:
+        """Plan the ranges once, after capture: recorded with the key bounds they came from."""
+        if ctx.store.ranges(ctx.mid):
+            return
+        shape = ctx.shape()
+        key_min, key_max = key_bounds(ctx.conn, ctx.plan.table_name, shape.key)
+        ranges = plan_ranges(ctx, key_min, key_max, shape.key_nullable)
+        with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO orchestrate.ranges (migration_id, idx, label, lo, hi, is_null) VALUES (%s,%s,%s,%s,%s,%s)",
+                [(ctx.mid, i, r["label"], r["lo"], r["hi"], r["is_null"]) for i, r in enumerate(ranges)],
+            )
+            cur.execute(
+                "UPDATE orchestrate.migrations SET key_lo = %s, key_hi = %s WHERE id = %s",
+                (key_min and fmt(key_min), key_max and fmt(key_max), ctx.mid),
+            )
+        ctx.store.event(ctx.mid, "ranges", f"{len(ranges)} ranges planned", key_min=key_min, key_max=key_max)
+
+    def run(self, ctx: Context) -> None:
+        self.ensure_ranges(ctx)
+        pending = [r for r in ctx.store.ranges(ctx.mid) if r["state"] != "copied"]
+        total = len(ctx.store.ranges(ctx.mid))
+        b = ctx.plan.backfill
+        controls = ctx.options.get("controls")
+        pace = Pace(b.batch_size, b.target_batch_seconds, b.min_batch_size, b.max_batch_size, b.fixed_batch_size,
+                    b.sleep_ratio)
+        if controls is not None:
+            controls.bind_pace(pace)
+        counters = Counters(ranges_done=total - len(pending))
+        workers = ctx.options.get("workers") or b.workers
+        t0 = time.monotonic()
+        self._run_workers(ctx, pending, pace, counters, workers, total)
+        with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+            left = cur.execute(
+                "SELECT count(*) FROM orchestrate.ranges WHERE migration_id = %s AND state <> 'copied'", (ctx.mid,)
+            ).fetchone()[0]
+            if left:
+                raise OrchestrateError(f"backfill stopped with {left} ranges left; run apply again to resume")
+            ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, rows=counters.rows)
+
+    def _run_workers(self, ctx: Context, pending: list[dict], pace: Pace, counters: Counters, workers: int,
+                     total: int) -> None:
+        if not pending:
+            return
+        queue: Queue = Queue()
+        for r in pending:
+            queue.put(r)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+        shape = ctx.shape()
+        throttle = ctx.options.get("throttle")
+
+        def work(n: int) -> None:
+            try:
+                conn = connect(ctx.dsn, f"backfill-{n}")
+            except BaseException as e:  # noqa: BLE001 - reported by the coordinator below
+                errors.append(e)
+                stop.set()
+                return
+            try:
+                while not stop.is_set():
+                    try:
+                        rng = queue.get_nowait()
+                    except Empty:
+                        return
+                    copy_range(conn, ctx, shape, rng, pace, counters, stop, throttle)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                stop.set()
+            finally:
+                conn.close()
+
+        threads = [threading.Thread(target=work, args=(i,), name=f"backfill-{i}", daemon=True)
+                   for i in range(min(workers, len(pending)))]
+        for t in threads:
+            t.start()
+        started = time.monotonic()
+        rows0 = counters.rows
+        try:
+            while any(t.is_alive() for t in threads):
+                for t in threads:
+                    t.join(timeout=1.0)
+                if ctx.progress:
+                    elapsed = time.monotonic() - started
+                    rate = (counters.rows - rows0) / elapsed if elapsed > 0 else 0.0
+                    left = total - counters.ranges_done
+                    done_frac = counters.ranges_done / total if total else 1.0
+                    eta = elapsed / done_frac * (1 - done_frac) if 0 < done_frac < 1 and counters.ranges_done else None
+                    ctx.progress({"phase": "backfill", "ranges_done": counters.ranges_done, "ranges_total": total,
+                                  "rows": counters.rows, "rows_per_s": round(rate), "eta_s": eta and round(eta),
+                                  "batch_size": pace.size, "ranges_left": left})
+        except KeyboardInterrupt:
+            stop.set()
+            for t in threads:
+                t.join(timeout=10)
+            raise
+        if errors:
+            e = errors[0]
+            if is_connection_error(e):
+                raise ConnectionFailed(f"backfill lost its connection: {str(e).splitlines()[0]}; run apply again to resume") from None
+            raise e
+        logger.debug("backfill workers finished: {} rows in {} batches", counters.rows, counters.batches)
+
+    def undo(self, ctx: Context) -> None:
+        """Nothing to undo: the copied rows go with the twin."""

@@ -1,0 +1,80 @@
+"""capture: a synchronous dual-write trigger that applies every change to the twin.
+
+The trigger runs in the writer's transaction, so in every snapshot the twin holds the
+latest version of every row it holds: verification can then compare both tables in one
+REPEATABLE READ snapshot, and cutover needs no drain. The function is SECURITY DEFINER
+(owned by the role running orchestrate) so application roles need no privilege on the
+twin; its search_path is pinned and every name in it is schema-qualified.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+
+from orchestrator import sql
+from orchestrator.db import with_lock_retry
+from orchestrator.phases import FORWARD_TRIGGER, Context, Step
+
+
+def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst: sql.QualifiedName,
+                 trigger: str, kind: str) -> None:
+    """Create the sync functions and the triggers on src that write to dst.
+
+    Warning: takes SHARE ROW EXCLUSIVE on src (CREATE TRIGGER); call inside with_lock_retry.
+    """
+    shape = ctx.shape()
+    fn, tfn = ctx.function(kind), ctx.function(kind + "_truncate")
+    cur.execute(sql.sync_function(fn, dst, shape))
+    cur.execute(sql.truncate_function(tfn, dst))
+    for f in (fn, tfn):
+        cur.execute(f"ALTER FUNCTION {f}() SECURITY DEFINER")
+        cur.execute(f"REVOKE ALL ON FUNCTION {f}() FROM PUBLIC")
+    for stmt in sql.drop_sync_triggers(src, trigger) + sql.create_sync_triggers(src, trigger, fn, tfn):
+        cur.execute(stmt)
+
+
+def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigger: str, kind: str) -> None:
+    """Warning: takes ACCESS EXCLUSIVE on table (DROP TRIGGER); call inside with_lock_retry."""
+    if cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is not None:
+        for stmt in sql.drop_sync_triggers(table, trigger):
+            cur.execute(stmt)
+    for k in (kind, kind + "_truncate"):
+        cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+
+
+class Capture:
+    name = "capture"
+
+    def steps(self, ctx: Context) -> list[Step]:
+        shape = ctx.shape()
+        return [
+            Step(self.name, "dual-write function (INSERT / UPDATE by key / key move = DELETE+INSERT / DELETE)",
+                 sql.sync_function(sql.QualifiedName("orchestrate", "capture_<id>"), ctx.plan.twin, shape), "none"),
+            Step(self.name, "row and TRUNCATE triggers on the live table",
+                 "; ".join(sql.create_sync_triggers(ctx.plan.table_name, FORWARD_TRIGGER,
+                                                    sql.QualifiedName("orchestrate", "capture_<id>"),
+                                                    sql.QualifiedName("orchestrate", "capture_<id>_truncate"))),
+                 f"SHARE ROW EXCLUSIVE on {ctx.plan.table_name}: waits for writers in flight; "
+                 f"lock_timeout {ctx.plan.cutover.lock_timeout} x {ctx.plan.cutover.attempts} attempts"),
+        ]
+
+    def run(self, ctx: Context) -> None:
+        t0 = time.monotonic()
+
+        def body(cur: psycopg.Cursor) -> None:
+            install_sync(cur, ctx, ctx.plan.table_name, ctx.plan.twin, FORWARD_TRIGGER, "capture")
+            ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0)
+
+        with_lock_retry(ctx.conn, body, what="install the capture trigger",
+                        lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
+                        backoff_max_s=ctx.plan.cutover.backoff_max_s)
+
+    def undo(self, ctx: Context) -> None:
+        def body(cur: psycopg.Cursor) -> None:
+            drop_sync(cur, ctx, ctx.plan.table_name, FORWARD_TRIGGER, "capture")
+
+        with_lock_retry(ctx.conn, body, what="drop the capture trigger",
+                        lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
+                        backoff_max_s=ctx.plan.cutover.backoff_max_s)

@@ -1,0 +1,264 @@
+"""prepare: check the live table, then create the partitioned twin and its partitions.
+
+Everything is created in one transaction, together with the record that says so: a crash
+leaves either nothing or a complete twin. The twin is empty, so its indexes and
+constraints cost nothing to build; partitions cover the oldest row's interval up to
+now + premake, and a DEFAULT partition takes NULL and out-of-range keys.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import psycopg
+
+from orchestrator import sql
+from orchestrator.db import with_lock_retry
+from orchestrator.errors import PreflightError
+from orchestrator.inspect import KEY_TYPES, TableInfo, exists, has_index_on, inspect_table, key_bounds
+from orchestrator.phases import Context, Step
+from orchestrator.plan import utc_now
+from orchestrator.sql import QualifiedName, ident
+
+
+@dataclass
+class Preflight:
+    """The facts and decisions the checks produced: partitions to make, warnings, estimates."""
+
+    info: TableInfo
+    partitions: list[tuple[str, str]]  # [lo, hi) as 'YYYY-MM-DD HH:MM:SS' (UTC)
+    key_min: datetime | None
+    key_max: datetime | None
+    rows_to_default: int
+    warnings: list[str] = field(default_factory=list)
+    server_version: int = 0
+
+    @property
+    def estimates(self) -> dict:
+        return {
+            "rows": self.info.estimated_rows,
+            "bytes": self.info.total_bytes,
+            "partitions": len(self.partitions) + 1,
+            "rows_to_default_partition": self.rows_to_default,
+            "key_min": self.key_min.isoformat() if self.key_min else None,
+            "key_max": self.key_max.isoformat() if self.key_max else None,
+        }
+
+
+def fmt(t: datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def partition_bounds(ctx: Context, key_min: datetime | None) -> list[tuple[str, str]]:
+    """Aligned intervals from the oldest row's (or plan.start) to now + premake."""
+    pb = ctx.plan.partition_by
+    iv = pb.interval_value
+    now = ctx.now or utc_now()
+    current = iv.floor(now)
+    if pb.start is not None:
+        start = iv.floor(datetime(pb.start.year, pb.start.month, pb.start.day))
+    else:
+        start = iv.floor(min(key_min, now)) if key_min else current
+    end = iv.add(current, pb.premake + 1)
+    out: list[tuple[str, str]] = []
+    t = start
+    while t < end:
+        nxt = iv.add(t)
+        out.append((fmt(t), fmt(nxt)))
+        t = nxt
+        if len(out) > pb.max_partitions:
+            raise PreflightError(
+                f"the plan would create more than {pb.max_partitions} partitions (oldest key "
+                f"{key_min:%Y-%m-%d}): set partition_by.start to leave older rows in the default partition, "
+                "or raise partition_by.max_partitions"
+            )
+    return out
+
+
+def preflight(ctx: Context, resuming: bool = False) -> Preflight:
+    """All checks that can refuse the migration before anything is changed."""
+    plan, conn = ctx.plan, ctx.conn
+    version = conn.info.server_version // 10000
+    if version < 14:
+        raise PreflightError(f"PostgreSQL {version} is not supported: orchestrate needs 14 or later")
+    info = inspect_table(conn, plan.table_name)
+    key = plan.partition_by.column
+    col = info.column(key)
+    if col is None:
+        raise PreflightError(f"column {ident(key)} does not exist in {info.name}")
+    if col.type not in KEY_TYPES:
+        raise PreflightError(
+            f"column {ident(key)} of {info.name} is of type {col.type}; the partition key must be "
+            "timestamp, timestamptz or date"
+        )
+    if col.generated:
+        raise PreflightError(f"column {ident(key)} is a generated column and cannot be the partition key")
+    if not info.primary_key:
+        raise PreflightError(
+            f"table {info.name} has no primary key: rows cannot be matched between the tables; add one first"
+        )
+    if col.not_null is False and version < 15:
+        raise PreflightError(f"a nullable key column needs PostgreSQL 15 (UNIQUE NULLS NOT DISTINCT); {ident(key)} is nullable")
+    warnings: list[str] = []
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_inherits WHERE inhrelid = %s OR inhparent = %s", (info.oid, info.oid)
+        )
+        if cur.fetchone()[0]:
+            raise PreflightError(f"table {info.name} takes part in table inheritance; not supported")
+        cur.execute(
+            "SELECT count(*) FROM pg_rewrite WHERE ev_class = %s AND rulename <> '_RETURN'", (info.oid,)
+        )
+        if cur.fetchone()[0]:
+            raise PreflightError(f"table {info.name} has rules; they would not follow the rename")
+        cur.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = %s AND contype = 'x'", (info.oid,))
+        if cur.fetchone()[0]:
+            raise PreflightError(f"table {info.name} has an exclusion constraint; a partitioned table cannot enforce it across partitions")
+    if info.incoming_fks and plan.cutover.incoming_foreign_keys == "refuse":
+        refs = ", ".join(f"{fk.table}.{fk.name}" for fk in info.incoming_fks)
+        raise PreflightError(
+            f"foreign keys reference {info.name} ({refs}); a partitioned table's primary key must include "
+            f"{ident(key)}, so they cannot point at it. Set cutover.incoming_foreign_keys: drop to drop them at cutover"
+        )
+    for fk in info.incoming_fks:
+        warnings.append(f"foreign key {fk.table}.{fk.name} references the table and is dropped at cutover")
+    mats = [d for d in info.dependents if d.kind == "m"]
+    if mats:
+        raise PreflightError(
+            f"materialized view {mats[0].name} depends on {info.name}; drop it before the migration and "
+            "re-create it after (it would keep reading the retired table)"
+        )
+    if key not in info.primary_key:
+        kind = "UNIQUE NULLS NOT DISTINCT" if not col.not_null else "PRIMARY KEY"
+        warnings.append(
+            f"the primary key ({', '.join(info.primary_key)}) becomes {kind} ({', '.join(info.primary_key)}, {key}) "
+            "because a partitioned table's unique indexes must include the partition key; "
+            f"ON CONFLICT ({', '.join(info.primary_key)}) in the application must name {key} too after cutover"
+        )
+    for idx in info.indexes:
+        if idx.unique and not idx.primary and key not in idx.columns:
+            warnings.append(
+                f"unique index {idx.name} becomes unique on its columns plus {key}: uniqueness is then only "
+                "enforced within one key value"
+            )
+    if not has_index_on(info, key):
+        warnings.append(f"no index starts with {key}: every backfill range scans the whole table; create one first")
+    if info.triggers:
+        warnings.append(
+            "user triggers (" + ", ".join(t.name for t in info.triggers) + ") are re-created on the new table at "
+            "cutover and disabled on the retired one"
+        )
+    if not resuming:
+        taken = [n for n in (plan.twin, plan.retired, plan.default_partition) if exists(conn.cursor(), n)]
+        if taken:
+            raise PreflightError(f"{taken[0]} already exists; choose another name under names:")
+    key_min, key_max = key_bounds(conn, info.name, key)
+    partitions = partition_bounds(ctx, key_min)
+    if not resuming:
+        with conn.cursor() as cur:
+            for lo, _hi in partitions:
+                name = plan.partition_name(datetime.fromisoformat(lo))
+                if exists(cur, name):
+                    raise PreflightError(f"partition name {name} is already taken")
+    where, params = _outside(ctx, info, partitions)
+    with conn.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {info.name} WHERE {where}", params)
+        to_default = cur.fetchone()[0]
+    if to_default:
+        warnings.append(f"{to_default} rows have a NULL key or a key outside the partitions: they go to the default partition")
+    return Preflight(info, partitions, key_min, key_max, to_default, warnings, version)
+
+
+def _outside(ctx: Context, info: TableInfo, partitions: list[tuple[str, str]]) -> tuple[str, list]:
+    k = ident(ctx.plan.partition_by.column)
+    col = info.column(ctx.plan.partition_by.column)
+    if not partitions:
+        return f"{k} IS NULL", []
+    return f"{k} IS NULL OR {k} < %s::{col.type} OR {k} >= %s::{col.type}", [partitions[0][0], partitions[-1][1]]
+
+
+def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
+    """(action, SQL) for the twin, its keys, indexes, partitions and outgoing foreign keys."""
+    plan, info = ctx.plan, pf.info
+    shape = ctx.shape(info)
+    twin = plan.twin
+    out = [("create the partitioned twin", sql.create_twin(info.name, twin, shape.key)),
+           ("its primary key, extended with the partition key", sql.twin_primary_key(twin, shape))]
+    with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+        cur.execute("SET LOCAL search_path = pg_catalog")
+        for idx in info.indexes:
+            if idx.primary:
+                continue
+            cur.execute("SELECT quote_ident(%s), %s::regclass::text", (idx.name, info.oid))
+            qname, qtable = cur.fetchone()
+            unique = "UNIQUE " if idx.unique else ""
+            prefix = f"CREATE {unique}INDEX {qname} ON {qtable} USING "
+            new_name = sql.ident(_twin_index_name(idx.name))
+            new_prefix = f"CREATE {unique}INDEX {new_name} ON {twin} USING "
+            add_key = shape.key if idx.unique and shape.key not in idx.columns else None
+            out.append((f"index like {idx.name}", sql.rewrite_index(idx.definition, prefix, new_prefix, add_key)))
+    for lo, hi in pf.partitions:
+        part = plan.partition_name(datetime.fromisoformat(lo))
+        out.append((f"partition {part.name}", sql.create_partition(part, twin, lo, hi, shape.key_type)))
+    out.append(("default partition for NULL and out-of-range keys", sql.create_default_partition(plan.default_partition, twin)))
+    for fk in info.outgoing_fks:
+        out.append((f"foreign key {fk.name}", f"ALTER TABLE {twin} ADD CONSTRAINT {ident(fk.name)} {fk.definition}"))
+    return out
+
+
+def _twin_index_name(name: str) -> str:
+    suffix = "_twin"
+    return name[: sql.MAX_IDENT - len(suffix)] + suffix
+
+
+class Prepare:
+    name = "prepare"
+
+    def steps(self, ctx: Context, pf: Preflight) -> list[Step]:
+        rows = [Step(self.name, "preflight: table, key type, primary key, references, names", "(catalog reads)",
+                     "none", pf.estimates)]
+        for action, stmt in twin_ddl(ctx, pf):
+            lock = "ACCESS EXCLUSIVE on the new (empty) twin"
+            if action.startswith("foreign key"):
+                lock = "SHARE ROW EXCLUSIVE on the referenced table (brief; lock_timeout + retry)"
+            rows.append(Step(self.name, action, stmt, lock))
+        return rows
+
+    def run(self, ctx: Context) -> None:
+        pf = preflight(ctx)
+        ctx.info = pf.info
+        statements = twin_ddl(ctx, pf)
+        t0 = time.monotonic()
+
+        def body(cur: psycopg.Cursor) -> None:
+            for _action, stmt in statements:
+                cur.execute(stmt)
+            ctx.store.set_facts(cur, ctx.mid, partitions=pf.partitions, warnings=pf.warnings,
+                                estimates=pf.estimates, table_oid=pf.info.oid)
+            ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0,
+                                 partitions=len(pf.partitions) + 1, rows_to_default=pf.rows_to_default)
+
+        # One transaction: the twin and the record of it commit together. Locks here touch
+        # only the new objects, plus referenced tables of outgoing foreign keys.
+        with_lock_retry(ctx.conn, body, what="prepare", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
+                        attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        for w in pf.warnings:
+            ctx.store.event(ctx.mid, "warning", w)
+
+    def undo(self, ctx: Context) -> None:
+        def body(cur: psycopg.Cursor) -> None:
+            cur.execute(f"DROP TABLE IF EXISTS {ctx.plan.twin} CASCADE")
+
+        with_lock_retry(ctx.conn, body, what="drop the twin", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
+                        attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+
+
+def describe_names(ctx: Context) -> dict[str, str]:
+    p = ctx.plan
+    return {"table": str(p.table_name), "twin": str(p.twin), "retired": str(p.retired),
+            "default_partition": str(p.default_partition)}
+
+
+__all__ = ["Prepare", "Preflight", "preflight", "QualifiedName"]

@@ -1,0 +1,302 @@
+"""The runner: drives the phases as a resumable state machine. One function per verb.
+
+States of a migration row: ``running`` (phases prepare..verify in progress) ->
+``cut_over`` -> ``finalized``; or ``rolled_back`` from either live state. Each phase
+records itself done in the same transaction as its effect, so `apply` after a crash
+simply continues with the first phase not done. An advisory lock (held on its own
+session for the whole command) keeps two orchestrate processes off one table.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psycopg
+from loguru import logger
+
+from orchestrator.db import connect, is_connection_error, with_lock_retry
+from orchestrator.errors import ConnectionFailed, OrchestrateError, StateConflict
+from orchestrator.inspect import resolve
+from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
+from orchestrator.phases.capture import drop_sync
+from orchestrator.phases.prepare import Preflight, describe_names, preflight
+from orchestrator.plan import Plan
+from orchestrator.state.store import PHASES, MigrationLock, Store, ensure_schema
+
+
+@dataclass
+class Outcome:
+    """What a verb did, for the CLI to print (text or JSON)."""
+
+    message: str
+    data: dict = field(default_factory=dict)
+
+
+@contextmanager
+def session(plan: Plan, dsn: str, *, lock: bool = True, role: str = "main") -> Iterator[Context]:
+    """Open the main session (and the table's advisory lock), make sure the state schema exists."""
+    conn = connect(dsn, role)
+    lock_conn = None
+    held = None
+    try:
+        ensure_schema(conn)
+        if lock:
+            lock_conn = connect(dsn, "lock")
+            held = MigrationLock(lock_conn, str(plan.table_name))
+            held.acquire()
+        store = Store(conn)
+        yield Context(plan=plan, dsn=dsn, conn=conn, store=store, migration=store.live(str(plan.table_name)))
+    except psycopg.OperationalError as e:
+        if is_connection_error(e):
+            raise ConnectionFailed(f"lost the database connection: {str(e).strip().splitlines()[0]}") from None
+        raise
+    finally:
+        if held:
+            held.release()
+        for c in (lock_conn, conn):
+            if c is not None:
+                try:
+                    c.close()
+                except psycopg.Error:
+                    pass
+
+
+def make_plan(plan: Plan, dsn: str | None) -> Outcome:
+    """Validate the plan (against the live table when a DSN is given) and list the steps."""
+    data: dict = {"table": str(plan.table_name), "plan_hash": plan.shape_hash(), "steps": [], "warnings": []}
+    if dsn is None:
+        data["validated_against_database"] = False
+        data["names"] = {"table": str(plan.table_name), "twin": str(plan.twin), "retired": str(plan.retired),
+                         "default_partition": str(plan.default_partition)}
+        return Outcome("plan is valid (no --dsn: not checked against the database)", data)
+    conn = connect(dsn, "plan")
+    try:
+        store = Store(conn)
+        ctx = Context(plan=plan, dsn=dsn, conn=conn, store=store, migration=None)
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL")
+            if cur.fetchone()[0]:
+                ctx.migration = store.live(str(plan.table_name))
+        if ctx.migration is not None:
+            data["in_progress"] = {"id": ctx.migration.id, "status": ctx.migration.status,
+                                   "phase": ctx.migration.phase}
+        pf: Preflight = preflight(ctx, resuming=ctx.migration is not None)
+        ctx.info = pf.info
+        data["validated_against_database"] = True
+        data["server_version"] = pf.server_version
+        data["estimates"] = pf.estimates
+        data["warnings"] = pf.warnings
+        data["names"] = describe_names(ctx)
+        data["partitions"] = [{"name": plan.partition_name(__import__("datetime").datetime.fromisoformat(lo)).name,
+                               "from": lo, "to": hi} for lo, hi in pf.partitions]
+        steps = []
+        for ph in ordered():
+            steps += ph.steps(ctx, pf) if ph.name == "prepare" else ph.steps(ctx)
+        data["steps"] = [s.as_dict() for s in steps]
+        return Outcome(f"plan for {plan.table_name}: {len(steps)} steps, "
+                       f"{len(pf.partitions) + 1} partitions, ~{pf.info.estimated_rows} rows", data)
+    finally:
+        conn.close()
+
+
+def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple[str, ...] = (),
+          cutover: bool | None = None, recopy: tuple[str, ...] = (), progress=None, options: dict | None = None,
+          now=None) -> Outcome:
+    """Run or resume the migration up to `until` (or through cutover)."""
+    if until is not None and until not in PHASES:
+        raise StateConflict(f"--until must be one of {', '.join(PHASES)}")
+    with session(plan, dsn) as ctx:
+        ctx.replica_dsns = replica_dsns
+        ctx.progress = progress
+        ctx.now = now
+        ctx.options.update(options or {})
+        table = str(plan.table_name)
+        m = ctx.migration
+        if m is None:
+            last = ctx.store.latest(table)
+            if last is not None and last.status == "finalized" and last.plan_hash == plan.shape_hash():
+                return Outcome(f"{table} was already migrated and finalized; nothing to do",
+                               {"status": "finalized", "migration_id": last.id})
+            m = ctx.store.create(table, plan.shape_hash(), plan.model_dump(mode="json"))
+            ctx.migration = m
+            logger.info("migration {} started for {}", m.id, table)
+        elif m.plan_hash != plan.shape_hash():
+            raise StateConflict(
+                f"the plan changed since migration {m.id} started (shape {plan.shape_hash()} != {m.plan_hash}); "
+                "restore the original plan or roll back first"
+            )
+        if m.status == "cut_over":
+            return Outcome(f"{table} is already cut over; nothing to do (finalize or rollback next)",
+                           {"status": "cut_over", "migration_id": m.id})
+        if recopy:
+            _mark_recopy(ctx, recopy)
+        ctx.refresh()
+        started = time.monotonic()
+        for phase in ordered():
+            ctx.refresh()
+            if ctx.migration.done(phase.name):
+                continue
+            if phase.name == "cutover":
+                postpone = plan.cutover.postpone if cutover is None else not cutover
+                if postpone:
+                    return Outcome(f"{table}: verified and ready; cutover postponed (run `apply --cutover`)",
+                                   {"status": "ready", "migration_id": m.id})
+            _run_phase(ctx, phase)
+            if until == phase.name:
+                return Outcome(f"{table}: stopped after {phase.name} as asked (--until)",
+                               {"status": "running", "phase": phase.name, "migration_id": m.id})
+        return Outcome(f"{table} is partitioned: cut over in {time.monotonic() - started:.1f}s of this run",
+                       {"status": "cut_over", "migration_id": m.id})
+
+
+def _run_phase(ctx: Context, phase) -> None:
+    logger.info("phase {}: starting", phase.name)
+    ctx.store.phase_started(ctx.mid, phase.name)
+    t0 = time.monotonic()
+    try:
+        if ctx.info is None and phase.name != "prepare":
+            ctx.info = preflight(ctx, resuming=True).info
+        phase.run(ctx)
+    except OrchestrateError as e:
+        _record_failure(ctx, phase.name, t0, str(e))
+        raise
+    except psycopg.Error as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _record_failure(ctx, phase.name, t0, msg)
+        if is_connection_error(e):
+            raise ConnectionFailed(f"{phase.name}: lost the database connection ({msg}); run apply again to resume") from None
+        raise OrchestrateError(f"{phase.name} failed: {msg}") from None
+    except KeyboardInterrupt:
+        _record_failure(ctx, phase.name, t0, "interrupted")
+        raise
+    logger.info("phase {}: done in {:.1f}s", phase.name, time.monotonic() - t0)
+
+
+def _record_failure(ctx: Context, phase: str, t0: float, message: str) -> None:
+    try:
+        ctx.store.phase_add_time(ctx.mid, phase, time.monotonic() - t0)
+        ctx.store.set_error(ctx.mid, f"{phase}: {message}")
+        ctx.store.event(ctx.mid, "error", f"{phase}: {message}")
+    except psycopg.Error:
+        pass  # the connection itself is gone; the next run finds the phase still open
+
+
+def _mark_recopy(ctx: Context, labels: tuple[str, ...]) -> None:
+    ranges = ctx.store.ranges(ctx.mid)
+    if "all" in labels:
+        chosen = [r for r in ranges if r["verify_state"] == "mismatch"] or ranges
+    else:
+        by_label = {r["label"]: r for r in ranges}
+        unknown = [lbl for lbl in labels if lbl not in by_label]
+        if unknown:
+            raise StateConflict(f"no range named {unknown[0]!r} (see `orchestrate status`)")
+        chosen = [by_label[lbl] for lbl in labels]
+    with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+        cur.execute(
+            "UPDATE orchestrate.ranges SET state = 'repair', verify_state = 'pending' "
+            "WHERE migration_id = %s AND idx = ANY(%s)",
+            (ctx.mid, [r["idx"] for r in chosen]),
+        )
+        for p in ("backfill", "verify"):
+            ctx.store.phase_reset(cur, ctx.mid, p)
+    ctx.store.event(ctx.mid, "recopy", f"{len(chosen)} range(s) marked for re-copy", labels=[r["label"] for r in chosen])
+
+
+def rollback(plan: Plan, dsn: str) -> Outcome:
+    """Back to the original heap table under its original name, from any phase."""
+    with session(plan, dsn) as ctx:
+        m = ctx.migration
+        table = str(plan.table_name)
+        if m is None:
+            return Outcome(f"no migration in progress for {table}; nothing to roll back", {"status": "none"})
+        phases = {p.name: p for p in ordered()}
+        if m.status == "cut_over":
+            phases["cutover"].undo(ctx)
+        else:
+            phases["capture"].undo(ctx)
+        # The twin (the partitioned table, after a swap back) goes last, in its own short
+        # transaction: the application already runs on the heap table again.
+        phases["prepare"].undo(ctx)
+        with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+            for kind in ("capture", "reverse"):
+                for k in (kind, kind + "_truncate"):
+                    cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+            ctx.store.set_status(cur, m.id, "rolled_back")
+        ctx.store.event(m.id, "rolled_back", f"rolled back from {m.status}/{m.phase}")
+        return Outcome(f"{table} rolled back (was {m.status}, phase {m.phase}); the original table is live",
+                       {"status": "rolled_back", "migration_id": m.id})
+
+
+def finalize(plan: Plan, dsn: str) -> Outcome:
+    """Drop the retired table and the reverse trigger. Destroys the way back."""
+    with session(plan, dsn) as ctx:
+        m = ctx.migration
+        table = str(plan.table_name)
+        if m is None:
+            last = ctx.store.latest(table)
+            if last is not None and last.status == "finalized":
+                return Outcome(f"{table} is already finalized; nothing to do", {"status": "finalized"})
+            raise StateConflict(f"no migration of {table} to finalize")
+        if m.status != "cut_over":
+            raise StateConflict(f"{table} is not cut over yet (phase {m.phase}); finalize comes after cutover")
+
+        def body(cur: psycopg.Cursor) -> None:
+            drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
+            if resolve(cur, plan.retired) is not None:
+                cur.execute(f"DROP TABLE {plan.retired}")
+            ctx.store.set_status(cur, m.id, "finalized")
+
+        with_lock_retry(ctx.conn, body, what="finalize", lock_timeout_s=plan.cutover.lock_timeout_s,
+                        attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s)
+        ctx.store.event(m.id, "finalized", f"dropped {plan.retired} and the reverse trigger")
+        return Outcome(f"{table} finalized: {plan.retired} and the reverse trigger are dropped",
+                       {"status": "finalized", "migration_id": m.id})
+
+
+def status(plan: Plan, dsn: str) -> Outcome:
+    """Phase, per-range progress, last checkpoint, phase states and durations."""
+    conn = connect(dsn, "status")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL")
+            if not cur.fetchone()[0]:
+                return Outcome(f"no migration recorded for {plan.table_name}", {"status": "none", "table": str(plan.table_name)})
+        store = Store(conn)
+        table = str(plan.table_name)
+        m = store.live(table) or store.latest(table)
+        if m is None:
+            return Outcome(f"no migration recorded for {table}", {"status": "none", "table": table})
+        ranges = store.range_summary(m.id)
+        mismatched = [r["label"] for r in store.ranges(m.id) if r["verify_state"] == "mismatch"]
+        phases = {}
+        for name in PHASES:
+            p = m.phases.get(name, {})
+            phases[name] = {
+                "state": p.get("state", "pending"),
+                "duration_s": round(float(p.get("seconds") or 0), 3),
+                "started_at": p["started_at"].isoformat() if p.get("started_at") else None,
+                "finished_at": p["finished_at"].isoformat() if p.get("finished_at") else None,
+                "detail": p.get("detail") or {},
+            }
+        controls = store.controls(table)
+        data = {
+            "table": table, "migration_id": m.id, "status": m.status, "phase": m.phase, "error": m.error,
+            "plan_hash": m.plan_hash, "plan_matches": m.plan_hash == plan.shape_hash(),
+            "started_at": m.created_at.isoformat(), "updated_at": m.updated_at.isoformat(),
+            "phases": phases,
+            "ranges": {**ranges, "mismatched_labels": mismatched[:50]},
+            "last_checkpoint": ranges["last_checkpoint"],
+            "controls": controls,
+            "warnings": m.facts.get("warnings", []),
+            "recent_events": [{"at": e["at"].isoformat(), "kind": e["kind"], "message": e["message"]}
+                              for e in store.events(m.id, limit=10)],
+        }
+        live = m.facts.get("live") or {}
+        if live:
+            data["live"] = live
+        return Outcome(f"{table}: {m.status}, phase {m.phase}", data)
+    finally:
+        conn.close()

@@ -1,0 +1,389 @@
+"""Pure SQL rendering: every identifier and literal the orchestrator emits passes here.
+
+Nothing in this module talks to a database, so the unit tests can read the SQL it
+renders. Identifiers are quoted by :func:`ident` only; values travel as query
+parameters wherever PostgreSQL allows it, and as :func:`literal` where it does not
+(DDL such as partition bounds).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_PLAIN = re.compile(r"^[a-z_][a-z0-9_$]*$")
+# Words that must be quoted even when they look plain (reserved in PostgreSQL).
+_RESERVED = frozenset(
+    """all analyse analyze and any array as asc asymmetric both case cast check collate column
+    constraint create current_catalog current_date current_role current_time current_timestamp
+    current_user default deferrable desc distinct do else end except false fetch for foreign
+    from grant group having in initially intersect into lateral leading limit localtime
+    localtimestamp not null offset on only or order placing primary references returning
+    select session_user some symmetric system_user table then to trailing true union unique
+    user using variadic when where window with authorization binary collation concurrently
+    cross current_schema freeze full ilike inner is isnull join left like natural notnull
+    outer overlaps right similar tablesample verbose""".split()
+)
+MAX_IDENT = 63
+
+
+def ident(name: str) -> str:
+    """Quote one identifier the way PostgreSQL's quote_ident does."""
+    if not name:
+        raise ValueError("empty identifier")
+    if "\x00" in name:
+        raise ValueError("identifier contains a NUL byte")
+    if _PLAIN.match(name) and name not in _RESERVED:
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def literal(value: str) -> str:
+    """Quote a string literal (standard_conforming_strings on, E'' never used)."""
+    if "\x00" in value:
+        raise ValueError("literal contains a NUL byte")
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True, order=True)
+class QualifiedName:
+    """A schema-qualified relation name, stored unquoted (as in pg_class)."""
+
+    schema: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{ident(self.schema)}.{ident(self.name)}"
+
+    @property
+    def display(self) -> str:
+        return str(self)
+
+    def with_name(self, name: str) -> "QualifiedName":
+        return QualifiedName(self.schema, name)
+
+
+_IDENT_TOKEN = re.compile(r'"((?:[^"]|"")+)"|([A-Za-z_][A-Za-z0-9_$]*)')
+
+
+def parse_qualified(text: str, default_schema: str = "public") -> QualifiedName:
+    """Parse ``schema.table`` with PostgreSQL's rules: unquoted parts fold to lower case,
+    double-quoted parts keep their case. Anything else (spaces, semicolons, extra parts)
+    is refused with ValueError, so SQL can never ride in on a table name."""
+    parts: list[str] = []
+    pos = 0
+    text = text.strip()
+    while True:
+        m = _IDENT_TOKEN.match(text, pos)
+        if not m:
+            raise ValueError(f"{text!r} is not a table name (expected schema.table)")
+        parts.append(m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2).lower())
+        pos = m.end()
+        if pos == len(text):
+            break
+        if text[pos] != ".":
+            raise ValueError(f"{text!r} is not a table name (unexpected {text[pos]!r} at position {pos})")
+        pos += 1
+    if len(parts) > 2:
+        raise ValueError(f"{text!r} is not a table name (too many dots)")
+    for p in parts:
+        if len(p.encode()) > MAX_IDENT:
+            raise ValueError(f"{p!r} is longer than PostgreSQL's {MAX_IDENT}-byte identifier limit")
+    if len(parts) == 1:
+        return QualifiedName(default_schema, parts[0])
+    return QualifiedName(parts[0], parts[1])
+
+
+def column_list(columns: list[str], prefix: str = "") -> str:
+    """``a, "B", c`` or with a prefix ``NEW.a, NEW."B"``."""
+    return ", ".join(prefix + ident(c) for c in columns)
+
+
+# --------------------------------------------------------------------------------------
+# Rendering for the phases. A Shape holds what every statement needs to know about the
+# table pair; functions below turn it into SQL text. Values that vary per call (range
+# bounds, cursors) are left as %s placeholders for psycopg.
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The columns and keys shared by the live table and its twin."""
+
+    columns: tuple[str, ...]  # writable columns (generated ones excluded), in table order
+    all_columns: tuple[str, ...]  # every column, generated ones included (for hashing)
+    pk: tuple[str, ...]  # the live table's primary key columns
+    key: str  # partition key column
+    key_type: str  # format_type of the key
+    key_nullable: bool
+    pk_types: tuple[str, ...] = ()
+
+    @property
+    def order_columns(self) -> tuple[str, ...]:
+        """(key, pk...) without repeating the key when it is part of the primary key."""
+        return (self.key, *[c for c in self.pk if c != self.key])
+
+    @property
+    def order_types(self) -> tuple[str, ...]:
+        types = dict(zip(self.pk, self.pk_types))
+        return (self.key_type, *[types[c] for c in self.pk if c != self.key])
+
+    @property
+    def twin_key(self) -> tuple[str, ...]:
+        """The twin's primary key: the live key plus the partition key."""
+        return self.pk if self.key in self.pk else (*self.pk, self.key)
+
+
+def bound_literal(value: str | None, key_type: str) -> str:
+    """A partition bound literal; value is 'YYYY-MM-DD HH:MM:SS' meaning UTC."""
+    if value is None:
+        return "MAXVALUE"
+    if key_type == "date":
+        return literal(value[:10])
+    if key_type.startswith("timestamp with time zone"):
+        return literal(value + "+00")
+    return literal(value)
+
+
+def create_twin(src: QualifiedName, twin: QualifiedName, key: str) -> str:
+    """The partitioned twin: same columns, defaults, NOT NULL, CHECKs, generated and identity
+    columns, storage, comments and extended statistics. Indexes are added separately because
+    a partitioned table's unique indexes must include the partition key."""
+    return (
+        f"CREATE TABLE {twin} (LIKE {src} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED "
+        f"INCLUDING IDENTITY INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING STATISTICS) "
+        f"PARTITION BY RANGE ({ident(key)})"
+    )
+
+
+def twin_primary_key(twin: QualifiedName, shape: Shape) -> str:
+    """PRIMARY KEY (pk..., key); with a nullable key a UNIQUE NULLS NOT DISTINCT constraint
+    instead, because primary key columns cannot hold the NULL keys the default partition takes."""
+    cols = column_list(list(shape.twin_key))
+    if shape.key_nullable and shape.key not in shape.pk:
+        return f"ALTER TABLE {twin} ADD UNIQUE NULLS NOT DISTINCT ({cols})"
+    return f"ALTER TABLE {twin} ADD PRIMARY KEY ({cols})"
+
+
+def rewrite_index(definition: str, prefix: str, new_prefix: str, add_key: str | None = None) -> str:
+    """Point an index definition at another table (and optionally append the key column).
+
+    ``prefix`` is the exact head PostgreSQL rendered (``CREATE INDEX name ON tbl USING ``);
+    refusing anything else keeps this from ever guessing at SQL it did not render.
+    """
+    if not definition.startswith(prefix):
+        raise ValueError(f"unexpected index definition: {definition}")
+    rest = definition[len(prefix):]
+    if add_key is not None:
+        # rest = "btree (a, b) INCLUDE (c) WHERE ...": insert the key before the first
+        # top-level closing parenthesis of the key list.
+        depth, in_quote = 0, False
+        for i, ch in enumerate(rest):
+            if ch == '"':
+                in_quote = not in_quote
+            elif not in_quote and ch == "(":
+                depth += 1
+            elif not in_quote and ch == ")":
+                depth -= 1
+                if depth == 0:
+                    rest = rest[:i] + ", " + ident(add_key) + rest[i:]
+                    break
+        else:
+            raise ValueError(f"cannot find the key list in: {definition}")
+    return new_prefix + rest
+
+
+def create_partition(part: QualifiedName, parent: QualifiedName, lo: str, hi: str, key_type: str) -> str:
+    return (
+        f"CREATE TABLE {part} PARTITION OF {parent} FOR VALUES FROM ({bound_literal(lo, key_type)}) "
+        f"TO ({bound_literal(hi, key_type)})"
+    )
+
+
+def create_default_partition(part: QualifiedName, parent: QualifiedName) -> str:
+    return f"CREATE TABLE {part} PARTITION OF {parent} DEFAULT"
+
+
+def _key_match(shape: Shape, rec: str) -> str:
+    """WHERE clause that finds rec's row in the other table by (pk..., key).
+
+    The key is part of the match so the planner prunes to one partition. A NULL key needs
+    IS NULL (= never matches NULL); the caller branches on it so both forms stay indexable.
+    """
+    return " AND ".join(f"{ident(c)} = {rec}.{ident(c)}" for c in shape.twin_key)
+
+
+def _key_match_null(shape: Shape, rec: str) -> str:
+    parts = [f"{ident(c)} = {rec}.{ident(c)}" for c in shape.pk if c != shape.key]
+    parts.append(f"{ident(shape.key)} IS NULL")
+    return " AND ".join(parts)
+
+
+def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape) -> str:
+    """The dual-write trigger function: applies each row change of one table to the other.
+
+    - INSERT: a plain INSERT (no upsert: a new row cannot be in the twin yet, and a
+      conflict here would mean the tables already diverged, which must fail loudly).
+    - UPDATE keeping (pk, key): UPDATE by (pk, key). It may touch 0 rows when the row has
+      not been copied yet; the backfill locks the rows it copies (FOR SHARE), so it copies
+      the latest committed version after this transaction ends.
+    - UPDATE changing pk or key: DELETE the old (pk, key) and INSERT the new row; this moves
+      it across partitions.
+    - DELETE: by (pk, key).
+    Every column is written, NULLs included; generated columns are computed by the twin.
+    """
+    cols = column_list(list(shape.columns))
+    new_vals = column_list(list(shape.columns), "NEW.")
+    insert = f"INSERT INTO {dst} ({cols}) OVERRIDING SYSTEM VALUE VALUES ({new_vals});"
+    sets = ", ".join(f"{ident(c)} = NEW.{ident(c)}" for c in shape.columns if c not in shape.twin_key)
+    if not sets:  # every column is part of the key: an update that keeps the key is a no-op
+        sets = f"{ident(shape.key)} = NEW.{ident(shape.key)}"
+    changed = (
+        "(" + ", ".join(f"NEW.{ident(c)}" for c in shape.twin_key) + ") IS DISTINCT FROM ("
+        + ", ".join(f"OLD.{ident(c)}" for c in shape.twin_key) + ")"
+    )
+
+    def by_old(stmt: str) -> str:
+        if shape.key_nullable:
+            return (
+                f"IF OLD.{ident(shape.key)} IS NULL THEN {stmt} WHERE {_key_match_null(shape, 'OLD')}; "
+                f"ELSE {stmt} WHERE {_key_match(shape, 'OLD')}; END IF;"
+            )
+        return f"{stmt} WHERE {_key_match(shape, 'OLD')};"
+
+    delete_old = by_old(f"DELETE FROM {dst}")
+    update_old = by_old(f"UPDATE {dst} SET {sets}")
+    return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog AS $orchestrate$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    {insert}
+  ELSIF TG_OP = 'UPDATE' THEN
+    IF {changed} THEN
+      {delete_old}
+      {insert}
+    ELSE
+      {update_old}
+    END IF;
+  ELSIF TG_OP = 'DELETE' THEN
+    {delete_old}
+  END IF;
+  RETURN NULL;
+END
+$orchestrate$"""
+
+
+def truncate_function(fn: QualifiedName, dst: QualifiedName) -> str:
+    return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog AS $orchestrate$
+BEGIN
+  TRUNCATE {dst};
+  RETURN NULL;
+END
+$orchestrate$"""
+
+
+def create_sync_triggers(table: QualifiedName, trigger: str, fn: QualifiedName, truncate_fn: QualifiedName) -> list[str]:
+    """Row trigger for I/U/D plus a statement trigger that mirrors TRUNCATE.
+
+    Warning: CREATE TRIGGER takes SHARE ROW EXCLUSIVE on the table: it waits for writers in
+    flight and blocks new ones while it waits. Run it under a short lock_timeout with retries.
+    """
+    return [
+        f"CREATE TRIGGER {ident(trigger)} AFTER INSERT OR UPDATE OR DELETE ON {table} "
+        f"FOR EACH ROW EXECUTE FUNCTION {fn}()",
+        f"CREATE TRIGGER {ident(trigger + '_truncate')} AFTER TRUNCATE ON {table} "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {truncate_fn}()",
+    ]
+
+
+def drop_sync_triggers(table: QualifiedName, trigger: str) -> list[str]:
+    return [
+        f"DROP TRIGGER IF EXISTS {ident(trigger)} ON {table}",
+        f"DROP TRIGGER IF EXISTS {ident(trigger + '_truncate')} ON {table}",
+    ]
+
+
+def range_predicate(shape: Shape, lo: str | None, hi: str | None, is_null: bool) -> tuple[str, list[str]]:
+    """WHERE clause and parameters selecting one key range (NULL keys are their own range)."""
+    k = ident(shape.key)
+    if is_null:
+        return f"{k} IS NULL", []
+    parts, params = [], []
+    if lo is not None:
+        parts.append(f"{k} >= %s::{shape.key_type}")
+        params.append(lo)
+    if hi is not None:
+        parts.append(f"{k} < %s::{shape.key_type}")
+        params.append(hi)
+    if not parts:
+        parts.append(f"{k} IS NOT NULL")
+    return " AND ".join(parts), params
+
+
+def _cursor_columns(shape: Shape, is_null: bool) -> tuple[list[str], list[str]]:
+    cols = list(shape.order_columns)
+    types = list(shape.order_types)
+    if is_null:  # the key is NULL throughout: order by the primary key alone
+        cols, types = cols[1:], types[1:]
+        if not cols:
+            raise ValueError("a NULL-key range needs a primary key apart from the key")
+    return cols, types
+
+
+def _tuple_cmp(cols: list[str], types: list[str], op: str) -> str:
+    left = "(" + column_list(cols) + ")"
+    right = "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+    return f"{left} {op} {right}"
+
+
+def backfill_boundary(src: QualifiedName, shape: Shape, where: str, after: bool, is_null: bool) -> str:
+    """Find the end of the next window: the (key, pk) tuple `batch` rows ahead of the cursor.
+
+    Read without locks: it only chooses where the window ends. Params: where-params,
+    cursor values (if after), then the offset.
+    """
+    cols, types = _cursor_columns(shape, is_null)
+    cond = where + (f" AND {_tuple_cmp(cols, types, '>')}" if after else "")
+    return (
+        f"SELECT {', '.join(f'{ident(c)}::text' for c in cols)} FROM {src} WHERE {cond} "
+        f"ORDER BY {column_list(cols)} OFFSET %s LIMIT 1"
+    )
+
+
+def backfill_copy(src: QualifiedName, dst: QualifiedName, shape: Shape, where: str, after: bool, upto: bool,
+                  is_null: bool) -> str:
+    """Copy one window of rows, locking them at the source.
+
+    Why FOR SHARE: it closes the resurrection race. A row is copied only once no
+    transaction is changing it, and the lock then holds off any UPDATE or DELETE of it
+    until this batch commits; the dual-write trigger of that later change finds the copied
+    row in the twin. Without the lock, a DELETE that commits between this statement's
+    snapshot and its insert deletes nothing in the twin, and the stale copy comes back.
+    ON CONFLICT DO NOTHING: the trigger already wrote rows inserted or moved since capture.
+    The window is bounded by values, not by LIMIT, so a row whose key moves while locked is
+    rechecked against fixed bounds and can never be skipped by a cursor computed from it.
+    Params: where-params, cursor (if after), upper bound (if upto).
+    """
+    cols, types = _cursor_columns(shape, is_null)
+    cond = where
+    if after:
+        cond += f" AND {_tuple_cmp(cols, types, '>')}"
+    if upto:
+        cond += f" AND {_tuple_cmp(cols, types, '<=')}"
+    c = column_list(list(shape.columns))
+    return (
+        f"INSERT INTO {dst} ({c}) OVERRIDING SYSTEM VALUE "
+        f"SELECT {c} FROM {src} WHERE {cond} FOR SHARE ON CONFLICT DO NOTHING"
+    )
+
+
+def range_digest(table: QualifiedName, shape: Shape, where: str, mode: str) -> str:
+    """Count and an order-independent content hash of every column of the rows in a range."""
+    if mode == "count":
+        return f"SELECT count(*), 0::numeric FROM {table} WHERE {where}"
+    row = "ROW(" + column_list(list(shape.all_columns)) + ")::text"
+    return (
+        f"SELECT count(*), coalesce(sum(hashtextextended({row}, 0)::numeric), 0) "
+        f"FROM {table} WHERE {where}"
+    )

@@ -1,0 +1,1 @@
+"""The migration's state, kept in the target database (schema ``orchestrate``)."""

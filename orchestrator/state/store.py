@@ -1,0 +1,266 @@
+"""Reads and writes of the state schema, and the per-table advisory lock.
+
+Writes that record the effect of a step take the step's own cursor, so the work and its
+checkpoint commit in one transaction: a crash can never leave them out of step.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from loguru import logger
+from psycopg.rows import dict_row
+
+from orchestrator.errors import Busy
+
+SCHEMA = "orchestrate"
+PHASES = ("prepare", "capture", "backfill", "verify", "cutover")
+HEAD = "0001"
+# Advisory lock namespace (first key of the two-int form): "orch" in ASCII.
+LOCK_NAMESPACE = 0x6F726368
+
+
+def ensure_schema(conn: psycopg.Connection) -> None:
+    """Create or upgrade the state schema with alembic (no-op when already at head)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('orchestrate.alembic_version') IS NOT NULL")
+        if cur.fetchone()[0]:
+            cur.execute("SELECT version_num FROM orchestrate.alembic_version")
+            row = cur.fetchone()
+            if row and row[0] == HEAD:
+                return
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import StaticPool
+
+    # alembic needs a SQLAlchemy connection: wrap a fresh psycopg connection made from the
+    # same parameters (never through a URL, so the password is never rendered).
+    info = conn.info.get_parameters()
+    password = conn.info.password
+    engine = create_engine(
+        "postgresql+psycopg://",
+        creator=lambda: psycopg.connect(**info, **({"password": password} if password else {})),
+        poolclass=StaticPool,
+    )
+    cfg = Config(str(Path(__file__).with_name("alembic.ini")))
+    cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+    try:
+        with engine.begin() as sa_conn:
+            cfg.attributes["connection"] = sa_conn
+            command.upgrade(cfg, "head")
+    finally:
+        engine.dispose()
+    logger.debug("state schema at {}", HEAD)
+
+
+@dataclass
+class Migration:
+    id: int
+    table_name: str
+    plan_hash: str
+    plan: dict
+    status: str
+    phase: str | None
+    key_lo: str | None
+    key_hi: str | None
+    facts: dict
+    error: str | None
+    created_at: datetime
+    updated_at: datetime
+    phases: dict[str, dict] = field(default_factory=dict)
+
+    def phase_state(self, name: str) -> str:
+        return self.phases.get(name, {}).get("state", "pending")
+
+    def done(self, name: str) -> bool:
+        return self.phase_state(name) == "done"
+
+
+class Store:
+    """State schema access over one autocommit connection (the runner's main session)."""
+
+    def __init__(self, conn: psycopg.Connection):
+        self.conn = conn
+
+    # --- migrations ------------------------------------------------------------------
+    def _load(self, where: str, params: tuple) -> Migration | None:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(f"SELECT * FROM orchestrate.migrations WHERE {where} ORDER BY id DESC LIMIT 1", params)
+            row = cur.fetchone()
+            if not row:
+                return None
+            m = Migration(**row)
+            cur.execute(
+                "SELECT name, state, started_at, finished_at, seconds, detail FROM orchestrate.phases "
+                "WHERE migration_id = %s",
+                (m.id,),
+            )
+            m.phases = {r["name"]: r for r in cur.fetchall()}
+        return m
+
+    def live(self, table: str) -> Migration | None:
+        return self._load("table_name = %s AND status IN ('running','cut_over')", (table,))
+
+    def latest(self, table: str) -> Migration | None:
+        return self._load("table_name = %s", (table,))
+
+    def reload(self, m: Migration) -> Migration:
+        out = self._load("id = %s", (m.id,))
+        assert out is not None
+        return out
+
+    def create(self, table: str, plan_hash: str, plan: dict) -> Migration:
+        with self.conn.transaction(), self.conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO orchestrate.migrations (table_name, plan_hash, plan) VALUES (%s, %s, %s) RETURNING id",
+                (table, plan_hash, json.dumps(plan)),
+            )
+            mid = cur.fetchone()[0]
+            for p in PHASES:
+                cur.execute("INSERT INTO orchestrate.phases (migration_id, name) VALUES (%s, %s)", (mid, p))
+        m = self._load("id = %s", (mid,))
+        assert m is not None
+        return m
+
+    @staticmethod
+    def set_status(cur: psycopg.Cursor, mid: int, status: str, phase: str | None = None) -> None:
+        cur.execute(
+            "UPDATE orchestrate.migrations SET status = %s, phase = coalesce(%s, phase), updated_at = now(), "
+            "error = NULL WHERE id = %s",
+            (status, phase, mid),
+        )
+
+    @staticmethod
+    def set_facts(cur: psycopg.Cursor, mid: int, **facts: Any) -> None:
+        cur.execute(
+            "UPDATE orchestrate.migrations SET facts = facts || %s::jsonb, updated_at = now() WHERE id = %s",
+            (json.dumps(facts, default=str), mid),
+        )
+
+    def set_error(self, mid: int, error: str | None) -> None:
+        self.conn.execute("UPDATE orchestrate.migrations SET error = %s, updated_at = now() WHERE id = %s", (error, mid))
+
+    # --- phases ----------------------------------------------------------------------
+    def phase_started(self, mid: int, name: str) -> None:
+        self.conn.execute(
+            "UPDATE orchestrate.phases SET state = 'running', started_at = coalesce(started_at, now()) "
+            "WHERE migration_id = %s AND name = %s",
+            (mid, name),
+        )
+        self.conn.execute("UPDATE orchestrate.migrations SET phase = %s, updated_at = now() WHERE id = %s", (name, mid))
+
+    @staticmethod
+    def phase_done(cur: psycopg.Cursor, mid: int, name: str, seconds: float, **detail: Any) -> None:
+        cur.execute(
+            "UPDATE orchestrate.phases SET state = 'done', finished_at = now(), seconds = seconds + %s, "
+            "detail = detail || %s::jsonb WHERE migration_id = %s AND name = %s",
+            (seconds, json.dumps(detail, default=str), mid, name),
+        )
+
+    def phase_add_time(self, mid: int, name: str, seconds: float, state: str | None = None, **detail: Any) -> None:
+        self.conn.execute(
+            "UPDATE orchestrate.phases SET seconds = seconds + %s, state = coalesce(%s, state), "
+            "detail = detail || %s::jsonb WHERE migration_id = %s AND name = %s",
+            (seconds, state, json.dumps(detail, default=str), mid, name),
+        )
+
+    @staticmethod
+    def phase_reset(cur: psycopg.Cursor, mid: int, name: str) -> None:
+        cur.execute(
+            "UPDATE orchestrate.phases SET state = 'pending', finished_at = NULL WHERE migration_id = %s AND name = %s",
+            (mid, name),
+        )
+
+    # --- events ----------------------------------------------------------------------
+    def event(self, mid: int | None, kind: str, message: str, **data: Any) -> None:
+        try:
+            self.conn.execute(
+                "INSERT INTO orchestrate.events (migration_id, kind, message, data) VALUES (%s, %s, %s, %s)",
+                (mid, kind, message, json.dumps(data, default=str)),
+            )
+        except psycopg.Error as e:  # an event is a log line: never let it fail the run
+            logger.warning("could not record event {}: {}", kind, e)
+
+    def events(self, mid: int, limit: int = 20, kind: str | None = None) -> list[dict]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(
+                "SELECT at, kind, message, data FROM orchestrate.events WHERE migration_id = %s "
+                "AND (%s::text IS NULL OR kind = %s) ORDER BY id DESC LIMIT %s",
+                (mid, kind, kind, limit),
+            )
+            return list(reversed(cur.fetchall()))
+
+    # --- controls (runtime settings changed from another terminal) -------------------
+    def controls(self, table: str) -> dict:
+        row = self.conn.execute("SELECT settings FROM orchestrate.controls WHERE table_name = %s", (table,)).fetchone()
+        return dict(row[0]) if row else {}
+
+    def set_controls(self, table: str, **settings: Any) -> dict:
+        row = self.conn.execute(
+            "INSERT INTO orchestrate.controls (table_name, settings) VALUES (%s, %s::jsonb) "
+            "ON CONFLICT (table_name) DO UPDATE SET settings = controls.settings || excluded.settings, "
+            "updated_at = now() RETURNING settings",
+            (table, json.dumps(settings)),
+        ).fetchone()
+        return dict(row[0])
+
+    def clear_controls(self, table: str) -> None:
+        self.conn.execute("DELETE FROM orchestrate.controls WHERE table_name = %s", (table,))
+
+    # --- ranges ----------------------------------------------------------------------
+    def ranges(self, mid: int) -> list[dict]:
+        with self.conn.cursor(row_factory=dict_row) as cur:
+            cur.execute("SELECT * FROM orchestrate.ranges WHERE migration_id = %s ORDER BY idx", (mid,))
+            return cur.fetchall()
+
+    def range_summary(self, mid: int) -> dict:
+        row = self.conn.execute(
+            """SELECT count(*), count(*) FILTER (WHERE state = 'copied'), coalesce(sum(rows_copied), 0),
+                      count(*) FILTER (WHERE verify_state = 'ok'), count(*) FILTER (WHERE verify_state = 'mismatch'),
+                      max(copied_at), coalesce(sum(batches), 0)
+               FROM orchestrate.ranges WHERE migration_id = %s""",
+            (mid,),
+        ).fetchone()
+        return {
+            "total": row[0], "copied": row[1], "rows_copied": int(row[2]), "verified": row[3],
+            "mismatched": row[4], "last_checkpoint": row[5].isoformat() if row[5] else None, "batches": int(row[6]),
+        }
+
+
+class MigrationLock:
+    """Session-level advisory lock: one orchestrate process acts on a table at a time.
+
+    Held on its own connection for the life of the command; a crash of the process ends
+    the session and so frees the lock, which is what makes `apply` safe to re-run.
+    """
+
+    def __init__(self, conn: psycopg.Connection, table: str):
+        self.conn = conn
+        self.table = table
+
+    def acquire(self) -> None:
+        row = self.conn.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, self.table)
+        ).fetchone()
+        if not row[0]:
+            holder = self.conn.execute(
+                """SELECT a.pid, a.application_name, a.client_addr::text, a.backend_start
+                   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                   WHERE l.locktype = 'advisory' AND l.classid = %s::oid AND l.objid = hashtext(%s)::oid
+                     AND l.granted LIMIT 1""",
+                (LOCK_NAMESPACE, self.table),
+            ).fetchone()
+            who = f" (pid {holder[0]}, {holder[1]}, since {holder[3]:%Y-%m-%d %H:%M:%S})" if holder else ""
+            raise Busy(f"another orchestrate run is acting on {self.table}{who}; wait for it or stop it")
+
+    def release(self) -> None:
+        try:
+            self.conn.execute("SELECT pg_advisory_unlock(%s, hashtext(%s))", (LOCK_NAMESPACE, self.table))
+        except psycopg.Error:
+            pass  # the session is gone, and with it the lock
