@@ -198,6 +198,27 @@ def demo_cmd(rows: int, days: int, clients: int, keep: bool) -> None:
     demo.run(rows=rows, days=days, clients=clients, keep=keep)
 
 
+# Verbs that live with their subsystem: each module exposes `commands` (click commands).
+_EXTENSIONS = ("orchestrator.control", "orchestrator.maintain", "orchestrator.bench")
+
+
+def _register_extensions() -> None:
+    import importlib
+
+    for name in _EXTENSIONS:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue  # FIXME(lead): temporary while the module is being written; remove before stop
+        for command in module.commands:
+            cli.add_command(command)
+
+
+_register_extensions()
+
+
 def main() -> None:
     cli(prog_name="orchestrate")
 

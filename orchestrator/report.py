@@ -28,6 +28,8 @@ def plan_text(data: dict) -> str:
     if names:
         lines.append(f"names     twin {names.get('twin')}, retired {names.get('retired')}, "
                      f"default {names.get('default_partition')}")
+    if not data.get("validated_against_database"):
+        lines.append("checked   plan file only (no --dsn: the live table was not inspected)")
     est = data.get("estimates")
     if est:
         lines.append(f"estimate  ~{est['rows']} rows, {human_bytes(est['bytes'])}, {est['partitions']} partitions "

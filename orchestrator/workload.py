@@ -1,0 +1,972 @@
+"""A concurrent write workload with a golden record, for tests, the demo and benchmarks.
+
+:class:`Workload` runs N client threads against any table (found by name in the
+catalog, so it keeps working when a migration renames another relation into that
+name) and mirrors every committed change into a *golden* copy of the table, in the
+same transaction, server side. After the migration, :meth:`Workload.compare` checks
+the live table against the golden copy with ``EXCEPT ALL`` both ways: a migration that
+loses, duplicates, resurrects or alters a row is caught.
+
+How the golden write stays exact: every write is one statement whose data-modifying
+CTE changes the live table and ``RETURNING`` the full new row (explicit column list,
+in golden order, so defaults, identity values, stored generated columns and trigger
+effects are all captured as PostgreSQL computed them); the outer statement applies that
+row to the golden table (INSERT / UPDATE ... FROM / DELETE ... USING). Both commit or
+roll back together. Clients own disjoint sets of primary keys (hash of the key text
+modulo the number of clients), so the workload never contends with itself: any lock
+wait, deadlock or serialization failure is the migration's doing.
+
+Primary-key values travel as text and are cast back to the column type in SQL, which is
+what keeps the workload type-generic. Everything is prepared server side
+(``prepare_threshold = 0``) so a cutover that renames tables under the running clients
+exercises plan invalidation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import threading
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from loguru import logger
+
+from orchestrator.sql import MAX_IDENT, QualifiedName, ident, parse_qualified
+
+GOLDEN_SCHEMA = "orchestrate_golden"
+DEFAULT_MIX = {"insert": 30, "update": 35, "update_null": 10, "move_key": 10, "delete": 10, "read": 5}
+WRITE_OPS = ("insert", "update", "update_null", "move_key", "delete")
+OPS = WRITE_OPS + ("read",)
+
+# Types without an equality operator: EXCEPT ALL needs one, so compare their text form.
+_NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
+_TIME_KINDS = {"timestamptz": "tstz", "timestamp": "ts", "date": "date"}
+_NUM_KINDS = {"int2": "int", "int4": "int", "int8": "int", "numeric": "num", "float4": "num", "float8": "num"}
+_INT_LIMITS = {"int2": 2**15 - 1, "int4": 2**31 - 1, "int8": 2**53}
+_TWENTY_YEARS_S = 20 * 365.25 * 86400
+
+#: Text written by the workload: quotes, backslashes, non-ASCII, emoji.
+TEXTS = [
+    "it's",
+    'say "hi"',
+    "back\\slash \\N",
+    "é è ê ç",
+    "日本語のテキスト",
+    "emoji 🚀🔥",
+    "tab\there",
+    "line\nbreak",
+    "O'Reilly \"quoted\" \\",
+    "Ωμέγα Привет",
+    "%s %(x)s {} $1",
+    "",
+]
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class WorkloadReport:
+    """What a run did. ``ops`` counts committed transactions per operation."""
+
+    ops: dict[str, int]
+    errors: int
+    error_samples: list[str]
+    latency_ms: dict[str, float]
+    duration_s: float
+    max_latency_at: datetime | None
+    writes: int
+    reconnects: int = 0
+    clients: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["max_latency_at"] = self.max_latency_at.isoformat() if self.max_latency_at else None
+        return d
+
+
+@dataclass
+class Comparison:
+    """Live table versus golden copy. Samples are primary keys in text form."""
+
+    table: str
+    golden: str
+    missing: int = 0
+    extra: int = 0
+    differing: int = 0
+    missing_sample: list[str] = field(default_factory=list)
+    extra_sample: list[str] = field(default_factory=list)
+    differing_sample: list[str] = field(default_factory=list)
+    golden_rows: int = 0
+    live_rows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.missing == 0 and self.extra == 0 and self.differing == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+    def __str__(self) -> str:
+        if self.ok:
+            return f"{self.table} matches {self.golden} ({self.live_rows} rows)"
+        return (
+            f"{self.table} differs from {self.golden}: {self.missing} missing {self.missing_sample}, "
+            f"{self.extra} extra {self.extra_sample}, {self.differing} differing {self.differing_sample}"
+        )
+
+
+# ----------------------------------------------------------------------------- catalog
+
+
+@dataclass
+class _Column:
+    name: str
+    type: str  # format_type(), usable in casts
+    typname: str  # base type name (domains resolved, arrays: element name)
+    notnull: bool
+    identity: str  # '', 'a', 'd'
+    generated: str  # '', 's'
+    default: str | None
+    in_check: bool
+    in_fk: bool
+    unique: bool  # part of a unique index other than the primary key
+    is_domain: bool
+    category: str  # pg_type.typcategory of the base type
+    is_array: bool
+
+    @property
+    def writable(self) -> bool:
+        return self.generated == "" and self.identity != "a"
+
+    @property
+    def sequence_default(self) -> bool:
+        return self.identity != "" or (self.default is not None and "nextval(" in self.default)
+
+    @property
+    def text_like(self) -> bool:
+        """Values may be invented as text (no CHECK, FK or domain can refuse them)."""
+        return (
+            not self.is_array
+            and not self.is_domain
+            and not self.in_check
+            and not self.in_fk
+            and (self.category == "S" or self.typname in ("json", "jsonb"))
+        )
+
+
+@dataclass
+class _Meta:
+    table: QualifiedName
+    columns: list[_Column]
+    pk: list[str]
+    key: _Column
+    key_kind: str | None  # tstz, ts, date, int, num, or None (key copied from rows)
+
+    def col(self, name: str) -> _Column:
+        return next(c for c in self.columns if c.name == name)
+
+
+_COLUMNS_SQL = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod),
+       coalesce(el.typname, bt.typname, t.typname),
+       a.attnotnull, a.attidentity::text, a.attgenerated::text,
+       pg_get_expr(d.adbin, d.adrelid),
+       EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = a.attrelid AND k.contype = 'c'
+               AND a.attnum = ANY (k.conkey)),
+       EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = a.attrelid AND k.contype = 'f'
+               AND a.attnum = ANY (k.conkey)),
+       EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = a.attrelid AND i.indisunique
+               AND NOT i.indisprimary AND a.attnum = ANY (i.indkey)),
+       t.typtype = 'd',
+       coalesce(el.typcategory, bt.typcategory, t.typcategory)::text,
+       t.typcategory = 'A' OR coalesce(bt.typcategory, '') = 'A'
+FROM pg_attribute a
+JOIN pg_type t ON t.oid = a.atttypid
+LEFT JOIN pg_type bt ON t.typtype = 'd' AND bt.oid = t.typbasetype
+LEFT JOIN pg_type el ON el.oid = CASE WHEN t.typcategory = 'A' THEN t.typelem
+                                      WHEN bt.typcategory = 'A' THEN bt.typelem END
+LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+# The primary key, else the first unique index on NOT NULL plain columns.
+_PK_SQL = """
+SELECT array_agg(a.attname ORDER BY k.ord)
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = %s AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND k.ord <= i.indnkeyatts
+GROUP BY i.indexrelid, i.indisprimary
+HAVING bool_and(a.attnotnull)
+ORDER BY i.indisprimary DESC, i.indexrelid
+LIMIT 1
+"""
+
+
+def _golden_name(table: QualifiedName) -> QualifiedName:
+    name = f"{table.schema}__{table.name}"
+    if len(name.encode()) > MAX_IDENT:
+        digest = hashlib.md5(name.encode()).hexdigest()[:8]
+        name = name.encode()[: MAX_IDENT - 9].decode(errors="ignore") + "_" + digest
+    return QualifiedName(GOLDEN_SCHEMA, name)
+
+
+def _introspect(conn: psycopg.Connection, table: QualifiedName, key_column: str) -> _Meta:
+    row = conn.execute(
+        "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')",
+        (table.schema, table.name),
+    ).fetchone()
+    if row is None:
+        raise ValueError(f"table {table} not found")
+    oid = row[0]
+    cols = [_Column(*r) for r in conn.execute(_COLUMNS_SQL, (oid,)).fetchall()]
+    pk_row = conn.execute(_PK_SQL, (oid,)).fetchone()
+    if pk_row is None:
+        raise ValueError(f"table {table} has no primary key (or unique index on NOT NULL columns)")
+    names = {c.name for c in cols}
+    if key_column not in names:
+        raise ValueError(f"table {table} has no column {key_column!r}")
+    key = next(c for c in cols if c.name == key_column)
+    kind = _TIME_KINDS.get(key.typname) or _NUM_KINDS.get(key.typname)
+    if key.is_array or key.is_domain or not key.writable:
+        kind = None
+    return _Meta(table, cols, list(pk_row[0]), key, kind)
+
+
+# ----------------------------------------------------------------------------- SQL
+
+
+class _Statements:
+    """All the SQL of one table, built once from the catalog (explicit column lists)."""
+
+    def __init__(self, meta: _Meta, golden: QualifiedName, clients: int):
+        self.meta = meta
+        t, g = str(meta.table), str(golden)
+        cols = meta.columns
+        self.all = [c.name for c in cols]
+        pkc = [meta.col(n) for n in meta.pk]
+        self.pk_cols = pkc
+
+        def pk_tuple(alias: str) -> str:
+            return "(" + ", ".join(f"{alias}.{ident(c.name)}" for c in pkc) + ")"
+
+        def pk_text(alias: str) -> str:
+            if len(pkc) == 1:
+                return f"{alias}.{ident(pkc[0].name)}::text"
+            return f"ROW({', '.join(f'{alias}.{ident(c.name)}' for c in pkc)})::text"
+
+        self.pk_text = pk_text
+        pk_params = "(" + ", ".join(f"%s::text::{c.type}" for c in pkc) + ")"
+        self.npk = len(pkc)
+        owner = f"(hashtext({pk_text('g')}) & 2147483647) %% {clients}"
+        ret_all = ", ".join(f"x.{ident(n)}" for n in self.all)
+        gset = ", ".join(f"{ident(n)} = u.{ident(n)}" for n in self.all)
+        order = ", ".join(f"s.{ident(c.name)}" for c in pkc)
+
+        def source_row(exprs: str) -> str:
+            # The first row at or after a given key, else the first row: always one row
+            # as long as the table is not empty, whatever was deleted meanwhile.
+            return (
+                f"(SELECT {exprs} FROM {t} AS s WHERE {pk_tuple('s')} >= {pk_params} "
+                f"ORDER BY {order} LIMIT 1) UNION ALL "
+                f"(SELECT {exprs} FROM {t} AS s ORDER BY {order} LIMIT 1) LIMIT 1"
+            )
+
+        self.key_expr = self._key_expr(meta)
+
+        # --- insert: pk from its default when it has one, else generated per client.
+        any_pk_default = any(c.default is not None or c.identity for c in pkc)
+        self.insert_plan: list[tuple[str, str]] = []  # (column, how): copy|gen|key|pk
+        names, exprs = [], []
+        for c in cols:
+            if not c.writable:
+                continue
+            if c.name in meta.pk and (c.default is not None or c.identity):
+                continue  # its default/identity/serial assigns it
+            if c.name not in meta.pk and c.sequence_default:
+                continue
+            names.append(ident(c.name))
+            if c.name == meta.key.name and meta.key_kind:
+                exprs.append(self.key_expr)
+                self.insert_plan.append((c.name, "key"))
+            elif c.name in meta.pk and not any_pk_default and self._pk_generatable(c):
+                exprs.append(f"%s::text::{c.type}")
+                self.insert_plan.append((c.name, "pk"))
+            elif c.unique and c.name not in meta.pk:
+                # Copying another row's value would break uniqueness: invent one.
+                if c.text_like or (
+                    self._pk_generatable(c) and not (c.in_check or c.in_fk or c.is_domain)
+                ):
+                    exprs.append(f"%s::text::{c.type}")
+                    self.insert_plan.append((c.name, "ugen" if c.text_like else "pk"))
+                elif not c.notnull:
+                    exprs.append("NULL")
+                    self.insert_plan.append((c.name, "null"))
+                else:
+                    exprs.append(f"src.{ident(c.name)}")  # will collide: see the limits
+                    self.insert_plan.append((c.name, "copy"))
+            elif c.text_like and c.name not in meta.pk:
+                exprs.append(f"CASE WHEN %s::bool THEN src.{ident(c.name)} ELSE %s::text::{c.type} END")
+                self.insert_plan.append((c.name, "gen"))
+            else:
+                exprs.append(f"src.{ident(c.name)}")
+                self.insert_plan.append((c.name, "copy"))
+        src_cols = ", ".join(f"s.{ident(n)}" for n, how in self.insert_plan if how in ("copy", "gen")) or "1"
+        self.insert = (
+            f"WITH src AS ({source_row(src_cols)}), "
+            f"ins AS (INSERT INTO {t} AS x ({', '.join(names)}) SELECT {', '.join(exprs)} FROM src "
+            f"RETURNING {ret_all}) "
+            f"INSERT INTO {g} AS g ({', '.join(ident(n) for n in self.all)}) "
+            f"SELECT {', '.join(ident(n) for n in self.all)} FROM ins "
+            f"RETURNING {pk_text('g')}, {owner}"
+        )
+
+        def write_update(set_clause: str) -> str:
+            return (
+                f"WITH u AS (UPDATE {t} AS x SET {set_clause} WHERE {pk_tuple('x')} = {pk_params} "
+                f"RETURNING {ret_all}) "
+                f"UPDATE {g} AS g SET {gset} FROM u WHERE {pk_tuple('g')} = {pk_params} "
+                f"RETURNING {pk_text('g')}"
+            )
+
+        # --- updates of ordinary columns: (sql, generatable)
+        ordinary = [
+            c
+            for c in cols
+            if c.writable and c.name not in meta.pk and c.name != meta.key.name and not c.sequence_default
+        ]
+        self.updates: dict[str, tuple[str, bool]] = {}
+        for c in ordinary:
+            if c.unique and not c.text_like:
+                continue  # copying another row's value would break uniqueness
+            other = f"COALESCE(({source_row('s.' + ident(c.name))}), x.{ident(c.name)})"
+            if c.text_like:
+                if c.unique:
+                    expr = f"%s::text::{c.type}"
+                else:
+                    expr = f"CASE WHEN %s::bool THEN {other} ELSE %s::text::{c.type} END"
+                self.updates[c.name] = (write_update(f"{ident(c.name)} = {expr}"), True)
+            else:
+                self.updates[c.name] = (write_update(f"{ident(c.name)} = {other}"), False)
+        self.nullables = {
+            c.name: write_update(f"{ident(c.name)} = NULL")
+            for c in ordinary
+            if not c.notnull and not c.in_check and not c.is_domain
+        }
+        self.move_key = (
+            write_update(f"{ident(meta.key.name)} = {self.key_expr}") if meta.key_kind else None
+        )
+        self.delete = (
+            f"WITH d AS (DELETE FROM {t} AS x WHERE {pk_tuple('x')} = {pk_params} "
+            f"RETURNING {', '.join('x.' + ident(c.name) for c in pkc)}) "
+            f"DELETE FROM {g} AS g USING d WHERE {pk_tuple('g')} = {pk_params} RETURNING 1"
+        )
+        self.read_pk = (
+            f"SELECT {', '.join(ident(n) for n in self.all)} FROM {t} AS x "
+            f"WHERE {pk_tuple('x')} = {pk_params}"
+        )
+        k = ident(meta.key.name)
+        self.read_range = (
+            f"SELECT count(*) FROM {t} WHERE {k} >= {self.key_expr} AND {k} < {self.key_expr}"
+            if meta.key_kind
+            else None
+        )
+        self.sample = (
+            f"SELECT {pk_text('g')} FROM {g} AS g TABLESAMPLE SYSTEM (%s::float4) REPEATABLE (%s::int) "
+            f"WHERE {owner} = %s::int"
+        )
+
+    @staticmethod
+    def _pk_generatable(c: _Column) -> bool:
+        return not c.is_array and (c.typname in _NUM_KINDS or c.category == "S" or c.typname == "uuid")
+
+    @staticmethod
+    def _key_expr(meta: _Meta) -> str:
+        kind, typ = meta.key_kind, meta.key.type
+        if kind == "tstz":
+            return f"to_timestamp(%s::float8)::{typ}"
+        if kind == "ts":
+            return f"(to_timestamp(%s::float8) AT TIME ZONE 'UTC')::{typ}"
+        if kind == "date":
+            return f"(to_timestamp(%s::float8) AT TIME ZONE 'UTC')::date::{typ}"
+        if kind == "int":
+            return f"round(%s::float8)::{typ}"
+        if kind == "num":
+            return f"%s::float8::{typ}"
+        return "src." + ident(meta.key.name)
+
+
+# ----------------------------------------------------------------------------- clients
+
+
+def _text(rng: random.Random, tag: str) -> str:
+    return f"{tag} {rng.choice(TEXTS)} {rng.choice(TEXTS)}"
+
+
+def _json(rng: random.Random, tag: str) -> str:
+    return json.dumps(
+        {"wl": tag, "n": rng.randint(0, 10**6), "s": rng.choice(TEXTS), "ok": rng.random() < 0.5,
+         "nested": {"a": [1, 2.5, None, "日本"]}},
+        ensure_ascii=False,
+    )
+
+
+class _Client(threading.Thread):
+    def __init__(self, wl: "Workload", index: int):
+        super().__init__(name=f"workload-{index}", daemon=True)
+        self.wl = wl
+        self.index = index
+        self.rng = random.Random(f"{wl.seed}:{index}:{wl._run}")
+        self.counts = dict.fromkeys(OPS, 0)
+        self.latencies = array("d")
+        self.worst = (0.0, None)
+        self.errors: list[tuple[datetime, str, str]] = []
+        self.nerrors = 0
+        self.reconnects = 0
+        self.sample: list[str] = []
+        self.sample_at = 0.0
+        self.ops_since_sample = 0
+        self.serial = 0
+        self.values = 0
+        self.conn: psycopg.Connection | None = None
+
+    # -- connection
+    def _connect(self) -> None:
+        self.conn = psycopg.connect(
+            self.wl.dsn, autocommit=False, application_name=f"orchestrate-workload-{self.index}"
+        )
+        self.conn.prepare_threshold = 0
+
+    def _reconnect(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+        while not self.wl._stop.is_set():
+            try:
+                self._connect()
+                return
+            except Exception as e:  # noqa: BLE001
+                self._error("connect", e)
+                self.wl._stop.wait(0.2)
+
+    def _error(self, op: str, e: BaseException) -> None:
+        self.nerrors += 1
+        msg = " ".join(str(e).split()) or type(e).__name__
+        self.errors.append((datetime.now(timezone.utc), op, f"{type(e).__name__}: {msg}"))
+        del self.errors[20:]
+        logger.debug("workload client {} {} failed: {}", self.index, op, msg)
+
+    # -- values
+    def _key_value(self, allow_null: bool) -> float | None:
+        wl, r = self.wl, self.rng.random()
+        if allow_null and not wl._meta.key.notnull and r < 0.03:
+            return None
+        lo, hi = wl._key_range
+        if r > 0.97:
+            far = _TWENTY_YEARS_S if wl._meta.key_kind in ("tstz", "ts", "date") else 20 * max(hi - lo, 1.0)
+            v = hi + far * self.rng.uniform(0.5, 1.0) if r > 0.985 else lo - far * self.rng.uniform(0.5, 1.0)
+        else:
+            v = self.rng.uniform(lo, hi)
+        return wl._clamp_key(v)
+
+    def _pk(self) -> list[str] | None:
+        if not self.sample:
+            return None
+        return self.wl._split_pk(self.rng.choice(self.sample))
+
+    def _src_pk(self) -> list[str]:
+        return self._pk() or self.wl._first_pk
+
+    def _refresh_sample(self) -> None:
+        wl = self.wl
+        assert self.conn is not None
+        pct = min(100.0, 100.0 * 4000.0 * wl.clients / max(wl._golden_rows, 1))
+        rows = self.conn.execute(
+            wl._sql.sample, (pct, self.rng.randrange(2**31 - 1), self.index), prepare=True
+        ).fetchall()
+        self.conn.commit()
+        keys = [r[0] for r in rows]
+        self.rng.shuffle(keys)
+        self.sample = sorted(keys[:500])
+        self.rng.shuffle(self.sample)
+        self.sample_at = time.monotonic()
+        self.ops_since_sample = 0
+
+    # -- operations: one statement each; the caller commits and times it
+    def _op(self, op: str) -> None:
+        wl, st, cur = self.wl, self.wl._sql, self.conn
+        assert cur is not None
+        if op == "insert":
+            params: list[Any] = list(self._src_pk())
+            for name, how in st.insert_plan:
+                if how == "key":
+                    params.append(self._key_value(allow_null=True))
+                elif how == "pk":
+                    params.append(wl._new_pk_value(name, self.index, self.serial))
+                elif how == "ugen":
+                    params.append(self._value(wl._meta.col(name)))
+                elif how == "gen":
+                    col = wl._meta.col(name)
+                    if self.rng.random() < 0.5:
+                        params += [True, None]
+                    elif not col.notnull and self.rng.random() < 0.1:
+                        params += [False, None]
+                    else:
+                        params += [False, self._value(col)]
+            self.serial += 1
+            row = cur.execute(st.insert, params, prepare=True).fetchone()
+            if row is not None and row[1] == self.index:
+                self.sample.append(row[0])
+            return
+        if op == "read":
+            pk = self._pk()
+            if pk is not None:
+                cur.execute(st.read_pk, pk, prepare=True).fetchall()
+            if st.read_range is not None:
+                lo, hi = wl._key_range
+                a = self.rng.uniform(lo, hi)
+                cur.execute(st.read_range, (a, a + max(hi - lo, 1.0) / 1000.0), prepare=True).fetchall()
+            return
+        pk = self._pk()
+        if pk is None:
+            return
+        if op == "delete":
+            if cur.execute(st.delete, pk + pk, prepare=True).fetchone() is not None:
+                self._forget(pk)
+            return
+        if op == "move_key":
+            params = [self._key_value(allow_null=True)] + pk + pk
+            row = cur.execute(st.move_key, params, prepare=True).fetchone()
+            if row is not None and wl._split_pk(row[0]) != pk:
+                self._forget(pk)  # the key is part of the primary key: the row is a new pk now
+            return
+        if op == "update_null":
+            name = self.rng.choice(sorted(st.nullables))
+            cur.execute(st.nullables[name], pk + pk, prepare=True).fetchall()
+            return
+        # update
+        name = self.rng.choice(sorted(st.updates))
+        sql, generatable = st.updates[name]
+        col = wl._meta.col(name)
+        if not generatable:
+            params = self._src_pk() + pk + pk
+        elif col.unique:
+            params = [self._value(col)] + pk + pk
+        elif self.rng.random() < 0.5:
+            params = [True] + self._src_pk() + [None] + pk + pk
+        else:
+            params = [False] + self._src_pk() + [self._value(col)] + pk + pk
+        cur.execute(sql, params, prepare=True).fetchall()
+
+    def _forget(self, pk: list[str]) -> None:
+        text = self.wl._join_pk(pk)
+        try:
+            self.sample.remove(text)
+        except ValueError:
+            pass
+
+    def _value(self, col: _Column) -> str:
+        # Unique across clients, runs and values; first, so varchar(n) keeps it.
+        self.values += 1
+        tag = f"{self.wl._pk_token}.{self.index}.{self.values}"
+        if col.typname in ("json", "jsonb"):
+            return _json(self.rng, tag)
+        return _text(self.rng, tag)
+
+    def _pick(self) -> str:
+        """An operation by weight; one the table cannot do falls through to the next."""
+        st = self.wl._sql
+        op = self.rng.choices(self.wl._ops, self.wl._weights)[0]
+        if op == "update" and not st.updates:
+            op = "update_null"
+        if op == "update_null" and not st.nullables:
+            op = "move_key"
+        if op == "move_key" and st.move_key is None:
+            op = "read"
+        return op
+
+    def run(self) -> None:
+        wl = self.wl
+        self._reconnect()
+        while not wl._stop.is_set():
+            assert self.conn is not None
+            op = "sample"
+            try:
+                if (
+                    not self.sample
+                    or self.ops_since_sample >= 300
+                    or time.monotonic() - self.sample_at > 2.0
+                ):
+                    self._refresh_sample()
+                op = self._pick()
+                t0 = time.perf_counter()
+                self._op(op)
+                self.conn.commit()
+                ms = (time.perf_counter() - t0) * 1000.0
+                self.latencies.append(ms)
+                if ms > self.worst[0]:
+                    self.worst = (ms, datetime.now(timezone.utc))
+                self.counts[op] += 1
+                self.ops_since_sample += 1
+            except Exception as e:  # noqa: BLE001 - every failure is an error, then go on
+                self._error(op, e)
+                if self.conn.broken or self.conn.closed:
+                    self.reconnects += 1
+                    self._reconnect()
+                else:
+                    try:
+                        self.conn.rollback()
+                    except Exception as e2:  # noqa: BLE001
+                        self._error("rollback", e2)
+                        self.reconnects += 1
+                        self._reconnect()
+            if wl.think_time_s:
+                wl._stop.wait(wl.think_time_s)
+        if self.conn is not None:
+            try:
+                self.conn.rollback()
+                self.conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# ----------------------------------------------------------------------------- workload
+
+
+class Workload:
+    """Concurrent writes on ``table`` mirrored into a golden copy. See the module doc.
+
+    ``key_column`` is the (future) partition key; ``mix`` maps operations (insert,
+    update, update_null, move_key, delete, read) to weights.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        table: str,
+        key_column: str,
+        clients: int = 4,
+        seed: int = 0,
+        mix: dict | None = None,
+        think_time_s: float = 0.0,
+    ):
+        if clients < 1:
+            raise ValueError("clients must be >= 1")
+        mix = dict(DEFAULT_MIX if mix is None else mix)
+        unknown = set(mix) - set(OPS)
+        if unknown:
+            raise ValueError(f"unknown workload operations {sorted(unknown)}; known: {list(OPS)}")
+        if not any(w > 0 for w in mix.values()):
+            raise ValueError("the workload mix has no positive weight")
+        self.dsn = dsn
+        self.table = parse_qualified(table)
+        self.key_column = key_column
+        self.clients = clients
+        self.seed = seed
+        self.mix = mix
+        self.think_time_s = think_time_s
+        self.golden = _golden_name(self.table)
+        self.report: WorkloadReport | None = None
+        self._ops = [o for o in OPS if mix.get(o, 0) > 0]
+        self._weights = [mix[o] for o in self._ops]
+        self._stop = threading.Event()
+        self._threads: list[_Client] = []
+        self._meta: _Meta | None = None
+        self._sql: _Statements | None = None
+        self._run = 0
+        self._started = 0.0
+        self._setup_done = False
+
+    # -- lifecycle
+    def setup(self) -> None:
+        """(Re)create the golden copy of the table's current rows. No writes may run."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            meta = _introspect(conn, self.table, self.key_column)
+            cols = ", ".join(ident(c.name) for c in meta.columns)
+            g = str(self.golden)
+            with conn.transaction():
+                conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(GOLDEN_SCHEMA)}")
+                conn.execute(f"DROP TABLE IF EXISTS {g}")
+                conn.execute(f"CREATE TABLE {g} AS SELECT {cols} FROM {self.table}")
+                pkl = ", ".join(ident(c) for c in meta.pk)
+                conn.execute(f"CREATE UNIQUE INDEX ON {g} ({pkl})")
+                # CTAS drops NOT NULL; put it back on the key so the copy has a usable pk.
+                conn.execute(
+                    f"ALTER TABLE {g} " + ", ".join(f"ALTER COLUMN {ident(c)} SET NOT NULL" for c in meta.pk)
+                )
+            conn.execute(f"ANALYZE {g}")
+        self._meta = meta
+        self._setup_done = True
+        logger.debug("workload golden copy {} of {} created", self.golden, self.table)
+
+    def start(self) -> None:
+        """Start the client threads (runs :meth:`setup` first if it was not called)."""
+        if self._threads:
+            raise RuntimeError("workload already running")
+        if not self._setup_done:
+            self.setup()
+        self._run += 1
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            self._prepare(conn)
+        self._stop.clear()
+        self._threads = [_Client(self, i) for i in range(self.clients)]
+        self._started = time.monotonic()
+        for t in self._threads:
+            t.start()
+        logger.debug("workload on {} started: {} clients, mix {}", self.table, self.clients, self.mix)
+
+    def stop(self) -> WorkloadReport:
+        """Stop the clients and report what they did."""
+        self._stop.set()
+        deadline = time.monotonic() + 30
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if t.is_alive() and t.conn is not None:
+                try:
+                    t.conn.cancel()  # stuck behind a lock: cancel the query, then wait
+                except Exception:  # noqa: BLE001
+                    pass
+                t.join(timeout=10)
+        duration = time.monotonic() - self._started if self._started else 0.0
+        threads, self._threads = self._threads, []
+        ops = dict.fromkeys(OPS, 0)
+        lat = array("d")
+        worst: tuple[float, datetime | None] = (0.0, None)
+        samples: list[tuple[datetime, str, str]] = []
+        errors = reconnects = 0
+        for t in threads:
+            for k, v in t.counts.items():
+                ops[k] += v
+            lat.extend(t.latencies)
+            if t.worst[0] > worst[0]:
+                worst = t.worst
+            samples += t.errors
+            errors += t.nerrors
+            reconnects += t.reconnects
+        samples.sort()
+        self.report = WorkloadReport(
+            ops=ops,
+            errors=errors,
+            error_samples=[f"{ts.isoformat()} {op}: {msg}" for ts, op, msg in samples[:20]],
+            latency_ms=_percentiles(lat),
+            duration_s=round(duration, 3),
+            max_latency_at=worst[1],
+            writes=sum(ops[o] for o in WRITE_OPS),
+            reconnects=reconnects,
+            clients=self.clients,
+        )
+        logger.debug("workload on {} stopped: {}", self.table, self.report.as_dict())
+        return self.report
+
+    def run_for(self, seconds: float) -> WorkloadReport:
+        self.start()
+        try:
+            self._stop.wait(seconds)
+        finally:
+            report = self.stop()
+        return report
+
+    def __enter__(self) -> "Workload":
+        self.setup()
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._threads:
+            self.stop()
+
+    # -- verification
+    def compare(self, dsn: str | None = None, table: str | None = None) -> Comparison:
+        """Golden copy versus the live table (or ``table``), server side with EXCEPT ALL.
+
+        A row whose primary key is only in the golden copy is *missing*, only in the
+        live table *extra* (also an extra copy of a duplicated row), in both with other
+        values *differing*. Columns are those of the golden copy, by name.
+        """
+        target = parse_qualified(table) if table else self.table
+        with psycopg.connect(dsn or self.dsn, autocommit=True) as conn:
+            gmeta = _introspect(conn, self.golden, self.key_column)
+            pk = gmeta.pk
+            sel = ", ".join(
+                f"{ident(c.name)}::text AS {ident(c.name)}" if c.typname in _NO_EQUALITY else ident(c.name)
+                for c in gmeta.columns
+            )
+            if len(pk) == 1:
+                k = f"{ident(pk[0])}::text"
+            else:
+                k = f"ROW({', '.join(ident(c) for c in pk)})::text"
+            g, t = str(self.golden), str(target)
+            row = conn.execute(
+                f"""
+WITH gx AS MATERIALIZED (SELECT {k} AS k FROM (SELECT {sel} FROM {g} EXCEPT ALL SELECT {sel} FROM {t}) AS x),
+     lx AS MATERIALIZED (SELECT {k} AS k FROM (SELECT {sel} FROM {t} EXCEPT ALL SELECT {sel} FROM {g}) AS x),
+     missing AS (SELECT k FROM gx WHERE NOT EXISTS (SELECT 1 FROM lx WHERE lx.k = gx.k)),
+     extra AS (SELECT k FROM lx WHERE NOT EXISTS (SELECT 1 FROM gx WHERE gx.k = lx.k)),
+     differing AS (SELECT DISTINCT k FROM gx WHERE EXISTS (SELECT 1 FROM lx WHERE lx.k = gx.k))
+SELECT (SELECT count(*) FROM missing), array(SELECT DISTINCT k FROM missing ORDER BY k LIMIT 5),
+       (SELECT count(*) FROM extra), array(SELECT DISTINCT k FROM extra ORDER BY k LIMIT 5),
+       (SELECT count(*) FROM differing), array(SELECT k FROM differing ORDER BY k LIMIT 5),
+       (SELECT count(*) FROM {g}), (SELECT count(*) FROM {t})
+"""
+            ).fetchone()
+        cmp = Comparison(
+            table=str(target),
+            golden=str(self.golden),
+            missing=row[0],
+            missing_sample=list(row[1]),
+            extra=row[2],
+            extra_sample=list(row[3]),
+            differing=row[4],
+            differing_sample=list(row[5]),
+            golden_rows=row[6],
+            live_rows=row[7],
+        )
+        logger.debug("workload compare: {}", cmp)
+        return cmp
+
+    # -- internals
+    def _prepare(self, conn: psycopg.Connection) -> None:
+        """Introspect, build the SQL and the value ranges the clients draw from."""
+        self._meta = _introspect(conn, self.table, self.key_column)
+        self._sql = _Statements(self._meta, self.golden, self.clients)
+        g = str(self.golden)
+        meta = self._meta
+        self._golden_rows = conn.execute(f"SELECT count(*) FROM {g}").fetchone()[0]
+        first = conn.execute(
+            f"SELECT {self._sql.pk_text('g')} FROM {g} AS g ORDER BY "
+            + ", ".join(ident(c) for c in meta.pk)
+            + " LIMIT 1"
+        ).fetchone()
+        if first is None:
+            logger.warning("workload: {} is empty; inserts copy from existing rows and will do nothing", self.table)
+            self._first_pk = [""] * len(meta.pk)
+        else:
+            self._first_pk = self._split_pk(first[0])
+        # The key range, as seconds since the epoch (time keys) or numbers.
+        k = ident(meta.key.name)
+        lo = hi = None
+        if meta.key_kind in ("tstz", "ts", "date"):
+            lo, hi = conn.execute(
+                f"SELECT extract(epoch FROM min({k}))::float8, extract(epoch FROM max({k}))::float8 "
+                f"FROM {g} WHERE isfinite({k})"
+            ).fetchone()
+        elif meta.key_kind:
+            lo, hi = conn.execute(
+                f"SELECT min({k})::float8, max({k})::float8 FROM {g} WHERE {k}::float8 "
+                "BETWEEN '-1e300' AND '1e300'"
+            ).fetchone()
+        if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+            now = time.time()
+            lo, hi = (now - 30 * 86400, now) if meta.key_kind in ("tstz", "ts", "date") else (0.0, 1e6)
+        self._key_range = (float(lo), float(hi))
+        # Primary-key columns the clients generate: numbers above the current maximum
+        # (interleaved per client), text and uuids from the seed.
+        self._pk_base: dict[str, int] = {}
+        for name, how in self._sql.insert_plan:
+            if how == "pk" and meta.col(name).typname in _NUM_KINDS:
+                m = conn.execute(f"SELECT coalesce(max({ident(name)})::float8, 0) FROM {g}").fetchone()[0]
+                self._pk_base[name] = int(m) + 1
+        self._pk_token = hashlib.md5(
+            f"{self.seed}:{self._golden_rows}:{self._run}:{self._key_range}".encode()
+        ).hexdigest()[:8]
+
+    def _new_pk_value(self, name: str, client: int, serial: int) -> str:
+        col = self._meta.col(name)
+        if name in self._pk_base:
+            return str(self._pk_base[name] + serial * self.clients + client)
+        if col.typname == "uuid":
+            h = hashlib.md5(f"{self._pk_token}:{client}:{serial}".encode()).hexdigest()
+            return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-8{h[17:20]}-{h[20:32]}"
+        return f"wl-{self._pk_token}-{client}-{serial}"
+
+    def _clamp_key(self, v: float) -> float:
+        meta = self._meta
+        if meta.key_kind in ("tstz", "ts", "date"):
+            return min(max(v, -2.0e11), 2.0e11)  # years -4700 .. 8300: valid everywhere
+        limit = _INT_LIMITS.get(meta.key.typname)
+        if limit is not None:
+            return float(min(max(round(v), -limit), limit))
+        return v
+
+    def _split_pk(self, text: str) -> list[str]:
+        """A pk in text form back to one text per column (composite keys are ROW text)."""
+        if len(self._meta.pk) == 1:
+            return [text]
+        return _parse_record(text)
+
+    def _join_pk(self, parts: list[str]) -> str:
+        if len(parts) == 1:
+            return parts[0]
+        return _record_text(parts)
+
+
+def _percentiles(values: array) -> dict[str, float]:
+    if not values:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0, "max": 0.0}
+    s = sorted(values)
+
+    def pct(p: float) -> float:
+        return round(s[min(len(s) - 1, int(math.ceil(p * len(s))) - 1)], 3)
+
+    return {"p50": pct(0.50), "p95": pct(0.95), "p99": pct(0.99), "max": round(s[-1], 3)}
+
+
+def _parse_record(text: str) -> list[str]:
+    """Parse PostgreSQL's record output ``(a,"b c",)`` into fields (NULL never occurs: pk)."""
+    if not (text.startswith("(") and text.endswith(")")):
+        raise ValueError(f"not a record: {text!r}")
+    body, out, i = text[1:-1], [], 0
+    while True:
+        if i < len(body) and body[i] == '"':
+            i += 1
+            buf = []
+            while True:
+                ch = body[i]
+                if ch == '"':
+                    if i + 1 < len(body) and body[i + 1] == '"':
+                        buf.append('"')
+                        i += 2
+                        continue
+                    i += 1
+                    break
+                if ch == "\\":
+                    buf.append(body[i + 1])
+                    i += 2
+                    continue
+                buf.append(ch)
+                i += 1
+            out.append("".join(buf))
+        else:
+            j = body.find(",", i)
+            j = len(body) if j == -1 else j
+            out.append(body[i:j])
+            i = j
+        if i >= len(body):
+            return out
+        i += 1  # the comma
+
+
+def _record_text(parts: list[str]) -> str:
+    """Inverse of :func:`_parse_record`, matching record_out's quoting."""
+    out = []
+    for p in parts:
+        if p == "" or any(ch in p for ch in '(),"\\ \t\n\r\v\f'):
+            out.append('"' + p.replace("\\", "\\\\").replace('"', '""') + '"')
+        else:
+            out.append(p)
+    return "(" + ",".join(out) + ")"

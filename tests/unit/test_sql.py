@@ -1,0 +1,102 @@
+"""SQL rendering: pure functions, read without a database."""
+
+import pytest
+
+from orchestrator import sql
+from orchestrator.sql import QualifiedName, Shape, ident, parse_qualified
+
+SHAPE = Shape(columns=("id", "note", "created_at"), all_columns=("id", "note", "created_at", "total"),
+              pk=("id",), key="created_at", key_type="timestamp with time zone", key_nullable=False,
+              pk_types=("bigint",))
+T = QualifiedName("public", "orders")
+TW = QualifiedName("public", "orders_partitioned")
+
+
+@pytest.mark.parametrize("name, quoted", [
+    ("orders", "orders"), ("Orders", '"Orders"'), ("user", '"user"'), ('we"ird', '"we""ird"'),
+    ("order items", '"order items"'), ("_x1$", "_x1$"),
+])
+def test_ident(name, quoted):
+    assert ident(name) == quoted
+
+
+@pytest.mark.parametrize("text, schema, name", [
+    ("public.orders", "public", "orders"), ("orders", "public", "orders"), ("Public.Orders", "public", "orders"),
+    ('"Sales"."Order Items"', "Sales", "Order Items"), ('sales."a.b"', "sales", "a.b"),
+])
+def test_parse_qualified(text, schema, name):
+    assert parse_qualified(text) == QualifiedName(schema, name)
+
+
+@pytest.mark.parametrize("text", ["public.orders; drop table x", "a.b.c", "", "1abc", "orders--", '"unclosed', "a b"])
+def test_parse_qualified_refuses(text):
+    with pytest.raises(ValueError):
+        parse_qualified(text)
+
+
+def test_literal_escapes_quotes():
+    assert sql.literal("it's") == "'it''s'"
+
+
+def test_twin_key_and_primary_key():
+    assert SHAPE.twin_key == ("id", "created_at")
+    assert sql.twin_primary_key(TW, SHAPE) == "ALTER TABLE public.orders_partitioned ADD PRIMARY KEY (id, created_at)"
+    nullable = Shape(**{**SHAPE.__dict__, "key_nullable": True})
+    assert "UNIQUE NULLS NOT DISTINCT (id, created_at)" in sql.twin_primary_key(TW, nullable)
+
+
+def test_sync_function_paths():
+    body = sql.sync_function(QualifiedName("orchestrate", "capture_1"), TW, SHAPE)
+    # every writable column on insert, never the generated one
+    assert "INSERT INTO public.orders_partitioned (id, note, created_at) OVERRIDING SYSTEM VALUE" in body
+    assert "total" not in body
+    # a change of key moves the row; else an UPDATE by (pk, key) that may touch nothing
+    assert "(NEW.id, NEW.created_at) IS DISTINCT FROM (OLD.id, OLD.created_at)" in body
+    assert "DELETE FROM public.orders_partitioned WHERE id = OLD.id AND created_at = OLD.created_at" in body
+    assert "UPDATE public.orders_partitioned SET note = NEW.note WHERE id = OLD.id AND created_at = OLD.created_at" in body
+    assert "ON CONFLICT" not in body  # the insert path is a plain insert: divergence fails loudly
+
+
+def test_sync_function_nullable_key_branches():
+    nullable = Shape(**{**SHAPE.__dict__, "key_nullable": True})
+    body = sql.sync_function(QualifiedName("orchestrate", "capture_1"), TW, nullable)
+    assert "IF OLD.created_at IS NULL THEN DELETE FROM public.orders_partitioned WHERE id = OLD.id AND created_at IS NULL" in body
+
+
+def test_backfill_copy_locks_source_rows_in_a_value_window():
+    where, params = sql.range_predicate(SHAPE, "2024-01-01 00:00:00", "2024-01-02 00:00:00", False)
+    assert params == ["2024-01-01 00:00:00", "2024-01-02 00:00:00"]
+    stmt = sql.backfill_copy(T, TW, SHAPE, where, after=True, upto=True, is_null=False)
+    assert stmt.endswith("FOR SHARE ON CONFLICT DO NOTHING")
+    assert "(created_at, id) > (%s::timestamp with time zone, %s::bigint)" in stmt
+    assert "(created_at, id) <= (%s::timestamp with time zone, %s::bigint)" in stmt
+    assert "LIMIT" not in stmt  # the window is bounded by values, never by a count
+
+
+def test_backfill_boundary_and_null_range():
+    where, params = sql.range_predicate(SHAPE, None, None, True)
+    assert where == "created_at IS NULL" and params == []
+    b = sql.backfill_boundary(T, SHAPE, where, after=True, is_null=True)
+    assert b == "SELECT id::text FROM public.orders WHERE created_at IS NULL AND (id) > (%s::bigint) ORDER BY id OFFSET %s LIMIT 1"
+
+
+def test_range_digest_hashes_every_column():
+    d = sql.range_digest(T, SHAPE, "true", "hash")
+    assert "hashtextextended(ROW(id, note, created_at, total)::text, 0)" in d
+
+
+def test_rewrite_index_points_at_twin_and_adds_key():
+    d = "CREATE UNIQUE INDEX orders_email_key ON public.orders USING btree (lower(email), \"Tenant\") INCLUDE (x) WHERE (a > 0)"
+    out = sql.rewrite_index(d, "CREATE UNIQUE INDEX orders_email_key ON public.orders USING ",
+                            "CREATE UNIQUE INDEX orders_email_key_twin ON public.orders_partitioned USING ", "created_at")
+    assert out == ("CREATE UNIQUE INDEX orders_email_key_twin ON public.orders_partitioned USING btree "
+                   "(lower(email), \"Tenant\", created_at) INCLUDE (x) WHERE (a > 0)")
+    with pytest.raises(ValueError):
+        sql.rewrite_index(d, "CREATE INDEX other ON x USING ", "")
+
+
+def test_partition_bounds_by_key_type():
+    assert sql.create_partition(QualifiedName("s", "p"), TW, "2024-01-01 00:00:00", "2024-02-01 00:00:00", "date") == (
+        "CREATE TABLE s.p PARTITION OF public.orders_partitioned FOR VALUES FROM ('2024-01-01') TO ('2024-02-01')")
+    assert "'2024-01-01 00:00:00+00'" in sql.create_partition(QualifiedName("s", "p"), TW, "2024-01-01 00:00:00",
+                                                            "2024-02-01 00:00:00", "timestamp with time zone")
