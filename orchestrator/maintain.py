@@ -1,0 +1,921 @@
+"""maintain: after cutover, keep partitions coming and let old data leave cheaply.
+
+One *pass* (:func:`maintain_pass`) is idempotent and does, in order:
+
+(a) **create** the aligned partitions from the newest existing one (or the current
+    interval) up to now + ``partition_by.premake``, named by ``plan.partition_name``;
+(b) **retention**: partitions whose upper bound is at or before
+    ``floor(now) - retention.keep intervals`` are detached, then dropped, kept detached, or
+    moved to ``retention.archive_schema`` (``retention.action``);
+(c) **check the default partition**: how many rows it holds and in which intervals.
+
+Creating a partition when a DEFAULT partition exists (pg_partman#604)
+---------------------------------------------------------------------
+``CREATE TABLE .. PARTITION OF`` takes ACCESS EXCLUSIVE on the parent *and* scans the
+default partition under that lock to prove it holds no row of the new range, and fails
+outright if it does. This module never does that. Every partition is built as a
+standalone *staging* table and attached:
+
+1. (no lock on live data) ``CREATE TABLE new (LIKE parent INCLUDING ALL EXCLUDING IDENTITY)``,
+   ``key SET NOT NULL`` and ``CHECK (key >= lo AND key < hi)``: the CHECK lets ATTACH skip
+   scanning the new table. The table carries a COMMENT marking it as staging, so a pass
+   that crashed leaves something the next pass recognises and rebuilds.
+2. (no lock on live data) if the default holds rows of [lo, hi) and the table has a
+   primary key: copy them into ``new`` in primary-key order, in batches of
+   ``backfill.batch_size``, one short transaction each. The rows *stay* in the default
+   and the application keeps writing into the default meanwhile.
+3. (one short transaction, ``lock_timeout`` = ``cutover.lock_timeout``, retried with
+   backoff by :func:`orchestrator.db.with_lock_retry`)::
+
+       LOCK parent IN SHARE MODE                    -- writers wait, readers continue
+       LOCK default IN ACCESS EXCLUSIVE MODE        -- the default is now frozen
+       DELETE FROM new  WHERE no identical row (same pk, same ROW()::text) in default[lo,hi)
+       INSERT INTO new  rows of default[lo,hi) whose pk is not in new   -- the delta
+       DELETE FROM default WHERE key >= lo AND key < hi
+       ALTER TABLE parent ATTACH PARTITION new FOR VALUES FROM (lo) TO (hi)
+       ALTER TABLE new DROP CONSTRAINT <staging check>; COMMENT ON TABLE new IS NULL
+
+   Why no row is lost or duplicated: while the ACCESS EXCLUSIVE lock is held nobody can
+   read or write the default, so after the two reconcile statements ``new`` holds exactly
+   the rows of default[lo, hi) at that instant (rows changed after their copy are deleted
+   and copied again, deleted ones disappear, new ones are added); those rows are then
+   deleted from the default, and the partition is attached, all in one transaction. Any
+   write that committed before the lock is seen; any write after commit is routed to the
+   new partition. A writer still in flight on the default makes the lock wait, which gives
+   up after lock_timeout, rolls everything back, and retries: nothing is half-done.
+
+   Lock profile: the parent gets SHARE (SELECTs continue; INSERT/UPDATE/DELETE on any
+   partition wait: an INSERT holding only the parent's old partition descriptor could
+   otherwise route a row of [lo, hi) to the default, wait for it, and then fail its new
+   partition constraint), the default ACCESS EXCLUSIVE (reads that are not pruned away
+   from the default wait too). Compare CREATE TABLE .. PARTITION OF, which holds ACCESS
+   EXCLUSIVE on the parent (reads wait too) for the same scan of the default. It is held
+   for: the reconcile (an index
+   anti-join over the rows of the range, cheap when few rows changed since the copy),
+   the delete of the moved rows, and ATTACH's validation scan of the *remaining* default
+   (PostgreSQL has to prove it holds no row of the range; it cannot use an index). So the
+   lock lasts O(rows in the default) -- milliseconds for a healthy default, which only
+   holds NULL and far-out keys. It is measured and returned as ``lock_held_ms``.
+   Without a primary key the rows are copied inside the locked transaction (longer lock;
+   the pass says ``copied_under_lock``).
+
+Retention
+---------
+``DETACH PARTITION .. CONCURRENTLY`` (PostgreSQL >= 14) takes only SHARE UPDATE EXCLUSIVE,
+but PostgreSQL refuses it when the table has a default partition ("cannot detach
+partitions concurrently when a default partition exists", checked by the tests) and it
+cannot run inside a transaction block. So: without a default partition, one CONCURRENTLY
+attempt under lock_timeout; with a default (or if that attempt fails), a plain DETACH
+(ACCESS EXCLUSIVE on the parent, catalog-only, no scan) under lock_timeout + retry, in the
+same transaction as the DROP or SET SCHEMA that follows. The pass reports which was used.
+A partition whose range reaches into the retention window, and the default partition,
+are never touched.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import psycopg
+from loguru import logger
+from psycopg import errors as pgerr
+
+from orchestrator.db import connect, is_connection_error, with_lock_retry
+from orchestrator.errors import ConnectionFailed, OrchestrateError, PlanError, PreflightError
+from orchestrator.plan import Plan, load_plan, utc_now
+from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
+from orchestrator.state.store import MigrationLock
+
+#: Test hook: called with the attach's cursor right after its locks are taken (tests only).
+on_attach_locked: Any = None
+STAGING_COMMENT = "orchestrate maintain: staging partition, not attached yet; safe to drop"
+DEFAULT_ARCHIVE_SCHEMA = "archive"
+_KEY_TYPES = ("date", "timestamp without time zone", "timestamp with time zone")
+
+# --------------------------------------------------------------------------- pure helpers
+
+_EVERY = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|"
+    r"d|day|days)?\s*$",
+    re.IGNORECASE,
+)
+
+
+def parse_every(text: str | int | float) -> float:
+    """Seconds from a maintenance interval: '1 hour', '30 s', '5 min', '2h', '1 day', 90."""
+    if isinstance(text, (int, float)):
+        seconds = float(text)
+    else:
+        m = _EVERY.match(str(text))
+        if not m:
+            raise PlanError(f"maintenance.interval {text!r} is not a duration: use e.g. '30 s', '5 min', '1 hour'")
+        n, unit = float(m.group(1)), (m.group(2) or "s").lower()
+        if unit == "ms":
+            seconds = n / 1000
+        elif unit in ("m", "min", "mins", "minute", "minutes"):
+            seconds = n * 60
+        elif unit in ("h", "hr", "hrs", "hour", "hours"):
+            seconds = n * 3600
+        elif unit in ("d", "day", "days"):
+            seconds = n * 86400
+        else:
+            seconds = n
+    if seconds <= 0:
+        raise PlanError(f"maintenance.interval {text!r} must be positive")
+    return seconds
+
+
+def naive_utc(t: datetime | None) -> datetime | None:
+    """An aware datetime converted to naive UTC; a naive one is taken as UTC."""
+    if t is None:
+        return None
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def parse_bound(text: str) -> datetime | None:
+    """One bound of pg_get_expr(relpartbound): a quoted literal, MINVALUE or MAXVALUE (None)."""
+    text = text.strip()
+    if text.upper() in ("MINVALUE", "MAXVALUE"):
+        return None
+    if text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    if text in ("infinity", "-infinity"):
+        return None
+    try:
+        return naive_utc(datetime.fromisoformat(text))
+    except ValueError:
+        return None
+
+
+_BOUND = re.compile(r"^FOR VALUES FROM \((.*)\) TO \((.*)\)$", re.DOTALL)
+
+
+def parse_partbound(expr: str) -> tuple[datetime | None, datetime | None, bool] | None:
+    """(lo, hi, is_default) from a partition bound expression; None if not a one-column range."""
+    if expr.strip() == "DEFAULT":
+        return None, None, True
+    m = _BOUND.match(expr.strip())
+    if not m:
+        return None
+    return parse_bound(m.group(1)), parse_bound(m.group(2)), False
+
+
+def fmt(t: datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@dataclass
+class Part:
+    """One partition of the parent: its name and [lo, hi) (None = MINVALUE/MAXVALUE)."""
+
+    name: QualifiedName
+    lo: datetime | None
+    hi: datetime | None
+    is_default: bool = False
+    detach_pending: bool = False
+
+
+def retention_cutoff(plan: Plan, now: datetime) -> datetime | None:
+    """Partitions ending at or before this are expired (None: no retention)."""
+    keep = plan.retention.keep
+    if keep is None:
+        return None
+    iv = plan.partition_by.interval_value
+    return iv.add(iv.floor(now), -keep)
+
+
+def ranges_to_create(plan: Plan, now: datetime, parts: list[Part]) -> tuple[list[tuple[datetime, datetime]], list[dict]]:
+    """Aligned [lo, hi) intervals to create, and the ones skipped because they overlap.
+
+    From the end of the newest ranged partition (or the current interval when there is
+    none, or the retention cutoff if that is later) up to floor(now) + premake + 1.
+    """
+    pb = plan.partition_by
+    iv = pb.interval_value
+    current = iv.floor(now)
+    horizon = iv.add(current, pb.premake + 1)
+    ranged = [p for p in parts if not p.is_default]
+    his = [p.hi for p in ranged if p.hi is not None]
+    if any(p.hi is None for p in ranged):
+        return [], []  # a partition already reaches MAXVALUE: nothing can be added above it
+    start = max(his) if his else current
+    if not his:
+        start = current
+    cutoff = retention_cutoff(plan, now)
+    if cutoff is not None and start < cutoff:
+        start = cutoff
+    t = iv.floor(start)
+    out: list[tuple[datetime, datetime]] = []
+    skipped: list[dict] = []
+    while t < horizon:
+        nxt = iv.add(t)
+        clash = next((p for p in ranged if (p.lo is None or p.lo < nxt) and (p.hi is None or t < p.hi)), None)
+        if clash is None:
+            out.append((t, nxt))
+        elif not (clash.lo == t and clash.hi == nxt):
+            skipped.append({"from": fmt(t), "to": fmt(nxt), "reason": f"overlaps {clash.name}"})
+        t = nxt
+        if len(out) > pb.max_partitions:
+            raise PreflightError(
+                f"maintain would create more than {pb.max_partitions} partitions; raise partition_by.max_partitions"
+            )
+    return out, skipped
+
+
+def expired_partitions(plan: Plan, now: datetime, parts: list[Part]) -> list[Part]:
+    """Ranged partitions entirely before the retention window; never the default."""
+    cutoff = retention_cutoff(plan, now)
+    if cutoff is None:
+        return []
+    return [p for p in parts if not p.is_default and p.hi is not None and p.hi <= cutoff]
+
+
+# --------------------------------------------------------------------------- catalog
+
+
+@dataclass
+class Facts:
+    parent: QualifiedName
+    oid: int
+    key: str
+    key_type: str
+    pk: list[str]
+    pk_types: list[str]
+    writable: list[str]
+    columns: list[str]
+    parts: list[Part]
+    default: QualifiedName | None
+    server_version: int
+
+
+def table_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
+    parent = plan.table_name
+    key = plan.partition_by.column
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.oid, c.relkind, pt.partstrat, pt.partnatts, pt.partattrs::int2[], pt.partdefid "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_partitioned_table pt ON pt.partrelid = c.oid WHERE n.nspname = %s AND c.relname = %s",
+            (parent.schema, parent.name),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise PreflightError(f"table {parent} does not exist")
+        oid, relkind, strat, natts, attrs, defid = row
+        if relkind != "p" or strat != "r" or natts != 1:
+            raise PreflightError(
+                f"{parent} is not partitioned by RANGE on one column (run `orchestrate apply` first); "
+                "maintain only manages range-partitioned tables"
+            )
+        cur.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s AND attnum = %s",
+            (oid, attrs[0]),
+        )
+        kname, ktype = cur.fetchone()
+        if kname != key:
+            raise PreflightError(f"{parent} is partitioned by {ident(kname)}, the plan says {ident(key)}")
+        if ktype not in _KEY_TYPES:
+            raise PreflightError(f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
+        cur.execute(
+            "SELECT attname, attgenerated::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum",
+            (oid,),
+        )
+        cols = cur.fetchall()
+        cur.execute(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+               WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord""",
+            (oid,),
+        )
+        pk = cur.fetchall()
+        cur.execute(
+            """SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending
+               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.inhparent = %s""",
+            (oid,),
+        )
+        parts: list[Part] = []
+        default = None
+        for nsp, rel, expr, pending in cur.fetchall():
+            name = QualifiedName(nsp, rel)
+            parsed = parse_partbound(expr or "")
+            if parsed is None:
+                raise PreflightError(f"cannot read the bounds of partition {name}: {expr}")
+            lo, hi, is_default = parsed
+            if is_default:
+                default = name
+            parts.append(Part(name, lo, hi, is_default, bool(pending)))
+    parts.sort(key=lambda p: (p.is_default, p.lo or datetime.min))
+    return Facts(parent, oid, key, ktype, [r[0] for r in pk], [r[1] for r in pk],
+                 [c for c, g in cols if g == ""], [c for c, _ in cols], parts, default,
+                 conn.info.server_version // 10000)
+
+
+def _range_sql(f: Facts, lo: datetime, hi: datetime, alias: str = "") -> str:
+    k = (alias + "." if alias else "") + ident(f.key)
+    return f"{k} >= {bound_literal(fmt(lo), f.key_type)} AND {k} < {bound_literal(fmt(hi), f.key_type)}"
+
+
+def default_report(conn: psycopg.Connection, plan: Plan, f: Facts, limit: int = 50) -> dict:
+    """Rows in the default partition, by aligned interval of the plan (NULL/infinite apart)."""
+    if f.default is None:
+        return {"default_partition": None, "default_rows": 0, "default_ranges": []}
+    k = ident(f.key)
+    rows = conn.execute(
+        f"SELECT CASE WHEN {k} IS NOT NULL AND isfinite({k}) THEN date_trunc('day', {k})::timestamp END AS d, "
+        f"count(*) FROM {f.default} GROUP BY 1 ORDER BY 1 NULLS FIRST"
+    ).fetchall()
+    iv = plan.partition_by.interval_value
+    buckets: dict[Any, int] = {}
+    total = 0
+    for day, n in rows:
+        total += n
+        b = None if day is None else iv.floor(day)
+        buckets[b] = buckets.get(b, 0) + n
+    ranges = []
+    for b, n in sorted(buckets.items(), key=lambda kv: (kv[0] is not None, kv[0] or datetime.min)):
+        if b is None:
+            ranges.append({"range": "NULL or infinite key", "rows": n})
+        else:
+            ranges.append({"range": iv.suffix(b), "from": fmt(b), "to": fmt(iv.add(b)), "rows": n,
+                           "partition": plan.partition_name(b).name})
+    return {"default_partition": str(f.default), "default_rows": total, "default_ranges": ranges[:limit]}
+
+
+def _count_in_default(conn: psycopg.Connection, f: Facts, lo: datetime, hi: datetime) -> int:
+    if f.default is None:
+        return 0
+    return conn.execute(f"SELECT count(*) FROM {f.default} WHERE {_range_sql(f, lo, hi)}").fetchone()[0]
+
+
+def _action(plan: Plan) -> str:
+    return plan.retention.action
+
+
+def _archive_schema(plan: Plan) -> str:
+    return plan.retention.archive_schema or DEFAULT_ARCHIVE_SCHEMA
+
+
+def maintenance_preview(plan: Plan, conn: psycopg.Connection, now: datetime | None = None) -> dict:
+    """What the next pass would do, read-only: partitions to create (with the rows the
+    default holds for them) and to remove (with the action), plus the default's content.
+    For `orchestrate plan` and `maintain --dry-run`."""
+    now = naive_utc(now) or utc_now()
+    f = table_facts(conn, plan)
+    create, skipped = ranges_to_create(plan, now, f.parts)
+    expired = expired_partitions(plan, now, f.parts)
+    return {
+        "table": str(f.parent),
+        "now": now.isoformat(),
+        "create": [{"partition": str(plan.partition_name(lo)), "from": fmt(lo), "to": fmt(hi),
+                    "default_rows_to_move": _count_in_default(conn, f, lo, hi)} for lo, hi in create],
+        "skipped": skipped,
+        "remove": [{"partition": str(p.name), "from": fmt(p.lo) if p.lo else "MINVALUE", "to": fmt(p.hi),
+                    "action": _action(plan), **({"archive_schema": _archive_schema(plan)}
+                                                if _action(plan) == "archive" else {})} for p in expired],
+        "retention_cutoff": (c.isoformat() if (c := retention_cutoff(plan, now)) else None),
+        **default_report(conn, plan, f),
+    }
+
+
+# --------------------------------------------------------------------------- the pass
+
+
+def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[QualifiedName, str]],
+                  lock_timeout_s: float, attempts: int, backoff_max_s: float) -> tuple[Any, float]:
+    """with_lock_retry around body after LOCKing ``locks`` in order; returns (result, ms held)."""
+    mark: dict[str, float] = {}
+
+    def wrapped(cur: psycopg.Cursor) -> Any:
+        for rel, mode in locks:
+            cur.execute(f"LOCK TABLE {rel} IN {mode} MODE")
+        mark["t"] = time.monotonic()
+        return body(cur)
+
+    out = with_lock_retry(conn, wrapped, what=what, lock_timeout_s=lock_timeout_s, attempts=attempts,
+                          backoff_max_s=backoff_max_s)
+    return out, (time.monotonic() - mark["t"]) * 1000
+
+
+class _Pass:
+    def __init__(self, plan: Plan, conn: psycopg.Connection, now: datetime):
+        self.plan, self.conn, self.now = plan, conn, now
+        c = plan.cutover
+        self.lock_args = {"lock_timeout_s": c.lock_timeout_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
+        self.result: dict[str, Any] = {
+            "table": str(plan.table_name), "now": now.isoformat(), "dry_run": False,
+            "created": [], "moved": {}, "copied_under_lock": [], "detached": [], "detach_method": {},
+            "dropped": [], "archived": [], "lock_held_ms": {}, "skipped": [], "default_rows": 0,
+        }
+
+    # -- helpers
+    def _locked(self, what: str, body, locks: list[tuple[QualifiedName, str]]) -> Any:
+        """with_lock_retry around body; measures from the moment the locks are held to commit."""
+        out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args)
+        self.result["lock_held_ms"][what] = round(held, 1)
+        if locks:
+            logger.info("maintain: {} (locks held {:.1f} ms)", what, held)
+        return out
+
+    # -- (a) create
+    def create(self, f: Facts, lo: datetime, hi: datetime) -> None:
+        plan, conn = self.plan, self.conn
+        name = plan.partition_name(lo)
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT c.relkind, c.relispartition, obj_description(c.oid, 'pg_class') FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+                (name.schema, name.name),
+            )
+            row = cur.fetchone()
+        if row is not None:
+            if row[0] == "r" and not row[1] and row[2] == STAGING_COMMENT:
+                logger.info("maintain: dropping {} left over by an interrupted pass", name)
+                self._locked(f"drop leftover staging {name.name}", lambda cur: cur.execute(f"DROP TABLE {name}"),
+                             [(name, "ACCESS EXCLUSIVE")])
+            else:
+                raise PreflightError(f"cannot create partition {name}: a relation of that name already exists")
+        check = _constraint_name(name.name)
+        k = ident(f.key)
+
+        def stage(cur: psycopg.Cursor) -> None:
+            _create_like(cur, name, f.parent)
+            cur.execute(f"ALTER TABLE {name} ALTER COLUMN {k} SET NOT NULL, "
+                        f"ADD CONSTRAINT {ident(check)} CHECK ({_range_sql(f, lo, hi)})")
+            cur.execute(f"COMMENT ON TABLE {name} IS {literal(STAGING_COMMENT)}")
+
+        # Only the new table is locked exclusively; LIKE reads the parent under ACCESS SHARE.
+        self._locked(f"stage {name.name}", stage, [])
+        self.result["lock_held_ms"].pop(f"stage {name.name}", None)  # locks nothing live
+        precopied = 0
+        if f.default is not None and f.pk:
+            precopied = self._copy_batches(f, name, lo, hi)
+        elif f.default is not None and _count_in_default(conn, f, lo, hi):
+            self.result["copied_under_lock"].append(name.name)
+
+        rng = _range_sql(f, lo, hi)
+        rng_d = _range_sql(f, lo, hi, "d")
+        cols_all = ", ".join(ident(c) for c in f.columns)
+        wcols = ", ".join(ident(c) for c in f.writable)
+
+        def swap(cur: psycopg.Cursor) -> int:
+            moved = 0
+            if on_attach_locked is not None:
+                on_attach_locked(cur)
+            if f.default is not None:
+                if f.pk:
+                    pk_eq = " AND ".join(f"d.{ident(c)} = n.{ident(c)}" for c in f.pk)
+                    row_d = "ROW(" + ", ".join(f"d.{ident(c)}" for c in f.columns) + ")::text"
+                    row_n = "ROW(" + ", ".join(f"n.{ident(c)}" for c in f.columns) + ")::text"
+                    # Copies that are stale (row changed, moved or deleted since the copy).
+                    cur.execute(f"DELETE FROM {name} AS n WHERE NOT EXISTS (SELECT 1 FROM {f.default} AS d "
+                                f"WHERE {pk_eq} AND {rng_d} AND {row_d} = {row_n})")
+                    # Rows not copied yet (new, or changed and just deleted above).
+                    cur.execute(f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
+                                f"FROM {f.default} AS d WHERE {rng_d} AND NOT EXISTS "
+                                f"(SELECT 1 FROM {name} AS n WHERE {pk_eq})")
+                else:
+                    cur.execute(f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
+                                f"FROM {f.default} WHERE {rng}")
+                cur.execute(f"DELETE FROM {f.default} WHERE {rng}")
+                moved = cur.rowcount
+                cur.execute(f"SELECT count(*) FROM {name}")
+                if cur.fetchone()[0] != moved:  # cannot happen; never attach on a doubt
+                    raise PreflightError(f"{name}: moved row count mismatch; nothing changed")
+            cur.execute(f"ALTER TABLE {f.parent} ATTACH PARTITION {name} FOR VALUES FROM "
+                        f"({bound_literal(fmt(lo), f.key_type)}) TO ({bound_literal(fmt(hi), f.key_type)})")
+            cur.execute(f"ALTER TABLE {name} DROP CONSTRAINT {ident(check)}")
+            cur.execute(f"COMMENT ON TABLE {name} IS NULL")
+            return moved
+
+        # SHARE, not just the SHARE UPDATE EXCLUSIVE that ATTACH needs: an INSERT that got the
+        # old partition descriptor would route a row of [lo, hi) to the default, wait for
+        # the default's lock, then fail the default's new partition constraint after our
+        # commit. SHARE makes writers wait *before* they read the descriptor.
+        locks = [(f.parent, "SHARE")]
+        if f.default is not None:
+            locks.append((f.default, "ACCESS EXCLUSIVE"))
+        moved = self._locked(f"attach {name.name}", swap, locks)
+        self.result["created"].append(name.name)
+        if moved:
+            self.result["moved"][name.name] = moved
+        if precopied:
+            self.result.setdefault("precopied", {})[name.name] = precopied
+        f.parts.append(Part(name, lo, hi))
+
+    def _copy_batches(self, f: Facts, name: QualifiedName, lo: datetime, hi: datetime) -> int:
+        """Copy the default's rows of [lo, hi) into the staging table, pk order, one batch per
+        transaction, without locking them: the locked swap reconciles whatever changed."""
+        size = self.plan.backfill.batch_size
+        allc = ", ".join(ident(c) for c in f.columns)
+        wcols = ", ".join(ident(c) for c in f.writable)
+        pk = ", ".join(ident(c) for c in f.pk)
+        pk_desc = ", ".join(ident(c) + " DESC" for c in f.pk)
+        after = "(" + pk + ") > (" + ", ".join(f"%s::{t}" for t in f.pk_types) + ")"
+        last: list[str] | None = None
+        total = 0
+        while True:
+            where = _range_sql(f, lo, hi) + (f" AND {after}" if last is not None else "")
+            stmt = (f"WITH b AS MATERIALIZED (SELECT {allc} FROM {f.default} WHERE {where} ORDER BY {pk} LIMIT %s), "
+                    f"ins AS (INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} FROM b "
+                    f"ON CONFLICT DO NOTHING) "
+                    f"SELECT (SELECT count(*) FROM b), " + ", ".join(f"{ident(c)}::text" for c in f.pk)
+                    + f" FROM b ORDER BY {pk_desc} LIMIT 1")
+            row = self.conn.execute(stmt, [*(last or []), size]).fetchone()
+            if row is None:
+                break
+            total += row[0]
+            last = list(row[1:])
+            if row[0] < size:
+                break
+        if total:
+            logger.info("maintain: pre-copied {} rows of the default into {} (no lock on live data)", total, name)
+        return total
+
+    # -- (b) retention
+    def retire(self, f: Facts, p: Part) -> None:
+        plan = self.plan
+        action = _action(plan)
+        name = p.name
+        concurrent_ok = f.default is None and f.server_version >= 14
+        method = "plain"
+        detached_already = False
+        if concurrent_ok:
+            method = "concurrently"
+            try:
+                self._detach_concurrently(f, p)
+                detached_already = True
+            except (pgerr.LockNotAvailable, pgerr.ObjectNotInPrerequisiteState) as e:
+                logger.info("maintain: DETACH CONCURRENTLY of {} failed ({}); falling back to plain DETACH",
+                            name, str(e).splitlines()[0])
+                method = "plain (concurrently failed)"
+                if self._detach_pending(name):
+                    self._locked(f"finalize detach {name.name}", lambda cur: cur.execute(
+                        f"ALTER TABLE {f.parent} DETACH PARTITION {name} FINALIZE"), [(f.parent, "SHARE UPDATE EXCLUSIVE")])
+                    detached_already = True
+        archive = QualifiedName(_archive_schema(plan), name.name)
+
+        def body(cur: psycopg.Cursor) -> None:
+            if not detached_already:
+                cur.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {name}")
+            if action == "drop":
+                cur.execute(f"DROP TABLE {name}")
+            elif action == "archive":
+                cur.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(archive.schema)}")
+                cur.execute(f"ALTER TABLE {name} SET SCHEMA {ident(archive.schema)}")
+
+        if not detached_already:
+            locks = [(f.parent, "ACCESS EXCLUSIVE")]  # plain DETACH takes it anyway; take it first
+            self._locked(f"detach {name.name}", body, locks)
+        elif action != "detach":
+            self._locked(f"{action} {name.name}", body, [(name, "ACCESS EXCLUSIVE")])
+        self.result["detached"].append(name.name)
+        self.result["detach_method"][name.name] = method
+        if action == "drop":
+            self.result["dropped"].append(name.name)
+        elif action == "archive":
+            self.result["archived"].append(str(archive))
+        f.parts.remove(p)
+
+    def _detach_concurrently(self, f: Facts, p: Part) -> None:
+        """DETACH .. CONCURRENTLY: outside any transaction block, one attempt under lock_timeout."""
+        ms = int(self.lock_args["lock_timeout_s"] * 1000)
+        self.conn.execute(f"SET lock_timeout = '{ms}ms'")
+        t0 = time.monotonic()
+        try:
+            self.conn.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {p.name} CONCURRENTLY")
+        finally:
+            self.conn.execute("RESET lock_timeout")
+        # CONCURRENTLY holds SHARE UPDATE EXCLUSIVE only: writers are never blocked.
+        self.result["lock_held_ms"][f"detach {p.name.name} (concurrently, SHARE UPDATE EXCLUSIVE)"] = round(
+            (time.monotonic() - t0) * 1000, 1)
+
+    def _detach_pending(self, name: QualifiedName) -> bool:
+        row = self.conn.execute(
+            "SELECT i.inhdetachpending FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (name.schema, name.name),
+        ).fetchone()
+        return bool(row and row[0])
+
+
+def _constraint_name(table: str) -> str:
+    suffix = "_orchestrate_bounds"
+    return table.encode()[: MAX_IDENT - len(suffix)].decode(errors="ignore") + suffix
+
+
+# LIKE options, most complete first; the next is tried when PostgreSQL refuses one
+# (e.g. COMPRESSION before PG 14). IDENTITY is excluded: a partition made with
+# PARTITION OF has no identity sequence of its own, and neither should ours.
+_LIKE_OPTIONS = (
+    "INCLUDING ALL EXCLUDING IDENTITY",
+    "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING INDEXES INCLUDING STORAGE "
+    "INCLUDING COMMENTS INCLUDING STATISTICS",
+    "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING INDEXES",
+)
+
+
+def _create_like(cur: psycopg.Cursor, name: QualifiedName, parent: QualifiedName) -> None:
+    last: Exception | None = None
+    for opts in _LIKE_OPTIONS:
+        try:
+            with cur.connection.transaction():  # a savepoint: a refused option leaves nothing behind
+                cur.execute(f"CREATE TABLE {name} (LIKE {parent} {opts})")
+            return
+        except (pgerr.FeatureNotSupported, pgerr.SyntaxError, pgerr.InvalidTableDefinition,
+                pgerr.WrongObjectType) as e:
+            last = e
+            logger.info("maintain: CREATE TABLE (LIKE .. {}) refused ({}); trying fewer options", opts,
+                        str(e).splitlines()[0])
+    assert last is not None
+    raise last
+
+
+def maintain_pass(plan: Plan, dsn: str, now: datetime | None = None, dry_run: bool = False) -> dict:
+    """One idempotent maintenance pass on plan.table_name; returns what it did (see module doc).
+
+    Keys: created, moved {partition: rows}, precopied, copied_under_lock, detached,
+    detach_method, dropped, archived, default_rows, default_ranges, lock_held_ms
+    {step: ms}, skipped, now. With dry_run: the same keys empty, and ``preview``.
+    """
+    now = naive_utc(now) or utc_now()
+    conn = connect(dsn, "maintain")
+    lock_conn = None
+    held = None
+    try:
+        if dry_run:
+            preview = maintenance_preview(plan, conn, now)
+            p = _Pass(plan, conn, now)
+            p.result.update(dry_run=True, preview=preview, default_rows=preview["default_rows"],
+                            default_ranges=preview["default_ranges"])
+            return p.result
+        lock_conn = connect(dsn, "maintain-lock")
+        held = MigrationLock(lock_conn, str(plan.table_name))
+        held.acquire()
+        p = _Pass(plan, conn, now)
+        f = table_facts(conn, plan)
+        for part in [x for x in f.parts if x.detach_pending]:  # an interrupted DETACH CONCURRENTLY
+            p._locked(f"finalize detach {part.name.name}", lambda cur, n=part.name: cur.execute(
+                f"ALTER TABLE {f.parent} DETACH PARTITION {n} FINALIZE"), [(f.parent, "SHARE UPDATE EXCLUSIVE")])
+            f.parts.remove(part)
+        create, skipped = ranges_to_create(plan, now, f.parts)
+        p.result["skipped"] = skipped
+        for lo, hi in create:
+            p.create(f, lo, hi)
+        for part in expired_partitions(plan, now, f.parts):
+            p.retire(f, part)
+        rep = default_report(conn, plan, f)
+        p.result["default_rows"] = rep["default_rows"]
+        p.result["default_ranges"] = rep["default_ranges"]
+        logger.info("maintain {}: {}", plan.table_name, summary(p.result))
+        return p.result
+    except psycopg.OperationalError as e:
+        if is_connection_error(e):
+            raise ConnectionFailed(f"lost the database connection: {str(e).strip().splitlines()[0]}") from None
+        raise
+    finally:
+        if held:
+            held.release()
+        for c in (lock_conn, conn):
+            if c is not None:
+                try:
+                    c.close()
+                except psycopg.Error:
+                    pass
+
+
+def summary(r: dict) -> str:
+    """One line for logs and text output."""
+    if r.get("dry_run"):
+        pv = r["preview"]
+        return (f"dry run: would create {[c['partition'] for c in pv['create']] or 'nothing'}, "
+                f"would remove {[(x['partition'], x['action']) for x in pv['remove']] or 'nothing'}; "
+                f"default holds {pv['default_rows']} rows")
+    parts = [f"created {r['created'] or 'nothing'}"]
+    if r["moved"]:
+        parts.append(f"moved rows out of the default {r['moved']}")
+    parts.append(f"detached {r['detached'] or 'nothing'}")
+    if r["detach_method"]:
+        parts.append(f"detach method {r['detach_method']}")
+    if r["dropped"]:
+        parts.append(f"dropped {r['dropped']}")
+    if r["archived"]:
+        parts.append(f"archived {r['archived']}")
+    parts.append(f"default holds {r['default_rows']} rows")
+    if r["lock_held_ms"]:
+        parts.append("locks held " + ", ".join(f"{k}: {v} ms" for k, v in r["lock_held_ms"].items()))
+    return "; ".join(parts)
+
+
+# --------------------------------------------------------------------------- pg_partman
+
+
+def partman_handover(plan: Plan, conn: psycopg.Connection) -> dict:
+    """Hand the table's upkeep to pg_partman: ``create_parent`` on the existing partitioned
+    table, then retention in ``part_config`` per the plan.
+
+    Requires the pg_partman extension in this database (``CREATE SCHEMA partman; CREATE
+    EXTENSION pg_partman SCHEMA partman``; Debian package postgresql-NN-partman); raises
+    PreflightError saying so otherwise. Supports pg_partman 4.x (p_type 'native') and 5.x
+    (p_type 'range'). pg_partman 5 is told ``p_default_table := false`` when the table has
+    a default partition; pg_partman 4 always creates ``<table>_default``, so in one
+    transaction (parent ACCESS EXCLUSIVE, under lock_timeout + retry) ours is detached and
+    parked, partman's is created, and the parked rows are re-inserted through the parent
+    (the lock lasts as long as the default is big). Our partition names match pg_partman's for day/month/year intervals
+    (``<table>_p2026_03``); pg_partman 4 names weekly partitions ``p2026w10``, so with a
+    weekly plan existing partitions keep our names and new ones get pg_partman's. After the
+    handover stop ``orchestrate maintain`` for this table and run partman's
+    ``run_maintenance()`` (or its background worker) instead.
+    """
+    row = conn.execute(
+        "SELECT e.extversion, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
+        "WHERE e.extname = 'pg_partman'"
+    ).fetchone()
+    if row is None:
+        available = conn.execute(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_partman'").fetchone()[0]
+        hint = ("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman" if available
+                else "install the server package (e.g. apt-get install postgresql-15-partman), then "
+                     "CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman")
+        raise PreflightError(f"pg_partman is not installed in this database: {hint}")
+    version, schema = row
+    f = table_facts(conn, plan)
+    major = int(version.split(".")[0])
+    s = ident(schema)
+    target = f"{f.parent.schema}.{f.parent.name}"
+    registered = conn.execute(f"SELECT count(*) FROM {s}.part_config WHERE parent_table = %s", (target,)).fetchone()[0]
+    if not registered:
+        argnames = conn.execute(
+            "SELECT p.proargnames FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.proname = 'create_parent'", (schema,)).fetchone()[0] or []
+        has_default_arg = "p_default_table" in argnames
+        p_type = "native" if major < 5 else "range"
+        call = (f"SELECT {s}.create_parent(p_parent_table := %s::text, p_control := %s::text, p_type := %s::text, "
+                f"p_interval := %s::text, p_premake := %s::int"
+                + (", p_default_table := false" if has_default_arg and f.default else "") + ")")
+        args = (target, f.key, p_type, plan.partition_by.interval, plan.partition_by.premake)
+        parked = f.parent.with_name(_constraint_name(f.parent.name).replace("_orchestrate_bounds", "_handover"))
+        wcols = ", ".join(ident(c) for c in f.writable)
+
+        def body(cur: psycopg.Cursor) -> None:
+            if f.default is not None and not has_default_arg:
+                # pg_partman 4 always creates and attaches <table>_default: park ours, let it
+                # make its own, and route the parked rows through the parent (few rows in a
+                # healthy default; the parent stays ACCESS EXCLUSIVE locked meanwhile).
+                cur.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {f.default}")
+                cur.execute(f"ALTER TABLE {f.default} RENAME TO {ident(parked.name)}")
+                cur.execute(call, args)
+                cur.execute(f"INSERT INTO {f.parent} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} FROM {parked}")
+                cur.execute(f"DROP TABLE {parked}")
+            else:
+                cur.execute(call, args)
+            if plan.retention.keep is not None:
+                iv = plan.partition_by.interval_value
+                cur.execute(
+                    f"UPDATE {s}.part_config SET retention = %s, retention_keep_table = %s, "
+                    "retention_schema = %s WHERE parent_table = %s",
+                    (f"{iv.count * plan.retention.keep} {iv.unit}s", plan.retention.action != "drop",
+                     _archive_schema(plan) if plan.retention.action == "archive" else None, target),
+                )
+
+        c = plan.cutover
+        locks = [(f.parent, "ACCESS EXCLUSIVE")]
+        _, held = _timed_locked(conn, "pg_partman handover", body, locks, c.lock_timeout_s, c.attempts,
+                                c.backoff_max_s)
+    else:
+        held = 0.0
+    cfg = conn.execute(
+        f"SELECT parent_table, control, partition_interval, premake, retention, retention_keep_table "
+        f"FROM {s}.part_config WHERE parent_table = %s", (target,)).fetchone()
+    return {"partman_version": version, "schema": schema, "already_registered": bool(registered),
+            "lock_held_ms": round(held, 1),
+            "part_config": dict(zip(("parent_table", "control", "partition_interval", "premake", "retention",
+                                     "retention_keep_table"), [str(v) if v is not None else None for v in cfg]))}
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def run_daemon(plans: list[Plan], dsn: str, stop: threading.Event | None = None) -> int:
+    """A pass per plan every plan.maintenance.interval until SIGTERM/SIGINT (returns 0).
+
+    A failed pass (database down, lock not taken, ...) is logged and the next one runs at
+    the next interval: the daemon survives database restarts.
+    """
+    from apscheduler.schedulers.background import BackgroundScheduler
+
+    stop = stop or threading.Event()
+    sched = BackgroundScheduler(timezone=timezone.utc, job_defaults={"coalesce": True, "max_instances": 1})
+    counters: dict[str, int] = {}
+
+    def one(plan: Plan) -> None:
+        table = str(plan.table_name)
+        counters[table] = counters.get(table, 0) + 1
+        n = counters[table]
+        try:
+            r = maintain_pass(plan, dsn)
+            logger.info("maintain daemon: pass {} for {} done: {}", n, table, summary(r))
+        except (OrchestrateError, psycopg.Error) as e:
+            logger.error("maintain daemon: pass {} for {} failed, retrying at the next interval: {}", n, table,
+                         " ".join(str(e).split()))
+        except Exception as e:  # noqa: BLE001 - a daemon must outlive one bad pass
+            logger.exception("maintain daemon: pass {} for {} failed unexpectedly: {}", n, table, e)
+
+    for plan in plans:
+        every = parse_every(plan.maintenance.interval)
+        sched.add_job(one, "interval", args=[plan], seconds=every, id=str(plan.table_name),
+                      next_run_time=datetime.now(timezone.utc), misfire_grace_time=max(1, int(every)))
+        logger.info("maintain daemon: {} every {:g}s", plan.table_name, every)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("maintain daemon: signal {} received, stopping after the pass in progress", signum)
+        stop.set()
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            old[sig] = signal.signal(sig, on_signal)
+    sched.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        sched.shutdown(wait=True)  # lets a pass in progress finish its transaction
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    logger.info("maintain daemon: stopped")
+    return 0
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _build_commands() -> list:
+    import json
+
+    import click
+
+    from orchestrator.cli import dsn_option, handled, output_option
+
+    @click.command("maintain")
+    @click.argument("plan_files", metavar="PLAN...", nargs=-1, required=True, type=click.Path(dir_okay=False))
+    @dsn_option
+    @click.option("--now", "now_text", metavar="ISO", help="Pretend it is this time (UTC unless an offset is given).")
+    @click.option("--dry-run", is_flag=True, help="Show what the pass would create and remove; change nothing.")
+    @click.option("--daemon", is_flag=True, help="Run a pass every maintenance.interval until SIGTERM/SIGINT.")
+    @output_option
+    @handled
+    def maintain_cmd(plan_files: tuple[str, ...], dsn: str | None, now_text: str | None, dry_run: bool,
+                     daemon: bool, output: str) -> None:
+        """Create upcoming partitions, apply retention, move rows out of the default partition."""
+        if not dsn:
+            raise PlanError("no database given: pass --dsn or set ORCHESTRATE_DSN")
+        plans = [load_plan(p) for p in plan_files]
+        now = None
+        if now_text:
+            try:
+                now = naive_utc(datetime.fromisoformat(now_text))
+            except ValueError:
+                raise PlanError(f"--now {now_text!r} is not an ISO date or datetime") from None
+        if daemon:
+            if now is not None or dry_run:
+                raise PlanError("--daemon runs on the real clock and changes things: no --now or --dry-run")
+            for plan in plans:
+                parse_every(plan.maintenance.interval)
+            raise SystemExit(run_daemon(plans, dsn))
+        results = [maintain_pass(plan, dsn, now=now, dry_run=dry_run) for plan in plans]
+        if output == "json":
+            click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
+        else:
+            for r in results:
+                click.echo(f"{r['table']}: {summary(r)}")
+
+    return [maintain_cmd]
+
+
+_commands: list | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `commands` is built on first access: orchestrator.cli imports this module while it is
+    # itself being imported, and this module must import cli's decorators; building lazily
+    # works whichever of the two is imported first.
+    global _commands
+    if name == "commands":
+        if _commands is None:
+            _commands = _build_commands()
+        return _commands
+    raise AttributeError(name)
+
+
+__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every", "run_daemon", "commands"]
