@@ -221,9 +221,8 @@ def test_orchestrate_service_builds_the_dockerfile_and_targets_primary_and_repli
 
     dsn = orchestrate["environment"]["ORCHESTRATE_DSN"]
     assert "@primary:5432/" in dsn
-    argv = as_list(orchestrate.get("entrypoint")) + as_list(orchestrate.get("command"))
-    assert "--replica-dsn" in argv
-    assert "@replica:5432/" in argv[argv.index("--replica-dsn") + 1]
+    # apply reads ORCHESTRATE_REPLICA_DSN (the env form of its --replica-dsn option)
+    assert "@replica:5432/" in orchestrate["environment"]["ORCHESTRATE_REPLICA_DSN"]
     assert as_list(orchestrate["command"])[:2] == ["plan", "/plans/examples/orders.yaml"]
 
     plans = [str(v) for v in orchestrate["volumes"] if str(v).split(":")[1] == "/plans"]
