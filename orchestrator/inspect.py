@@ -230,7 +230,7 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
         dependents = [Dependent(r[0], QualifiedName(r[1], r[2]), r[3], r[4], tuple(r[5])) for r in cur.fetchall()]
         cur.execute(
             """SELECT tgname, pg_get_triggerdef(oid), tgenabled::text FROM pg_trigger
-               WHERE tgrelid = %s AND NOT tgisinternal AND tgname NOT LIKE 'orchestrate\_%%' ORDER BY tgname""",
+               WHERE tgrelid = %s AND NOT tgisinternal AND tgname NOT LIKE 'orchestrate\\_%%' ORDER BY tgname""",
             (oid,),
         )
         triggers = [Trigger(*r) for r in cur.fetchall()]
@@ -302,3 +302,30 @@ def key_bounds(conn: psycopg.Connection, table: QualifiedName, key: str) -> tupl
 
 def has_index_on(info: TableInfo, column: str) -> bool:
     return any(i.columns and i.columns[0] == column for i in info.indexes)
+
+
+def catalog_fingerprint(conn: psycopg.Connection, oid: int) -> str:
+    """One cheap query whose answer changes when anything inspect_table reads changes.
+
+    The cutover inspects the table before it asks for the lock (a dozen catalog queries
+    would otherwise be paid while every application query waits) and, once it holds the
+    lock, re-inspects only if this fingerprint moved. Read the fingerprint BEFORE the
+    inspection: a change that lands during it then shows up as a different fingerprint.
+    """
+    row = conn.execute(
+        """SELECT md5(concat_ws('|',
+             (SELECT xmin::text FROM pg_class WHERE oid = %(o)s),
+             (SELECT string_agg(xmin::text, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = %(o)s),
+             (SELECT string_agg(xmin::text || ':' || objid::text, ',' ORDER BY objid, objsubid)
+                FROM pg_depend WHERE refobjid = %(o)s AND refclassid = 'pg_class'::regclass),
+             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_trigger WHERE tgrelid = %(o)s),
+             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_policy WHERE polrelid = %(o)s),
+             (SELECT string_agg(xmin::text, ',' ORDER BY objsubid) FROM pg_description
+                WHERE objoid = %(o)s AND classoid = 'pg_class'::regclass),
+             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_publication_rel WHERE prrelid = %(o)s),
+             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_constraint
+                WHERE conrelid = %(o)s OR confrelid = %(o)s),
+             (SELECT string_agg(xmin::text, ',' ORDER BY indexrelid) FROM pg_index WHERE indrelid = %(o)s)))""",
+        {"o": oid},
+    ).fetchone()
+    return row[0]

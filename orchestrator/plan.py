@@ -198,13 +198,37 @@ class Cutover(_Strict):
     )
     views: Literal["recreate"] = "recreate"
     materialized_views: Literal["refuse"] = "refuse"
+    gate_timeout: str = Field(
+        "5 min", description="How long apply waits for the readiness gates (polling every second) before it "
+        "gives up with exit 8, naming the gate.")
+    max_blocker_age: str = Field(
+        "30s", description="Readiness gate: no transaction older than this may hold a lock on the table "
+        "(or the twin) when the cutover starts.")
+    cancel_blockers: bool = Field(
+        False, description="After cancel_blockers_after failed lock attempts, cancel the sessions that keep "
+        "the lock from being granted (pg_cancel_backend; pg_terminate_backend when idle in transaction). "
+        "Sessions that wrote to the table (hold ROW EXCLUSIVE or stronger) and orchestrate's own are never touched.")
+    cancel_blockers_after: int | None = Field(
+        None, ge=1, description="Failed attempts before blockers are cancelled (default: half of attempts).")
 
-    @field_validator("lock_timeout", "backoff_max")
+    @field_validator("lock_timeout", "backoff_max", "gate_timeout", "max_blocker_age")
     @classmethod
     def _dur(cls, v: str) -> str:
         if parse_duration(v) <= 0:
             raise ValueError("must be positive")
         return v
+
+    @property
+    def gate_timeout_s(self) -> float:
+        return parse_duration(self.gate_timeout)
+
+    @property
+    def max_blocker_age_s(self) -> float:
+        return parse_duration(self.max_blocker_age)
+
+    @property
+    def cancel_after(self) -> int:
+        return self.cancel_blockers_after or max(1, self.attempts // 2)
 
     @property
     def lock_timeout_s(self) -> float:

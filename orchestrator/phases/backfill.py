@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from queue import Empty, Queue
 
 import psycopg
@@ -36,6 +36,14 @@ def plan_ranges(ctx: Context, key_min: datetime | None, key_max: datetime | None
     if key_min is None:
         out.append({"label": "all keys", "lo": None, "hi": None, "is_null": False})
         return out
+    # Per-interval ranges only over the partitions' span: keys far outside it (a stray
+    # 1900-01-01 or 9999-12-31) go to the default partition and are covered by the two
+    # open-ended ranges; otherwise one outlier would plan millions of empty ranges.
+    parts = ctx.facts.get("partitions") or []
+    if parts:
+        first, last = datetime.fromisoformat(parts[0][0]), datetime.fromisoformat(parts[-1][1])
+        key_min = min(max(key_min, first), last - timedelta(microseconds=1))
+        key_max = max(min(key_max, last - timedelta(microseconds=1)), key_min)
     start, end = iv.floor(key_min), iv.add(iv.floor(key_max))
     out.append({"label": f"before {start:%Y-%m-%d}", "lo": None, "hi": fmt(start), "is_null": False})
     t = start
@@ -100,25 +108,33 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
                 return
         t0 = time.monotonic()
         size = pace.size
-        with conn.transaction(), conn.cursor() as cur:
-            # Safe: the checkpoint below commits in this same transaction, so a server crash
-            # loses the batch and its checkpoint together and the batch is simply redone.
-            cur.execute(f"SET LOCAL synchronous_commit = {sync}")
-            after = cursor is not None
-            cparams = list(cursor) if after else []
-            cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]), [*wparams, *cparams, size - 1])
-            boundary = cur.fetchone()
-            cur.execute(sql.backfill_copy(src, dst, shape, where, after, boundary is not None, rng["is_null"]),
-                        [*wparams, *cparams, *(boundary or [])])
-            n = max(cur.rowcount, 0)
-            final = boundary is None
-            cur.execute(
-                "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + %s, "
-                "batches = batches + 1, state = %s, copied_at = now(), verify_state = 'pending' "
-                "WHERE migration_id = %s AND idx = %s",
-                (None if final else psycopg.types.json.Jsonb(list(boundary)), n,
-                 "copied" if final else "copying", ctx.mid, rng["idx"]),
-            )
+        # Pipelined: two round trips per batch instead of six (BEGIN + SET + boundary, then
+        # copy-with-checkpoint + COMMIT). Round trips dominate small batches on a remote or
+        # busy server; see docs/benchmarks.md.
+        with conn.pipeline(), conn.cursor() as cur:
+            with conn.transaction():
+                # Safe: the checkpoint below commits in this same transaction (the same
+                # statement, even), so a server crash loses the batch and its checkpoint
+                # together and the batch is simply redone.
+                cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+                after = cursor is not None
+                cparams = list(cursor) if after else []
+                cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
+                            [*wparams, *cparams, size - 1])
+                boundary = cur.fetchone()
+                final = boundary is None
+                copy = sql.backfill_copy(src, dst, shape, where, after, boundary is not None, rng["is_null"])
+                cur.execute(
+                    f"WITH copied AS ({copy} RETURNING 1) "
+                    "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + c.n, "
+                    "batches = batches + 1, state = %s, copied_at = now(), verify_state = 'pending' "
+                    "FROM (SELECT count(*) AS n FROM copied) AS c WHERE migration_id = %s AND idx = %s RETURNING c.n",
+                    [*wparams, *cparams, *(boundary or []),
+                     None if final else psycopg.types.json.Jsonb(list(boundary)),
+                     "copied" if final else "copying", ctx.mid, rng["idx"]],
+                )
+            row = cur.fetchone()
+        n = int(row[0]) if row else 0
         elapsed = time.monotonic() - t0
         pace.observe(n, elapsed)
         counters.add(n, final)
@@ -135,6 +151,9 @@ def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict,
     one transaction; concurrent writes stay correct (the copy locks its source rows)."""
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+        # Lock the live rows first, in the writers' order (live row, then its twin row via
+        # the trigger): deleting the twin's rows first deadlocks with any writer of the range.
+        cur.execute(f"SELECT 1 FROM {ctx.plan.table_name} WHERE {where} FOR SHARE", wparams)
         cur.execute(f"DELETE FROM {ctx.plan.twin} WHERE {where}", wparams)
         removed = cur.rowcount
         cur.execute(sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False, rng["is_null"]),

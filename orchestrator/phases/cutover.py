@@ -19,18 +19,18 @@ The same swap, run the other way, is the rollback after cutover.
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import datetime, timezone
 
 import psycopg
 from loguru import logger
 
 from orchestrator import sql
 from orchestrator.db import LockAttempt, with_lock_retry
-from orchestrator.errors import StateConflict
-from orchestrator.inspect import TableInfo, inspect_table
+from orchestrator.errors import OrchestrateError, StateConflict
+from orchestrator.inspect import catalog_fingerprint, TableInfo, inspect_table
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import drop_sync, install_sync
-from orchestrator.phases.prepare import fmt, partition_bounds
+from orchestrator.phases.prepare import _twin_index_name, fmt, partition_bounds
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
 
@@ -43,6 +43,11 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
     (views, triggers) now resolve to the new table. Returns what it did, for the log.
     """
     done: list[str] = []
+    # The owner first: OWNED BY needs the sequence and the table to have the same owner.
+    cur.execute(f"ALTER TABLE {new} OWNER TO {ident(old.owner)}")
+    parts = _partitions(cur, new) if new_is_partitioned else []
+    for part in parts:
+        cur.execute(f"ALTER TABLE {part} OWNER TO {ident(old.owner)}")
     for seq in old.sequences:
         if seq.identity:
             continue  # identity sequences belong to their column; continued below
@@ -58,10 +63,6 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
             last, called = cur.fetchone()
             cur.execute("SELECT setval(%s, %s, %s)", (new_seq, last, called))
             done.append(f"identity {col.name} continues at {last}")
-    cur.execute(f"ALTER TABLE {new} OWNER TO {ident(old.owner)}")
-    if new_is_partitioned:
-        for part in _partitions(cur, new):
-            cur.execute(f"ALTER TABLE {part} OWNER TO {ident(old.owner)}")
     for grantee, priv, grantable in old.acl:
         who = "PUBLIC" if grantee == "PUBLIC" else ident(grantee)
         cur.execute(f"GRANT {priv} ON {new} TO {who}{' WITH GRANT OPTION' if grantable else ''}")
@@ -92,25 +93,85 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
         cur.execute(f"ALTER TABLE {new} ENABLE ROW LEVEL SECURITY")
     if old.rls_forced:
         cur.execute(f"ALTER TABLE {new} FORCE ROW LEVEL SECURITY")
-    if old.replica_identity == "f":
-        cur.execute(f"ALTER TABLE {new} REPLICA IDENTITY FULL")
-    elif old.replica_identity == "n":
-        cur.execute(f"ALTER TABLE {new} REPLICA IDENTITY NOTHING")
-    for pub in old.publications:
-        cur.execute(f"ALTER PUBLICATION {ident(pub)} DROP TABLE {retired}")
-        cur.execute(f"ALTER PUBLICATION {ident(pub)} ADD TABLE {new}")
-        done.append(f"publication {pub}")
+    done += _carry_replica_identity(cur, old, new, retired, parts)
+    done += _carry_publications(cur, old, new, retired)
     for trig in old.triggers:
         if trig.name in (FORWARD_TRIGGER, REVERSE_TRIGGER) or trig.name.startswith("orchestrate_"):
             continue
         cur.execute(f"DROP TRIGGER IF EXISTS {ident(trig.name)} ON {new}")
         cur.execute(trig.definition)  # its text names the live table, which is now `new`
-        if trig.enabled == "D":
-            cur.execute(f"ALTER TABLE {new} DISABLE TRIGGER {ident(trig.name)}")
+        if trig.enabled != "O":
+            cur.execute(trigger_state_sql(new, trig.name, trig.enabled))
         # The retired table only receives mirrored writes now: its own triggers must not fire twice.
         cur.execute(f"ALTER TABLE {retired} DISABLE TRIGGER {ident(trig.name)}")
-        done.append(f"trigger {trig.name}")
+        done.append(f"trigger {trig.name}" + ("" if trig.enabled == "O" else f" (state {trig.enabled})"))
     return done
+
+
+def trigger_state_sql(table: QualifiedName, name: str, enabled: str) -> str:
+    """The ALTER TABLE that gives a trigger its pg_trigger.tgenabled state (O, D, R, A)."""
+    verb = {"O": "ENABLE", "D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[enabled]
+    return f"ALTER TABLE {table} {verb} TRIGGER {ident(name)}"
+
+
+def _carry_replica_identity(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retired: QualifiedName,
+                            parts: list[QualifiedName]) -> list[str]:
+    """REPLICA IDENTITY does not recurse to partitions: set it on the parent and on each one
+    (with a publication, logical decoding of a partition's UPDATE uses the partition's)."""
+    if old.replica_identity in ("f", "n"):
+        mode = "FULL" if old.replica_identity == "f" else "NOTHING"
+        for t in [new, *parts]:
+            cur.execute(f"ALTER TABLE {t} REPLICA IDENTITY {mode}")
+        return [f"replica identity {mode}"]
+    if old.replica_identity != "i" or not parts:
+        return []  # 'd' is the default; swapping back, the heap table kept its own
+    cur.execute("SELECT c.relname, i.indisprimary FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = %s::regclass AND i.indisreplident", (str(retired),))
+    row = cur.fetchone()
+    if row is None:
+        return []
+    if row[1]:
+        cur.execute("SELECT indexrelid FROM pg_index WHERE indrelid = %s::regclass AND indisprimary", (str(new),))
+    else:
+        cur.execute("SELECT c.oid FROM pg_class c WHERE c.relnamespace = %s::regnamespace AND c.relname = %s",
+                    (ident(new.schema), _twin_index_name(row[0])))
+    found = cur.fetchone()
+    if found is None:
+        logger.warning("cutover: replica identity index {} has no counterpart on {}; left at DEFAULT", row[0], new)
+        return [f"replica identity index {row[0]}: no counterpart, left DEFAULT"]
+    cur.execute("SELECT relname FROM pg_class WHERE oid = %s", (found[0],))
+    cur.execute(f"ALTER TABLE {new} REPLICA IDENTITY USING INDEX {ident(cur.fetchone()[0])}")
+    cur.execute(
+        "SELECT n.nspname, t.relname, ic.relname FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid "
+        "JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid "
+        "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE h.inhparent = %s", (found[0],))
+    for schema, table, index in cur.fetchall():
+        cur.execute(f"ALTER TABLE {QualifiedName(schema, table)} REPLICA IDENTITY USING INDEX {ident(index)}")
+    return [f"replica identity index {row[0]}"]
+
+
+def _carry_publications(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName,
+                        retired: QualifiedName) -> list[str]:
+    """Publication membership, with the row filter and column list (PostgreSQL 15+)."""
+    if not old.publications:
+        return []
+    extra = {}
+    if cur.connection.info.server_version >= 150000:
+        cur.execute(
+            "SELECT p.pubname, pg_get_expr(pr.prqual, pr.prrelid), "
+            "  (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a "
+            "   WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs)) "
+            "FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid WHERE pr.prrelid = %s::regclass",
+            (str(retired),))
+        extra = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
+    out = []
+    for pub in old.publications:
+        qual, cols = extra.get(pub, (None, None))
+        cur.execute(f"ALTER PUBLICATION {ident(pub)} DROP TABLE {retired}")
+        cur.execute(f"ALTER PUBLICATION {ident(pub)} ADD TABLE {new}"
+                    + (f" ({cols})" if cols else "") + (f" WHERE ({qual})" if qual else ""))
+        out.append(f"publication {pub}")
+    return out
 
 
 def _partitions(cur: psycopg.Cursor, parent: QualifiedName) -> list[QualifiedName]:
@@ -122,17 +183,280 @@ def _partitions(cur: psycopg.Cursor, parent: QualifiedName) -> list[QualifiedNam
     return [QualifiedName(r[0], r[1]) for r in cur.fetchall()]
 
 
-def lock_both(cur: psycopg.Cursor, first: QualifiedName, second: QualifiedName) -> None:
-    """Lock in the order writers take them (live table, then twin via the trigger): no deadlock."""
+def lock_both(cur: psycopg.Cursor, first: QualifiedName, second: QualifiedName,
+              marks: dict[str, float] | None = None) -> None:
+    """Lock in the order writers take them (live table, then twin via the trigger): no deadlock.
+
+    ``marks["first"]`` is set when the live table's lock is granted: from then on the
+    application waits on us, so that is where the held time starts."""
     cur.execute(f"LOCK TABLE {first} IN ACCESS EXCLUSIVE MODE")
+    if marks is not None:
+        marks["first"] = time.monotonic()
     cur.execute(f"LOCK TABLE {second} IN ACCESS EXCLUSIVE MODE")
 
 
 def record_attempt(ctx: Context, what: str):
-    def on_attempt(a: LockAttempt) -> None:
-        ctx.store.event(ctx.mid, "lock_attempt", f"{what} attempt {a.attempt}: {'ok' if a.ok else a.error}",
-                        attempt=a.attempt, ok=a.ok, waited_ms=round(a.waited_s * 1000, 1))
-    return on_attempt
+    """Kept for callers that only want the event; the cutover uses :class:`LockReport`."""
+    return LockReport(ctx, what)
+
+
+# Lock modes that only read. A session holding anything else on the table wrote to it (ROW
+# EXCLUSIVE), reserved rows to write (ROW SHARE: SELECT FOR UPDATE) or runs DDL: never cancelled.
+READ_ONLY_MODES = frozenset({"AccessShareLock"})
+
+
+def lock_holders(conn: psycopg.Connection, tables: list[QualifiedName]) -> list[dict]:
+    """Client sessions in a transaction holding a granted lock on any of ``tables``, oldest
+    transaction first. orchestrate's own sessions (application_name orchestrate:...) are left out."""
+    oids = [r[0] for r in conn.execute(
+        "SELECT to_regclass(t)::oid FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NOT NULL",
+        ([str(t) for t in tables],)).fetchall()]
+    if not oids:
+        return []
+    rows = conn.execute(
+        """SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
+                  extract(epoch FROM clock_timestamp() - a.xact_start)::float8,
+                  left(regexp_replace(coalesce(a.query, ''), '[[:space:]]+', ' ', 'g'), 200),
+                  array_agg(DISTINCT l.mode::text), array_agg(DISTINCT l.relation::regclass::text)
+           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+           WHERE l.locktype = 'relation' AND l.granted AND l.relation = ANY (%s::oid[])
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+             AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
+             AND a.xact_start IS NOT NULL AND coalesce(a.application_name, '') NOT LIKE 'orchestrate:%%'
+           GROUP BY 1, 2, 3, 4, 5 ORDER BY 4 DESC""",
+        (oids,),
+    ).fetchall()
+    return [{"pid": r[0], "application_name": r[1], "state": r[2], "age_s": round(float(r[3]), 3), "query": r[4],
+             "modes": sorted(r[5]), "tables": sorted(r[6])} for r in rows]
+
+
+def _describe(h: dict) -> str:
+    app = f" ({h['application_name']})" if h["application_name"] else ""
+    return (f"pid {h['pid']}{app} {h['state'] or 'in transaction'} for {h['age_s']:.1f}s holding "
+            f"{', '.join(h['modes'])} on {', '.join(h['tables'])}: {h['query'] or '?'}")
+
+
+class LockReport:
+    """Accounting of a short-lock transaction, one record per attempt: how long it waited for
+    the lock and how long it held ACCESS EXCLUSIVE on the live table (an attempt that got the
+    first lock and then timed out on the second held it too: the application waited then as
+    well). Logged, recorded as ``lock_attempt`` events, and summed up for the phase detail.
+
+    With ``cancel`` (plan ``cutover.cancel_blockers``), after ``cancel_after`` failed attempts
+    the read-only sessions that kept the lock from being granted are cancelled: see
+    :func:`cancel_blockers`."""
+
+    def __init__(self, ctx: Context, what: str, cancel: bool = False, tables: list[QualifiedName] | None = None):
+        self.ctx = ctx
+        self.what = what
+        self.cancel = cancel
+        self.tables = tables or []
+        self.marks: dict[str, float] = {}
+        self.attempts: list[dict] = []
+        self.cancelled: list[dict] = []
+        self._spared: set[int] = set()
+        self._waited_s = 0.0
+
+    def begin(self) -> None:
+        """Call first thing in the transaction body."""
+        self.marks.clear()
+
+    def __call__(self, a: LockAttempt) -> None:
+        end = time.monotonic()
+        began = end - a.waited_s
+        first = self.marks.get("first")
+        if first is not None and first >= began:
+            waited_ms, held_ms = (first - began) * 1000, (end - first) * 1000
+        else:
+            waited_ms, held_ms = a.waited_s * 1000, 0.0
+        rec = {"attempt": a.attempt, "ok": a.ok, "waited_ms": round(waited_ms, 1), "held_ms": round(held_ms, 1)}
+        if a.error:
+            rec["error"] = a.error
+        self.attempts.append(rec)
+        msg = (f"{self.what} attempt {a.attempt}: {'ok' if a.ok else a.error}; waited {waited_ms:.1f} ms, "
+               f"ACCESS EXCLUSIVE held {held_ms:.1f} ms")
+        logger.info(msg)
+        self.ctx.store.event(self.ctx.mid, "lock_attempt", msg, what=self.what, **rec)
+        if not a.ok:
+            self._waited_s += a.waited_s
+        if not a.ok and self.cancel and a.attempt >= self.ctx.plan.cutover.cancel_after:
+            # Only transactions open for longer than all our lock waits so far: a short
+            # application transaction that happened to hold the lock for a moment is spared.
+            try:
+                self.cancelled += cancel_blockers(self.ctx, self.tables, min_age_s=self._waited_s,
+                                                  spared=self._spared)
+            except psycopg.Error as e:
+                logger.warning("{}: could not cancel blockers: {}", self.what, str(e).strip().splitlines()[0])
+
+    @property
+    def held_ms(self) -> float | None:
+        ok = [r for r in self.attempts if r["ok"]]
+        return ok[-1]["held_ms"] if ok else None
+
+    def detail(self) -> dict:
+        return {"lock_attempts": len(self.attempts),
+                "lock_waited_ms": round(sum(r["waited_ms"] for r in self.attempts), 1),
+                "lock_held_ms_all_attempts": [r["held_ms"] for r in self.attempts][-50:],
+                "lock_attempt_log": self.attempts[-50:],
+                **({"blockers_cancelled": self.cancelled} if self.cancelled else {})}
+
+
+def cancel_blockers(ctx: Context, tables: list[QualifiedName], *, min_age_s: float,
+                    spared: set[int] | None = None) -> list[dict]:
+    """Cancel the sessions holding a lock on ``tables`` that blocked the attempt just failed.
+
+    A blocker is a client session whose transaction was open for the whole failed attempt
+    (older than ``min_age_s``) and still holds a lock on the table or the twin. Only read-only
+    holders (ACCESS SHARE alone) are touched: a running query is cancelled
+    (``pg_cancel_backend``: the aborted transaction releases its locks), a session idle in
+    transaction is terminated (``pg_terminate_backend``: cancelling it would do nothing).
+    Sessions that wrote to the table (ROW EXCLUSIVE or any stronger mode) and orchestrate's
+    own sessions are never touched; each decision is logged with the pid and the query."""
+    spared = spared if spared is not None else set()
+    out = []
+    for h in lock_holders(ctx.conn, tables):
+        if h["age_s"] < min_age_s:
+            continue
+        if set(h["modes"]) - READ_ONLY_MODES:
+            if h["pid"] not in spared:
+                spared.add(h["pid"])
+                logger.warning("cutover: not cancelling {} (it wrote to or may write the table)", _describe(h))
+                ctx.store.event(ctx.mid, "blocker_spared", f"not cancelled (writer): {_describe(h)}", **h)
+            continue
+        idle = h["state"].startswith("idle in transaction")
+        fn = "pg_terminate_backend" if idle else "pg_cancel_backend"
+        signalled = ctx.conn.execute(f"SELECT {fn}(%s)", (h["pid"],)).fetchone()[0]
+        verb = "terminated" if idle else "cancelled"
+        logger.warning("cutover: {} {} blocking the lock ({}): {}", verb, _describe(h), fn,
+                       "ok" if signalled else "not signalled")
+        ctx.store.event(ctx.mid, "blocker_cancelled", f"{verb}: {_describe(h)}", action=fn, signalled=signalled, **h)
+        out.append({"pid": h["pid"], "action": fn, "query": h["query"], "modes": h["modes"],
+                    "application_name": h["application_name"], "signalled": bool(signalled)})
+    return out
+
+
+class LagProbe:
+    """Replica lag for the readiness gate, on sessions kept open while apply waits.
+
+    For each replica DSN (``--replica-dsn`` plus ``throttle.replicas``):
+    ``now() - pg_last_xact_replay_timestamp()``, or 0 when everything received is replayed;
+    an unreachable replica fails the gate (fail closed). Without replica DSNs:
+    ``pg_stat_replication.replay_lag`` on the primary (0 for a standby that has replayed
+    everything: the view keeps the last burst's figure). The threshold is the throttle's
+    pause threshold (changed at run time by ``orchestrate set``), else the plan's
+    ``throttle.max_replica_lag_s``."""
+
+    SQL_REPLICA = ("SELECT CASE WHEN NOT pg_is_in_recovery() "
+                   "  OR pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 "
+                   "ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) END::float8")
+    SQL_PRIMARY = ("SELECT coalesce(max(CASE WHEN replay_lsn >= pg_current_wal_lsn() THEN 0 "
+                   "ELSE coalesce(extract(epoch FROM replay_lag), 0) END), 0)::float8, count(*) "
+                   "FROM pg_stat_replication")
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.replicas = tuple(dict.fromkeys([*ctx.plan.throttle.replicas, *ctx.replica_dsns]))
+        self.conns: dict[str, psycopg.Connection] = {}
+
+    @property
+    def limit(self) -> float:
+        shared = self.ctx.options.get("throttle")
+        gate = getattr(shared, "gate", None)
+        return float(getattr(gate, "pause", None) or self.ctx.plan.throttle.max_replica_lag_s)
+
+    def measure(self) -> tuple[bool, str]:
+        from orchestrator.db import connect
+        from orchestrator.throttle import dsn_label
+
+        limit = self.limit
+        if not self.replicas:
+            lag, n = self.ctx.conn.execute(self.SQL_PRIMARY).fetchone()
+            if not n:
+                return True, "no standby attached (pg_stat_replication is empty)"
+            return lag <= limit, f"{lag:.1f}s (pg_stat_replication, {n} standby), threshold {limit:g}s"
+        worst, where, bad = 0.0, "", []
+        for dsn in self.replicas:
+            try:
+                conn = self.conns.get(dsn)
+                if conn is None or conn.closed:
+                    conn = self.conns[dsn] = connect(dsn, "gate-replica")
+                    conn.execute("SET statement_timeout = 5000")
+                lag = float(conn.execute(self.SQL_REPLICA).fetchone()[0])
+            except (psycopg.Error, OrchestrateError) as e:
+                _close(self.conns.pop(dsn, None))
+                bad.append(f"replica {dsn_label(dsn)} unreachable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+                continue
+            if lag >= worst:
+                worst, where = lag, dsn_label(dsn)
+        if bad:
+            return False, "; ".join(bad)
+        return worst <= limit, f"{worst:.1f}s on {where}, threshold {limit:g}s"
+
+    def close(self) -> None:
+        for c in self.conns.values():
+            _close(c)
+        self.conns.clear()
+
+
+def _close(conn: psycopg.Connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
+
+
+GATE_BACKFILL = "backfill complete"
+GATE_VERIFY = "verification passed"
+GATE_LAG = "replica lag below threshold"
+GATE_PARTITIONS = "partitions exist up to now + premake"
+GATE_BLOCKERS = "no old transaction holding a lock on the table"
+
+
+def cutover_gates(ctx: Context, probe: LagProbe | None = None) -> list[dict]:
+    """The readiness gates, evaluated now, in order: ``{gate, ok, detail, waits}`` each
+    (``waits``: apply waits for this one; the others cannot change by waiting). Reads only;
+    works without a migration (``plan``: the phase gates then say "not started")."""
+    plan, m = ctx.plan, ctx.migration
+    out: list[dict] = []
+
+    def add(gate: str, ok: bool, detail: str, waits: bool) -> None:
+        out.append({"gate": gate, "ok": bool(ok), "detail": detail, "waits": waits})
+
+    add(GATE_BACKFILL, m is not None and m.done("backfill"), m.phase_state("backfill") if m else "not started", False)
+    add(GATE_VERIFY, m is not None and m.done("verify"), m.phase_state("verify") if m else "not started", False)
+    own = probe is None
+    probe = probe or LagProbe(ctx)
+    try:
+        ok, detail = probe.measure()
+    except psycopg.Error as e:
+        ok, detail = False, f"lag could not be read: {str(e).strip().splitlines()[0]}"
+    finally:
+        if own:
+            probe.close()
+    add(GATE_LAG, ok, detail, True)
+    iv = plan.partition_by.interval_value
+    need = fmt(iv.add(iv.floor(ctx.now or utc_now()), plan.partition_by.premake + 1))
+    parts = ctx.facts.get("partitions") or []
+    have = parts[-1][1] if parts else None
+    add(GATE_PARTITIONS, bool(have and have >= need), f"up to {have}, need {need}", False)
+    limit = plan.cutover.max_blocker_age_s
+    old = [h for h in lock_holders(ctx.conn, [plan.table_name, plan.twin]) if h["age_s"] > limit]
+    add(GATE_BLOCKERS, not old,
+        (f"{_describe(old[0])}" + (f" (and {len(old) - 1} more)" if len(old) > 1 else "") +
+         f"; older than {plan.cutover.max_blocker_age}") if old else f"none older than {plan.cutover.max_blocker_age}",
+        True)
+    return out
+
+
+def record_gates(ctx: Context, gates: list[dict]) -> None:
+    """The latest gate results into ``migrations.facts["gates"]`` (status shows them)."""
+    if ctx.migration is None:
+        return
+    with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+        ctx.store.set_facts(cur, ctx.mid, gates={
+            "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "ok": all(g["ok"] for g in gates), "gates": gates})
 
 
 class Cutover:
@@ -143,8 +467,12 @@ class Cutover:
         lock = (f"ACCESS EXCLUSIVE on {p.table_name} and {p.twin}, lock_timeout {p.cutover.lock_timeout}, "
                 f"up to {p.cutover.attempts} attempts with jittered backoff (cap {p.cutover.backoff_max})")
         return [
-            Step(self.name, "readiness gates: backfill complete, verification passed, partitions up to now + premake",
+            Step(self.name, "readiness gates: backfill complete, verification passed, replica lag below "
+                 f"{p.throttle.max_replica_lag_s:g}s, partitions up to now + premake, no transaction older than "
+                 f"{p.cutover.max_blocker_age} holding a lock on the table (waits up to {p.cutover.gate_timeout})",
                  "(state and catalog reads)", "none"),
+            Step(self.name, "storage parameters of the table onto each partition (a partitioned parent takes none)",
+                 "ALTER TABLE <partition> SET (...)", "SHARE UPDATE EXCLUSIVE on each partition of the twin"),
             Step(self.name, "lock both tables, drop the capture trigger, swap the names",
                  f"LOCK TABLE {p.table_name}, {p.twin} IN ACCESS EXCLUSIVE MODE; "
                  f"ALTER TABLE {p.table_name} RENAME TO {ident(p.retired.name)}; "
@@ -156,19 +484,72 @@ class Cutover:
                  "same transaction"),
         ]
 
-    def gates(self, ctx: Context) -> list[tuple[str, bool, str]]:
-        """(gate, passed, detail) for each readiness gate, in order."""
-        m = ctx.migration
-        out = [
-            ("backfill complete", m.done("backfill"), m.phase_state("backfill")),
-            ("verification passed", m.done("verify"), m.phase_state("verify")),
-        ]
-        iv = ctx.plan.partition_by.interval_value
-        need = fmt(iv.add(iv.floor(ctx.now or utc_now()), ctx.plan.partition_by.premake + 1))
-        parts = ctx.facts.get("partitions") or []
-        have = parts[-1][1] if parts else None
-        out.append(("partitions exist up to now + premake", bool(have and have >= need), f"up to {have}, need {need}"))
-        return out
+    def gates(self, ctx: Context, probe: LagProbe | None = None) -> list[tuple[str, bool, str]]:
+        """(gate, passed, detail) for each readiness gate, in order (see :func:`cutover_gates`)."""
+        return [(g["gate"], g["ok"], g["detail"]) for g in cutover_gates(ctx, probe)]
+
+    def wait_for_gates(self, ctx: Context) -> list[dict]:
+        """Evaluate the gates every second until all pass; record each evaluation in facts.
+
+        A gate that waiting cannot change (phases, partitions) fails at once; the others fail
+        after ``cutover.gate_timeout``. Either way: StateConflict (exit 8) naming the gate,
+        before any lock on the table was requested."""
+        c = ctx.plan.cutover
+        probe = LagProbe(ctx)
+        deadline = time.monotonic() + c.gate_timeout_s
+        last_key: tuple | None = None
+        last_log = 0.0
+        try:
+            while True:
+                ctx.refresh()
+                gates = cutover_gates(ctx, probe)
+                record_gates(ctx, gates)
+                failed = [g for g in gates if not g["ok"]]
+                if not failed:
+                    if last_key is not None:
+                        logger.info("cutover: readiness gates met")
+                        ctx.store.event(ctx.mid, "gate", "readiness gates met")
+                    return gates
+                final = [g for g in failed if not g["waits"]]
+                if final:
+                    raise StateConflict(f"cutover gate not met: {final[0]['gate']} ({final[0]['detail']})")
+                now = time.monotonic()
+                first = failed[0]
+                if now >= deadline:
+                    raise StateConflict(
+                        f"cutover gate not met after waiting {c.gate_timeout}: {first['gate']} ({first['detail']}); "
+                        "nothing changed, run apply again")
+                key = tuple(g["gate"] for g in failed)
+                if key != last_key or now - last_log >= 10:
+                    logger.warning("cutover waits: gate '{}' not met: {} (gives up in {:.0f}s)", first["gate"],
+                                   first["detail"], deadline - now)
+                    ctx.store.event(ctx.mid, "gate", f"waiting: {first['gate']}: {first['detail']}",
+                                    failed=[g["gate"] for g in failed])
+                    last_key, last_log = key, now
+                time.sleep(min(1.0, max(0.05, deadline - now)))
+        finally:
+            probe.close()
+
+    def carry_storage_parameters(self, ctx: Context) -> None:
+        """The table's storage parameters (fillfactor, autovacuum_*, ...) onto each partition of
+        the twin, before the swap: a partitioned parent accepts none. Idempotent; takes SHARE
+        UPDATE EXCLUSIVE on each partition, which writers do not conflict with."""
+        info = ctx.info or inspect_table(ctx.conn, ctx.plan.table_name)
+        opts = list(info.reloptions)
+        if not opts:
+            return
+
+        def body(cur: psycopg.Cursor) -> list[str]:
+            parts = _partitions(cur, ctx.plan.twin)
+            for part in parts:
+                cur.execute(f"ALTER TABLE {part} SET ({', '.join(opts)})")
+            ctx.store.set_facts(cur, ctx.mid, storage_parameters=opts)
+            return [str(p) for p in parts]
+
+        parts = with_lock_retry(ctx.conn, body, what="storage parameters on the partitions",
+                                lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
+                                backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        logger.info("cutover: storage parameters ({}) set on {} partitions", ", ".join(opts), len(parts))
 
     def ensure_partitions(self, ctx: Context) -> None:
         """Create partitions that became due while the migration ran (a long backfill can
@@ -194,21 +575,32 @@ class Cutover:
         ctx.refresh()
         self.ensure_partitions(ctx)
         ctx.refresh()
-        failed = [(g, d) for g, ok, d in self.gates(ctx) if not ok]
-        if failed:
-            raise StateConflict(f"cutover gate not met: {failed[0][0]} ({failed[0][1]})")
+        self.wait_for_gates(ctx)
+        self.carry_storage_parameters(ctx)
         plan = ctx.plan
         t0 = time.monotonic()
-        held: dict[str, float] = {}
+        report = LockReport(ctx, "cutover", cancel=plan.cutover.cancel_blockers, tables=[plan.table_name, plan.twin])
+        # Inspect BEFORE asking for the lock (fingerprint first): under the lock only one
+        # cheap query confirms nothing changed; the full inspection is repeated there only
+        # if something did. This keeps the ACCESS EXCLUSIVE hold to catalog statements.
+        oid = ctx.facts.get("table_oid")
+        fingerprint = catalog_fingerprint(ctx.conn, oid)
+        inspected = inspect_table(ctx.conn, plan.table_name)
 
         def body(cur: psycopg.Cursor) -> list[str]:
-            lock_both(cur, plan.table_name, plan.twin)
-            held["locked_at"] = time.monotonic()
-            # Inspect under the lock: nothing can change the table's shape from here on.
-            old = inspect_table(ctx.conn, plan.table_name)
+            report.begin()
+            lock_both(cur, plan.table_name, plan.twin, report.marks)
+            # Under the lock nothing can change the table's shape from here on.
+            unchanged = catalog_fingerprint(ctx.conn, oid) == fingerprint
+            old = inspected if unchanged else inspect_table(ctx.conn, plan.table_name)
             if old.oid != ctx.facts.get("table_oid"):
                 raise StateConflict(f"{plan.table_name} is not the table this migration started on")
             ctx.info = old
+            # What the rollback after cutover needs to restore that the catalog will not say.
+            ctx.store.set_facts(cur, ctx.mid, cutover_objects={
+                "triggers": {t.name: t.enabled for t in old.triggers},
+                "dropped_foreign_keys": [{"table": [fk.table.schema, fk.table.name], "name": fk.name,
+                                          "definition": fk.definition} for fk in old.incoming_fks]})
             drop_sync(cur, ctx, plan.table_name, FORWARD_TRIGGER, "capture")
             for fk in old.incoming_fks:
                 cur.execute(f"ALTER TABLE {fk.table} DROP CONSTRAINT {ident(fk.name)}")
@@ -220,39 +612,96 @@ class Cutover:
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done
 
-        done = with_lock_retry(ctx.conn, body, what="cutover", lock_timeout_s=plan.cutover.lock_timeout_s,
-                               attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s,
-                               on_attempt=record_attempt(ctx, "cutover"))
-        held_ms = (time.monotonic() - held["locked_at"]) * 1000
-        ctx.store.phase_add_time(ctx.mid, self.name, 0, lock_held_ms=round(held_ms, 1))
-        ctx.store.event(ctx.mid, "cutover", f"cut over; ACCESS EXCLUSIVE held {held_ms:.1f} ms", lock_held_ms=held_ms,
-                        carried=done)
-        logger.info("cutover: lock held {:.1f} ms; carried: {}", held_ms, "; ".join(done) or "nothing")
+        try:
+            done = with_lock_retry(ctx.conn, body, what="cutover", lock_timeout_s=plan.cutover.lock_timeout_s,
+                                   attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s,
+                                   on_attempt=report)
+        except OrchestrateError:
+            ctx.store.phase_add_time(ctx.mid, self.name, 0, **report.detail())
+            raise
+        held_ms = report.held_ms or 0.0
+        ctx.store.phase_add_time(ctx.mid, self.name, 0, lock_held_ms=held_ms, **report.detail())
+        ctx.store.event(ctx.mid, "cutover", f"cut over; ACCESS EXCLUSIVE held {held_ms:.1f} ms "
+                        f"(attempt {len(report.attempts)})", lock_held_ms=held_ms, carried=done,
+                        lock_attempts=len(report.attempts))
+        logger.info("cutover: lock held {:.1f} ms after {} attempt(s); carried: {}", held_ms, len(report.attempts),
+                    "; ".join(done) or "nothing")
 
     def undo(self, ctx: Context) -> None:
         """Swap back: the retired heap table (kept exact by the reverse trigger) becomes live
         again, under the same lock discipline; the partitioned table is dropped afterwards."""
         plan = ctx.plan
-        held: dict[str, float] = {}
         t0 = time.monotonic()
+        saved = ctx.facts.get("cutover_objects") or {}
+        report = LockReport(ctx, "rollback", cancel=plan.cutover.cancel_blockers, tables=[plan.table_name, plan.retired])
+        restored_fks: list[tuple[QualifiedName, str]] = []
+
+        live_oid = ctx.conn.execute("SELECT %s::regclass::oid", (str(plan.table_name),)).fetchone()[0]
+        retired_oid = ctx.conn.execute("SELECT %s::regclass::oid", (str(plan.retired),)).fetchone()[0]
+        fingerprints = (catalog_fingerprint(ctx.conn, live_oid), catalog_fingerprint(ctx.conn, retired_oid))
+        inspected = (inspect_table(ctx.conn, plan.table_name, allow_partitioned=True),
+                     inspect_table(ctx.conn, plan.retired))
 
         def body(cur: psycopg.Cursor) -> list[str]:
-            lock_both(cur, plan.table_name, plan.retired)
-            held["locked_at"] = time.monotonic()
-            current = inspect_table(ctx.conn, plan.table_name, allow_partitioned=True)
-            ctx.info = inspect_table(ctx.conn, plan.retired)
+            report.begin()
+            restored_fks.clear()
+            lock_both(cur, plan.table_name, plan.retired, report.marks)
+            # As in run(): inspected before the lock, re-inspected only if the catalog moved.
+            if (catalog_fingerprint(ctx.conn, live_oid), catalog_fingerprint(ctx.conn, retired_oid)) == fingerprints:
+                current, ctx.info = inspected
+            else:
+                current = inspect_table(ctx.conn, plan.table_name, allow_partitioned=True)
+                ctx.info = inspect_table(ctx.conn, plan.retired)
             drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
             cur.execute(f"ALTER TABLE {plan.table_name} RENAME TO {ident(plan.twin.name)}")
             cur.execute(f"ALTER TABLE {plan.retired} RENAME TO {ident(plan.table_name.name)}")
+            # Triggers on the partitioned table are re-created on the heap with their current
+            # state by carry_objects; any other trigger of the heap gets back the state it had
+            # before the cutover disabled it (enabled ones enabled, disabled ones left disabled).
+            before = saved.get("triggers") or {}
+            recreated = {t.name for t in current.triggers}
             for trig in ctx.info.triggers:
-                if not trig.name.startswith("orchestrate_"):
-                    cur.execute(f"ALTER TABLE {plan.table_name} ENABLE TRIGGER {ident(trig.name)}")
+                if trig.name not in recreated and not trig.name.startswith("orchestrate_"):
+                    cur.execute(trigger_state_sql(plan.table_name, trig.name, before.get(trig.name, "O")))
             done = carry_objects(cur, current, plan.table_name, plan.twin, new_is_partitioned=False)
+            # Incoming foreign keys dropped at cutover come back NOT VALID (catalog only, under
+            # the lock); they are validated after the commit, without blocking writers.
+            for fk in saved.get("dropped_foreign_keys") or []:
+                table = QualifiedName(*fk["table"])
+                if cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is None:
+                    continue
+                cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
+                            (str(table), fk["name"]))
+                if cur.fetchone():
+                    continue
+                cur.execute(f"ALTER TABLE {table} ADD CONSTRAINT {ident(fk['name'])} {fk['definition']} NOT VALID")
+                restored_fks.append((table, fk["name"]))
+                done.append(f"foreign key {table}.{fk['name']} (NOT VALID)")
             return done
 
         done = with_lock_retry(ctx.conn, body, what="rollback swap", lock_timeout_s=plan.cutover.lock_timeout_s,
                                attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s,
-                               on_attempt=record_attempt(ctx, "rollback"))
-        held_ms = (time.monotonic() - held["locked_at"]) * 1000
+                               on_attempt=report)
+        held_ms = report.held_ms or 0.0
         ctx.store.event(ctx.mid, "rollback", f"swapped back; ACCESS EXCLUSIVE held {held_ms:.1f} ms",
-                        lock_held_ms=held_ms, carried=done, seconds=time.monotonic() - t0)
+                        lock_held_ms=held_ms, carried=done, seconds=time.monotonic() - t0,
+                        lock_attempts=len(report.attempts))
+        logger.info("rollback: lock held {:.1f} ms; restored: {}", held_ms, "; ".join(done) or "nothing")
+        for table, name in restored_fks:
+            self._validate_fk(ctx, table, name)
+
+    @staticmethod
+    def _validate_fk(ctx: Context, table: QualifiedName, name: str) -> None:
+        """VALIDATE CONSTRAINT takes SHARE UPDATE EXCLUSIVE (writers go on). Rows written while
+        the constraint was gone may violate it: then it stays NOT VALID, with a warning."""
+        def body(cur: psycopg.Cursor) -> None:
+            cur.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {ident(name)}")
+
+        try:
+            with_lock_retry(ctx.conn, body, what=f"validate {table}.{name}",
+                            lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
+                            backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        except (psycopg.Error, OrchestrateError) as e:
+            msg = f"foreign key {table}.{name} restored NOT VALID; validation failed: {str(e).strip().splitlines()[0]}"
+            logger.warning(msg)
+            ctx.store.event(ctx.mid, "warning", msg)
