@@ -1,0 +1,65 @@
+"""`orchestrate bench --quick` end to end: every section is measured and both files are written.
+
+The benchmark starts its own local cluster (no replica), so this test does not use the
+session cluster; it keeps the command from rotting, not the figures from regressing.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+def _numeric(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def test_bench_quick_writes_every_section(tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--rows", "20000", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+
+    data = json.loads((out / "benchmarks.json").read_text())
+    for section in ("machine", "postgres", "backfill", "dual_write", "cutover", "verify_rss", "targets"):
+        assert section in data, section
+    assert data["quick"] is True and data["rows"] == 20000
+    assert data["machine"]["cores"] >= 1 and data["postgres"]["version"]
+
+    b = data["backfill"]
+    assert _numeric(b["ceiling"]["seconds"]) and b["ceiling"]["rows_per_s"] > 0
+    for key in ("single_worker", "two_workers"):
+        assert _numeric(b[key]["seconds"]) and b[key]["rows_per_s"] > 0 and _numeric(b[key]["ratio"])
+        assert b[key]["rows_copied"] == 20000
+    pm = b["pg_partman"]
+    assert pm["status"] == "not installed" or (_numeric(pm["seconds"]) and pm["rows"] == 20000)
+
+    d = data["dual_write"]
+    assert [r["trigger"] for r in d["runs"]] == ["without", "with", "without", "with"]
+    assert all(_numeric(r["tps"]) and r["tps"] > 0 for r in d["runs"])
+    assert _numeric(d["ratio"]) and d["ratio"] > 0
+
+    c = data["cutover"]
+    for key in ("lock_held_ms", "worst_write_latency_ms", "p99_write_latency_ms", "lock_timeout_ms"):
+        assert _numeric(c[key]), key
+    assert c["lock_held_ms"] > 0 and c["pgbench"]["transactions"] > 0
+
+    v = data["verify_rss"]
+    assert [s["rows"] for s in v["sizes"]] == [20000, 40000]
+    for s in v["sizes"]:
+        assert s["verify_rows_per_s"] > 0 and s["peak_rss_mb"] > 10
+
+    assert len(data["targets"]) == 6
+    assert all(_numeric(t["value"]) and isinstance(t["pass"], bool) for t in data["targets"])
+
+    md = (out / "benchmarks.md").read_text()
+    for heading in ("## Targets", "## 1. Backfill", "## 2. Dual-write", "## 3. Cutover", "## 4. Verification"):
+        assert heading in md
+    assert data["postgres"]["version"].split()[0] in md
+    assert "PASS" in md or "MISS" in md
