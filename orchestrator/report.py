@@ -35,9 +35,21 @@ def plan_text(data: dict) -> str:
         lines.append(f"estimate  ~{est['rows']} rows, {human_bytes(est['bytes'])}, {est['partitions']} partitions "
                      f"(incl. default), {est['rows_to_default_partition']} rows to the default partition, "
                      f"keys {est['key_min']} .. {est['key_max']}")
+    mp = data.get("maintenance")
+    if mp:
+        lines.append(f"partitioned already: the next `orchestrate maintain` pass (now {mp['now'][:19]}) would")
+        for c in mp["create"]:
+            lines.append(f"  create {c['partition']} [{c['from']}, {c['to']})"
+                         + (f", moving {c['default_rows_to_move']} rows out of the default" if c["default_rows_to_move"] else ""))
+        for r in mp["remove"]:
+            lines.append(f"  {r['action']} {r['partition']} [{r['from']}, {r['to']})")
+        if not mp["create"] and not mp["remove"]:
+            lines.append("  change nothing")
     if data.get("in_progress"):
         ip = data["in_progress"]
         lines.append(f"running   migration {ip['id']} is {ip['status']} at phase {ip['phase']}")
+    for g in data.get("gates") or []:
+        lines.append(f"gate      {'ok' if g.get('ok') else 'waits'}: {g.get('gate')} ({g.get('detail')})")
     for w in data.get("warnings", []):
         lines.append(f"warning   {w}")
     parts = data.get("partitions") or []
@@ -80,6 +92,9 @@ def status_text(data: dict) -> str:
         if p["detail"].get("lock_held_ms") is not None:
             extra = f"  lock held {p['detail']['lock_held_ms']} ms"
         lines.append(f"  {name:<9} {p['state']:<8} {p['duration_s']:>9.1f}s{extra}")
+    gates = (data.get("gates") or {}).get("gates") or []
+    for g in gates:
+        lines.append(f"gate       {'ok     ' if g.get('ok') else 'WAITING'} {g.get('gate')}: {g.get('detail')}")
     for e in data.get("recent_events", [])[-5:]:
         lines.append(f"event      {e['at'][:19]} {e['kind']}: {e['message']}")
     return "\n".join(lines)

@@ -83,6 +83,16 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         if ctx.migration is not None:
             data["in_progress"] = {"id": ctx.migration.id, "status": ctx.migration.status,
                                    "phase": ctx.migration.phase}
+        found = resolve(conn.cursor(), plan.table_name)
+        if found is not None and found[1] == "p":
+            # Already partitioned (cut over, or made by hand): the plan is the next maintain pass.
+            from orchestrator.maintain import maintenance_preview
+
+            data["validated_against_database"] = True
+            data["maintenance"] = maintenance_preview(plan, conn)
+            mp = data["maintenance"]
+            return Outcome(f"{plan.table_name} is partitioned: the next maintain pass would create "
+                           f"{len(mp['create'])} and remove {len(mp['remove'])} partition(s)", data)
         pf: Preflight = preflight(ctx, resuming=ctx.migration is not None)
         ctx.info = pf.info
         data["validated_against_database"] = True
@@ -96,6 +106,10 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         for ph in ordered():
             steps += ph.steps(ctx, pf) if ph.name == "prepare" else ph.steps(ctx)
         data["steps"] = [s.as_dict() for s in steps]
+        if ctx.migration is not None:
+            from orchestrator.phases.cutover import cutover_gates
+
+            data["gates"] = cutover_gates(ctx)
         return Outcome(f"plan for {plan.table_name}: {len(steps)} steps, "
                        f"{len(pf.partitions) + 1} partitions, ~{pf.info.estimated_rows} rows", data)
     finally:
@@ -108,7 +122,11 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
     """Run or resume the migration up to `until` (or through cutover)."""
     if until is not None and until not in PHASES:
         raise StateConflict(f"--until must be one of {', '.join(PHASES)}")
-    with session(plan, dsn) as ctx:
+    from contextlib import ExitStack
+
+    from orchestrator.control import steering
+
+    with session(plan, dsn) as ctx, ExitStack() as running:
         ctx.replica_dsns = replica_dsns
         ctx.progress = progress
         ctx.now = now
@@ -131,6 +149,8 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
         if m.status == "cut_over":
             return Outcome(f"{table} is already cut over; nothing to do (finalize or rollback next)",
                            {"status": "cut_over", "migration_id": m.id})
+        # Throttle, operator controls, live figures and metrics: ctx.options "throttle", "controls".
+        running.enter_context(steering(ctx))
         if recopy:
             _mark_recopy(ctx, recopy)
         ctx.refresh()
@@ -291,6 +311,7 @@ def status(plan: Plan, dsn: str) -> Outcome:
             "last_checkpoint": ranges["last_checkpoint"],
             "controls": controls,
             "warnings": m.facts.get("warnings", []),
+            "gates": m.facts.get("gates"),
             "recent_events": [{"at": e["at"].isoformat(), "kind": e["kind"], "message": e["message"]}
                               for e in store.events(m.id, limit=10)],
         }

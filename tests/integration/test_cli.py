@@ -77,6 +77,10 @@ def test_full_flow_on_a_quiet_table(orders, dsn, tmp_path):
         assert isinstance(status["phases"][phase]["duration_s"], float)
     assert status["ranges"]["rows_copied"] == before[0]
     assert status["phases"]["cutover"]["detail"]["lock_held_ms"] > 0
+    # once partitioned, `plan` shows what the next maintain pass would do
+    code, out, err = run_cli("plan", plan, "--dsn", dsn, "-o", "json")
+    assert code == 0, err
+    assert json.loads(out)["maintenance"]["table"] == "public.orders"
     # running it again is a no-op that says so
     code, out, _ = run_cli("apply", plan, "--dsn", dsn)
     assert code == 0 and "nothing to do" in out

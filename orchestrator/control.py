@@ -1,0 +1,354 @@
+"""Steering a running migration from another terminal: pause, resume, set.
+
+The commands only write ``orchestrate.controls`` (one row per table, a JSON object of
+settings); the running ``apply`` polls that row every second on its own session
+(:class:`Controls`) and applies each change, logging it (``control: batch_size 5000 -> 200``)
+and recording it as a ``control`` event. Settings persist across runs of apply, so a
+pause given before ``apply`` starts (or while it is down) holds when it starts.
+
+Settings (``orchestrate set PLAN key=value ...``):
+
+- ``batch_size``: rows per batch, pinned (adaptive sizing stops); ``batch_size=auto``
+  returns to the plan's sizing. Takes effect at the next batch.
+- ``max_replica_lag_s``, ``resume_replica_lag_s``: the throttle's lag thresholds (``default``
+  returns to the plan's). Setting only the pause threshold resumes at half of it.
+- ``workers``: backfill workers. Read when the backfill starts: a change reaches a running
+  backfill only at its next start (the next ``apply``); ``--workers`` on the command line wins.
+- ``paused`` (through ``orchestrate pause`` / ``resume``): the backfill waits before its next
+  batch with the throttle reason ``paused by operator``; the capture trigger keeps running.
+
+:func:`steering` wires all of it (throttle, controls, live figures, metrics) into one run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import click
+import psycopg
+from loguru import logger
+
+from orchestrator.db import connect
+from orchestrator.errors import OrchestrateError, PlanError
+from orchestrator.state.store import Store, ensure_schema
+
+POLL_S = 1.0
+
+# key -> (kind, low, high, what it does)
+SETTINGS: dict[str, tuple[type, float, float]] = {
+    "batch_size": (int, 1, 10_000_000),
+    "max_replica_lag_s": (float, 0.001, 86_400),
+    "resume_replica_lag_s": (float, 0, 86_400),
+    "workers": (int, 1, 32),
+}
+RESET_WORDS = {"batch_size": "auto", "max_replica_lag_s": "default", "resume_replica_lag_s": "default",
+               "workers": "default"}
+
+
+def parse_setting(key: str, raw: Any) -> int | float | None:
+    """Validate one setting (from the command line or the controls row); None means 'back to the plan'."""
+    if key not in SETTINGS:
+        raise PlanError(f"unknown setting {key!r}: use one of {', '.join(SETTINGS)}")
+    kind, lo, hi = SETTINGS[key]
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("auto", "default")):
+        return None
+    what = "an integer" if kind is int else "a number"
+    span = f"from {lo:g} to {hi:g}" if kind is float else f"from {int(lo)} to {int(hi)}"
+    try:
+        if isinstance(raw, bool):
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            value: int | float = int(raw) if not isinstance(raw, str) else int(raw.strip())
+        else:
+            value = float(raw)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError
+    except (TypeError, ValueError):
+        raise PlanError(f"{key} must be {what} {span} (or {RESET_WORDS[key]}), got {raw!r}") from None
+    if not lo <= value <= hi:
+        raise PlanError(f"{key} must be {what} {span} (or {RESET_WORDS[key]}), got {raw!r}")
+    return value
+
+
+def parse_assignments(pairs: tuple[str, ...] | list[str]) -> dict[str, int | float | None]:
+    """`key=value` words -> validated settings (the last of a repeated key wins)."""
+    if not pairs:
+        raise PlanError(f"nothing to set: give key=value pairs ({', '.join(SETTINGS)})")
+    out: dict[str, int | float | None] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key or not raw.strip():
+            raise PlanError(f"expected key=value, got {pair!r}")
+        out[key] = parse_setting(key, raw)
+    pause = out.get("max_replica_lag_s")
+    resume = out.get("resume_replica_lag_s")
+    if pause is not None and resume is not None and resume > pause:
+        raise PlanError(f"resume_replica_lag_s ({resume:g}) must not exceed max_replica_lag_s ({pause:g})")
+    return out
+
+
+class Controls:
+    """The running apply's side: polls the controls row and applies changes (thread-safe)."""
+
+    def __init__(self, dsn: str, table: str, *, throttler=None, mid: int | None = None,
+                 plan_fixed_batch: bool = False, poll_s: float = POLL_S):
+        self.dsn = dsn
+        self.table = table
+        self.throttler = throttler
+        self.mid = mid
+        self.poll_s = poll_s
+        self.plan_fixed_batch = plan_fixed_batch
+        self.pace = None
+        self.settings: dict[str, Any] = {}  # the last applied, validated
+        self.paused = False
+        self.workers: int | None = None
+        self.batch_size: int | None = None
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "Controls":
+        """Apply the stored settings now (so a pause holds from the first batch), then poll."""
+        self.poll()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="controls", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def bind_pace(self, pace) -> None:
+        """Called by the backfill with its shared Pace: a pinned batch size applies to it."""
+        with self._lock:
+            self.pace = pace
+            self.plan_fixed_batch = pace.fixed
+            if self.batch_size is not None:
+                with pace.lock:
+                    pace.size, pace.fixed = self.batch_size, True
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            self.poll()
+
+    def poll(self) -> None:
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.dsn, "controls")
+            raw = Store(self._conn).controls(self.table)
+        except (psycopg.Error, OrchestrateError) as e:
+            logger.warning("control: cannot read the controls: {}", str(e).strip().splitlines()[0])
+            if self._conn is not None:
+                try:
+                    self._conn.close()
+                except psycopg.Error:
+                    pass
+            self._conn = None
+            return
+        self.apply(raw)
+
+    def apply(self, raw: dict) -> None:
+        """Apply a controls row: each changed setting is applied, logged and recorded."""
+        wanted: dict[str, Any] = {"paused": bool(raw.get("paused", False))}
+        for key in SETTINGS:
+            try:
+                wanted[key] = parse_setting(key, raw.get(key))
+            except PlanError as e:
+                logger.warning("control: ignoring {}: {}", key, e)
+                wanted[key] = self.settings.get(key)
+        with self._lock:
+            changes = []
+            for key, new in wanted.items():
+                old = self.settings.get(key, False if key == "paused" else None)
+                if new == old:
+                    continue
+                shown_old = self._apply_one(key, old, new)
+                changes.append(f"{key} {shown_old} -> {_show(key, new)}")
+                self.settings[key] = new
+        for change in changes:
+            logger.info("control: {}", change)
+            self._event(f"control: {change}")
+
+    def _apply_one(self, key: str, old: Any, new: Any) -> str:
+        shown_old = _show(key, old)
+        if key == "paused":
+            self.paused = new
+            if self.throttler is not None:
+                self.throttler.set_paused(new)
+        elif key == "batch_size":
+            self.batch_size = new
+            if self.pace is not None:
+                with self.pace.lock:
+                    shown_old = str(self.pace.size) if old is None else shown_old
+                    if new is None:
+                        self.pace.fixed = self.plan_fixed_batch
+                    else:
+                        self.pace.size, self.pace.fixed = new, True
+        elif key in ("max_replica_lag_s", "resume_replica_lag_s"):
+            if self.throttler is not None:
+                pause = new if key == "max_replica_lag_s" else self.settings.get("max_replica_lag_s")
+                resume = new if key == "resume_replica_lag_s" else self.settings.get("resume_replica_lag_s")
+                shown_old = f"{getattr(self.throttler.gate, 'pause' if key.startswith('max') else 'resume'):g}"
+                self.throttler.set_thresholds(pause, resume)
+        elif key == "workers":
+            self.workers = new
+        return shown_old
+
+    def _event(self, message: str) -> None:
+        if self.mid is None or self._conn is None:
+            return
+        Store(self._conn).event(self.mid, "control", message)
+
+
+def _show(key: str, value: Any) -> str:
+    if value is None:
+        return RESET_WORDS.get(key, "none")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+@contextmanager
+def steering(ctx) -> Iterator[None]:
+    """For one apply: the throttle, the operator's controls, live figures and the metrics
+    endpoint, in ``ctx.options`` ("throttle", "controls", "live"); all stopped on exit."""
+    from orchestrator.metrics import LiveFigures, MetricsServer
+    from orchestrator.throttle import Throttler
+
+    plan = ctx.plan
+    with ExitStack() as stack:
+        throttle = ctx.options.get("throttle")
+        if throttle is None:
+            throttle = Throttler(plan.throttle, ctx.dsn, replicas=ctx.replica_dsns, mid=ctx.mid)
+            throttle.start()
+            stack.callback(throttle.stop)
+            ctx.options["throttle"] = throttle
+        controls = ctx.options.get("controls")
+        if controls is None:
+            controls = Controls(ctx.dsn, str(plan.table_name), throttler=throttle, mid=ctx.mid,
+                                plan_fixed_batch=plan.backfill.fixed_batch_size)
+            controls.start()
+            stack.callback(controls.stop)
+            ctx.options["controls"] = controls
+        if not ctx.options.get("workers") and controls.workers:
+            ctx.options["workers"] = controls.workers  # --workers > `orchestrate set workers=` > plan
+        live = LiveFigures(ctx.dsn, ctx.mid, str(plan.table_name), throttle=throttle, controls=controls)
+        live.workers = ctx.options.get("workers") or plan.backfill.workers
+        ctx.progress = live.wrap(ctx.progress)
+        ctx.options["live"] = live
+        port = ctx.options.get("metrics_port")
+        if port:
+            server = MetricsServer(port, live)
+            server.start()
+            stack.callback(server.stop)
+        live.start()
+        stack.callback(live.stop)
+        yield
+
+
+# --- commands ------------------------------------------------------------------------------
+# cli.py imports this module while it loads (to register `commands`), and the runner imports
+# it too, possibly before cli.py: the click commands are therefore built on first access to
+# `commands` (PEP 562), when cli.py's decorators exist, without importing cli.py at the top.
+
+def _set_controls(plan_file: str, dsn: str | None, settings: dict) -> tuple[str, dict, Any]:
+    from orchestrator.cli import _dsn_required
+    from orchestrator.plan import load_plan
+
+    plan = load_plan(plan_file)
+    conn = connect(_dsn_required(dsn), "control")
+    try:
+        ensure_schema(conn)
+        store = Store(conn)
+        table = str(plan.table_name)
+        stored = store.controls(table)
+        if "resume_replica_lag_s" in settings or "max_replica_lag_s" in settings:
+            pause = (settings.get("max_replica_lag_s", stored.get("max_replica_lag_s"))
+                     or plan.throttle.max_replica_lag_s)
+            resume = settings.get("resume_replica_lag_s", stored.get("resume_replica_lag_s"))
+            if resume is not None and resume > pause:
+                raise PlanError(f"resume_replica_lag_s ({resume:g}) must not exceed max_replica_lag_s ({pause:g})")
+        result = store.set_controls(table, **settings)
+        live = store.live(table)
+        if live is not None:
+            store.event(live.id, "control", f"set by {os.environ.get('USER', 'operator')}: "
+                        + ", ".join(f"{k}={_show(k, v)}" for k, v in settings.items()))
+        return table, result, live
+    finally:
+        conn.close()
+
+
+def _tail(live) -> str:
+    if live is None:
+        return " (no migration is running: it applies when apply starts)"
+    return " (the running apply picks it up within a second)"
+
+
+def _build_commands() -> list:
+    from orchestrator.cli import _emit, dsn_option, handled, output_option, plan_argument
+    from orchestrator.runner import Outcome
+
+    @click.command("pause")
+    @plan_argument
+    @dsn_option
+    @output_option
+    @handled
+    def pause_cmd(plan_file: str, dsn: str | None, output: str) -> None:
+        """Pause the backfill of a running apply before its next batch (triggers keep running)."""
+        table, result, live = _set_controls(plan_file, dsn, {"paused": True})
+        _emit(Outcome(f"{table}: backfill paused{_tail(live)}", {"table": table, "controls": result}), output)
+
+    @click.command("resume")
+    @plan_argument
+    @dsn_option
+    @output_option
+    @handled
+    def resume_cmd(plan_file: str, dsn: str | None, output: str) -> None:
+        """Undo `orchestrate pause`: the backfill continues (other throttle signals still apply)."""
+        table, result, live = _set_controls(plan_file, dsn, {"paused": False})
+        _emit(Outcome(f"{table}: backfill resumed{_tail(live)}", {"table": table, "controls": result}), output)
+
+    @click.command("set")
+    @plan_argument
+    @click.argument("assignments", nargs=-1, metavar="KEY=VALUE...")
+    @dsn_option
+    @output_option
+    @handled
+    def set_cmd(plan_file: str, assignments: tuple[str, ...], dsn: str | None, output: str) -> None:
+        """Change a running migration: batch_size (or auto), max_replica_lag_s, resume_replica_lag_s,
+        workers (from the next backfill start)."""
+        settings = parse_assignments(assignments)
+        table, result, live = _set_controls(plan_file, dsn, settings)
+        shown = ", ".join(f"{k}={_show(k, v)}" for k, v in settings.items())
+        _emit(Outcome(f"{table}: set {shown}{_tail(live)}", {"table": table, "controls": result}), output)
+
+    return [pause_cmd, resume_cmd, set_cmd]
+
+
+_commands: list | None = None
+
+
+def __getattr__(name: str):
+    global _commands
+    if name == "commands":
+        if _commands is None:
+            _commands = _build_commands()
+        return _commands
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,234 @@
+"""Live figures of a running apply: in status (``live``) and, optionally, for Prometheus.
+
+:class:`LiveFigures` sits between the backfill and the progress printer: it keeps the last
+progress figures, adds the throttle's (``lag_s``, ``throttle``) for the printer, and every
+2 s writes them as ``facts.live`` of the migration row, on its own session (role
+``orchestrate:live``), so ``orchestrate status --output json`` shows ``data["live"]``:
+
+==================  ===========================================================================
+field               meaning
+==================  ===========================================================================
+phase               the phase the run is in (prepare, capture, backfill, verify, cutover)
+active              true while the apply runs; false in the last snapshot it writes on exit
+pid                 process id of the apply
+ranges_done         ranges copied so far (all runs), of ``ranges_total``
+ranges_total        ranges planned for the backfill
+rows                rows copied by this run's backfill
+rows_per_s          this run's backfill rate (rows per second since it started)
+eta_s               estimated seconds left in the backfill (null until a range is done)
+batch_size          current rows per batch (adaptive, or pinned by ``orchestrate set``)
+batch_pinned        true when the batch size is fixed (plan or ``orchestrate set batch_size``)
+workers             backfill workers of this run (null before the backfill starts)
+lag_s               worst replica lag, seconds (null when not measured yet)
+lag_bytes           bytes of WAL not yet replayed (only without --replica-dsn: pg_stat_replication)
+throttled           true while the backfill waits
+throttle_reason     why it waits ("replica lag 12.3s on host:5432/db > 10s", "paused by operator",
+                    "replica host:5432/db unreachable: ...", ...; several joined by "; ")
+paused              true while paused by ``orchestrate pause``
+updated_at          server time of this snapshot (a stale one means the apply is gone)
+==================  ===========================================================================
+
+With ``apply --metrics-port N``, :class:`MetricsServer` serves the same figures at
+``http://<host>:N/metrics`` in the Prometheus text format (all interfaces; no dependency):
+orchestrate_rows_copied_total, orchestrate_ranges_done, orchestrate_ranges_total,
+orchestrate_batch_size, orchestrate_replica_lag_seconds, orchestrate_throttled,
+orchestrate_paused, orchestrate_rows_per_second; each labelled ``table="schema.name"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import psycopg
+from loguru import logger
+
+from orchestrator.db import connect
+from orchestrator.errors import OrchestrateError, PlanError
+
+WRITE_INTERVAL_S = 2.0
+PROGRESS_KEYS = ("ranges_done", "ranges_total", "rows", "rows_per_s", "eta_s", "batch_size")
+
+
+class LiveFigures:
+    """Collects the run's figures; writes them into facts.live every ~2 s (see module doc)."""
+
+    def __init__(self, dsn: str, mid: int, table: str, *, throttle=None, controls=None,
+                 interval_s: float = WRITE_INTERVAL_S):
+        self.dsn = dsn
+        self.mid = mid
+        self.table = table
+        self.throttle = throttle
+        self.controls = controls
+        self.interval_s = interval_s
+        self.progress: dict = {}
+        self.workers: int | None = None
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- collecting ---------------------------------------------------------------------
+    def wrap(self, printer: Callable[[dict], None] | None) -> Callable[[dict], None]:
+        """A progress callback that records the figures, adds the throttle's, then prints."""
+
+        def progress(p: dict) -> None:
+            with self._lock:
+                self.progress = dict(p)
+            if printer is not None:
+                st = self.throttle.state if self.throttle is not None else None
+                extra = {}
+                if st is not None:
+                    extra = {"lag_s": st.lag_s, "throttle": st.reason if st.throttled else None}
+                printer({**p, **extra})
+
+        return progress
+
+    def snapshot(self) -> dict:
+        """The figures now (without phase and updated_at, which the database fills in)."""
+        with self._lock:
+            p = dict(self.progress)
+        out = {k: p.get(k) for k in PROGRESS_KEYS}
+        out["rows"] = out["rows"] or 0
+        pace = getattr(self.controls, "pace", None)
+        if pace is not None:
+            out["batch_size"] = pace.size
+            out["batch_pinned"] = bool(pace.fixed)
+        else:
+            out["batch_pinned"] = None
+        out["workers"] = self.workers
+        st = self.throttle.state if self.throttle is not None else None
+        out["lag_s"] = st.lag_s if st else None
+        out["lag_bytes"] = st.lag_bytes if st else None
+        out["throttled"] = bool(st and st.throttled)
+        out["throttle_reason"] = st.reason if st and st.throttled else None
+        out["paused"] = bool(getattr(self.controls, "paused", False) or (st and st.paused))
+        out["pid"] = os.getpid()
+        out["active"] = True
+        return out
+
+    # --- writing facts.live ---------------------------------------------------------------
+    def start(self) -> "LiveFigures":
+        self.write()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="live-figures", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        self.write(active=False)
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except psycopg.Error:
+                pass
+            self._conn = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with self._lock:
+                p = self.progress
+                copying = p.get("phase") == "backfill" and p.get("ranges_done") != p.get("ranges_total")
+            if self.throttle is not None and copying:
+                try:
+                    # Keeps the figures fresh while every worker sleeps in its backoff (cached).
+                    self.throttle.check()
+                except Exception as e:  # noqa: BLE001 - a figure, never a failure of the run
+                    logger.debug("live: throttle check failed: {}", e)
+            self.write()
+
+    def write(self, active: bool = True) -> None:
+        snap = self.snapshot()
+        snap["active"] = active
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = connect(self.dsn, "live")
+                self._conn.execute("SET lock_timeout = 1000")
+            self._conn.execute(
+                "UPDATE orchestrate.migrations SET facts = jsonb_set(facts, '{live}', "
+                "%s::jsonb || jsonb_build_object('phase', phase, 'updated_at', now())) WHERE id = %s",
+                (json.dumps(snap, default=str), self.mid),
+            )
+        except (psycopg.Error, OrchestrateError) as e:
+            logger.debug("live: could not write the live figures: {}", e)
+            if self._conn is not None and self._conn.broken:
+                self._conn = None
+
+
+def render(snap: dict, table: str) -> str:
+    """The Prometheus text exposition (format 0.0.4) of a snapshot."""
+    label = '{table="' + table.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"}'
+    metrics = [
+        ("orchestrate_rows_copied_total", "counter", "Rows copied by this run's backfill.", snap.get("rows")),
+        ("orchestrate_ranges_done", "gauge", "Backfill ranges copied.", snap.get("ranges_done")),
+        ("orchestrate_ranges_total", "gauge", "Backfill ranges planned.", snap.get("ranges_total")),
+        ("orchestrate_batch_size", "gauge", "Rows per backfill batch.", snap.get("batch_size")),
+        ("orchestrate_replica_lag_seconds", "gauge", "Worst replica lag seen by the throttle.", snap.get("lag_s")),
+        ("orchestrate_throttled", "gauge", "1 while the backfill is throttled.", int(bool(snap.get("throttled")))),
+        ("orchestrate_paused", "gauge", "1 while paused by the operator.", int(bool(snap.get("paused")))),
+        ("orchestrate_rows_per_second", "gauge", "Backfill rate of this run.", snap.get("rows_per_s")),
+    ]
+    lines = []
+    for name, kind, help_text, value in metrics:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name}{label} {'NaN' if value is None else _num(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _num(v) -> str:
+    if isinstance(v, bool):
+        return str(int(v))
+    if isinstance(v, int):
+        return str(v)
+    return repr(float(v))
+
+
+class MetricsServer:
+    """A tiny HTTP server thread: GET /metrics (or /) -> the live figures."""
+
+    def __init__(self, port: int, live: LiveFigures, host: str = ""):
+        self.port = port
+        self.live = live
+        live_ref = live
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                if self.path.split("?")[0] not in ("/", "/metrics"):
+                    self.send_error(404)
+                    return
+                body = render(live_ref.snapshot(), live_ref.table).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, fmt: str, *args) -> None:
+                logger.debug("metrics: {}", fmt % args)
+
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as e:
+            raise PlanError(f"--metrics-port {port}: cannot listen ({e.strerror})") from None
+        self.server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "MetricsServer":
+        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
+        logger.info("metrics: serving Prometheus figures on port {}", self.port)
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)

@@ -1,0 +1,436 @@
+"""Throttling: when the backfill waits, so that replicas, slots and vacuum keep up.
+
+The :class:`Throttler` merely observes: its checks run on a read-only session (role
+``orchestrate:throttle``) and on one session per replica; the only thing it writes is its
+own bookkeeping in the state schema (the heartbeat row and ``throttle`` events), on a
+separate session (role ``orchestrate:throttle-writer``). It never writes the user's tables.
+
+Signals, each with the reason string that status, the progress line and the events show:
+
+- replica lag (``replica lag 12.3s on host:port/db > 10s``): for every replica DSN
+  (``throttle.replicas`` in the plan plus ``--replica-dsn``), ``clock_timestamp() - ts`` of
+  the replica's copy of ``orchestrate.heartbeat`` (id 1), which a thread on the primary
+  upserts every 0.5 s while ``throttle.heartbeat`` is on; so lag is exact even when the
+  primary is otherwise idle (resolution: the beat interval). Until the replica has
+  replayed this run's first beat, its lag is at least the time since that beat. The larger
+  of that and ``clock_timestamp() - pg_last_xact_replay_timestamp()`` while the replica has
+  received WAL it has not replayed (0 when it has replayed all it received) counts, so a
+  replica that was already behind when the run started is seen at the first check; without
+  the heartbeat only the latter is used. Without any replica DSN:
+  ``pg_stat_replication.replay_lag`` on the primary (NULL, i.e. idle, counts as 0), with the
+  byte lag as secondary information (the heartbeat's WAL keeps replay_lag growing while a
+  standby's replay is stuck).
+  Hysteresis: the pause starts above ``max_replica_lag_s`` and ends only below
+  ``resume_replica_lag_s`` (default half the pause threshold). Past
+  ``critical_replica_lag_s`` the run stops with :class:`ThrottleAbort` (exit 9, resumable).
+- fail closed (``replica host:port/db unreachable: ...``): a configured replica that cannot
+  be read throttles the run; so do failing checks on the primary.
+- WAL retained by replication slots above ``max_slot_retained_bytes``.
+- a transaction older than ``max_xact_age_s`` in this database (our own sessions, whose
+  application_name starts with ``orchestrate:``, are not counted).
+- the operator's ``query`` (throttle while it returns true; an error throttles too) and
+  ``flag_file`` (throttle while the file exists).
+- ``paused by operator`` (``orchestrate pause``, applied through :mod:`orchestrator.control`).
+
+Every backfill worker calls :meth:`Throttler.wait` before each batch. Checks are cached
+(at most one evaluation per ``check_interval_s``, shared by all workers); while throttled a
+worker sleeps with exponential backoff capped at ``backoff_max_s`` and checks again (an
+operator's resume or a changed threshold wakes it at once). The capture trigger is not
+affected by any of this: while the backfill waits, the application's writes keep reaching
+the twin.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import psycopg
+from loguru import logger
+from psycopg.conninfo import conninfo_to_dict
+
+from orchestrator.db import connect
+from orchestrator.errors import OrchestrateError, ThrottleAbort
+from orchestrator.plan import Throttle
+from orchestrator.state.store import Store
+
+CHECK_INTERVAL_S = 0.5
+HEARTBEAT_INTERVAL_S = 0.5
+FIRST_BACKOFF_S = 0.25
+CHECK_STATEMENT_TIMEOUT_MS = 5000
+TRIGGERS_NOTE = "the capture trigger still runs: writes keep reaching the twin"
+
+
+@dataclass(frozen=True)
+class ThrottleState:
+    """The last decision: what progress, status and metrics show."""
+
+    throttled: bool = False
+    reason: str | None = None
+    lag_s: float | None = None
+    lag_bytes: int | None = None
+    paused: bool = False
+    critical: str | None = None
+    checked_at: float = 0.0  # time.monotonic() of the evaluation; 0 = never
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("checked_at")
+        return d
+
+
+class LagGate:
+    """Hysteresis on one number: closes above `pause`, opens again only below `resume`."""
+
+    def __init__(self, pause: float, resume: float | None = None):
+        self.closed = False
+        self.pause = pause
+        self.resume = pause / 2
+        self.set(pause, resume)
+
+    def set(self, pause: float, resume: float | None = None) -> None:
+        self.pause = pause
+        self.resume = pause / 2 if resume is None else min(resume, pause)
+
+    def update(self, value: float | None) -> bool:
+        """Feed a reading (None: unknown, keeps the state); True while the gate is closed."""
+        if value is not None:
+            if value > self.pause:
+                self.closed = True
+            elif value < self.resume:
+                self.closed = False
+        return self.closed
+
+
+def backoff(first: float, cap: float):
+    """first, 2*first, 4*first, ... capped at cap."""
+    d = first
+    while True:
+        yield min(d, cap)
+        d = min(d * 2, cap)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def dsn_label(dsn: str) -> str:
+    """host:port/dbname of a DSN: short, and without the password."""
+    try:
+        p = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "<invalid dsn>"
+    host = p.get("host") or p.get("hostaddr") or "localhost"
+    return f"{host}:{p.get('port') or 5432}/{p.get('dbname') or p.get('user') or ''}"
+
+
+class Throttler:
+    """Decides whether the backfill may run its next batch. Thread-safe; see the module doc."""
+
+    def __init__(self, settings: Throttle, dsn: str, *, replicas: tuple[str, ...] | list[str] = (),
+                 mid: int | None = None, check_interval_s: float = CHECK_INTERVAL_S,
+                 heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S):
+        self.settings = settings
+        self.dsn = dsn
+        self.replicas = tuple(dict.fromkeys([*settings.replicas, *replicas]))
+        self.mid = mid
+        self.check_interval_s = check_interval_s
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.gate = LagGate(settings.max_replica_lag_s, settings.resume_replica_lag_s)
+        self.critical_s = settings.critical_replica_lag_s
+        self.backoff_max_s = settings.backoff_max_s
+        self._paused = False
+        self._state = ThrottleState()
+        self._keys: tuple = ()
+        self._lock = threading.Lock()  # one evaluation at a time; the checks' sessions
+        self._wake = threading.Condition()
+        self._generation = 0
+        self._conn: psycopg.Connection | None = None  # read-only checks on the primary
+        self._writer: psycopg.Connection | None = None  # heartbeat row and events
+        self._writer_lock = threading.Lock()
+        self._replica_conns: dict[str, psycopg.Connection] = {}
+        self._hb_thread: threading.Thread | None = None
+        self._hb_stop = threading.Event()
+        self._hb_started: datetime | None = None  # primary time of this run's first beat
+        self._hb_ok_at = 0.0
+
+    # --- life cycle -------------------------------------------------------------------
+    def start(self) -> "Throttler":
+        """Write the first heartbeat (so replica lag is measured from now) and start beating."""
+        if self.settings.heartbeat:
+            self._beat()
+            self._hb_stop.clear()
+            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="throttle-heartbeat", daemon=True)
+            self._hb_thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._hb_stop.set()
+        if self._hb_thread is not None:
+            self._hb_thread.join(timeout=5)
+            self._hb_thread = None
+        with self._lock:
+            for c in [self._conn, *self._replica_conns.values()]:
+                _close(c)
+            self._conn = None
+            self._replica_conns.clear()
+        with self._writer_lock:
+            _close(self._writer)
+            self._writer = None
+
+    # --- operator's knobs (from orchestrator.control) ----------------------------------
+    def set_paused(self, paused: bool) -> None:
+        self._paused = bool(paused)
+        self._poke()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def set_thresholds(self, max_replica_lag_s: float | None = None, resume_replica_lag_s: float | None = None) -> None:
+        """New lag thresholds (None: the plan's); takes effect at the next check."""
+        pause = max_replica_lag_s if max_replica_lag_s is not None else self.settings.max_replica_lag_s
+        resume = resume_replica_lag_s if resume_replica_lag_s is not None else (
+            self.settings.resume_replica_lag_s if max_replica_lag_s is None else None)
+        self.gate.set(pause, resume)
+        self._poke()
+
+    def _poke(self) -> None:
+        """Invalidate the cached decision and wake the waiting workers."""
+        with self._wake:
+            self._state = ThrottleState(**{**asdict(self._state), "checked_at": 0.0})
+            self._generation += 1
+            self._wake.notify_all()
+
+    # --- the decision -------------------------------------------------------------------
+    @property
+    def state(self) -> ThrottleState:
+        return self._state
+
+    def check(self, force: bool = False) -> ThrottleState:
+        """The current decision, evaluated at most once per check interval (shared)."""
+        if not force and time.monotonic() - self._state.checked_at < self.check_interval_s:
+            return self._state
+        with self._lock:
+            if not force and time.monotonic() - self._state.checked_at < self.check_interval_s:
+                return self._state  # another worker evaluated while we waited for the lock
+            state, keys = self._evaluate()
+            self._record(state, keys)
+            self._state = state
+            return state
+
+    def wait(self, stop: threading.Event) -> None:
+        """Return when the next batch may run (or `stop` is set); raise ThrottleAbort past critical."""
+        delays = backoff(FIRST_BACKOFF_S, self.backoff_max_s)
+        while not stop.is_set():
+            st = self.check()
+            if st.critical:
+                raise ThrottleAbort(st.critical)
+            if not st.throttled:
+                return
+            self._sleep(next(delays), stop)
+
+    def _sleep(self, seconds: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + seconds
+        gen = self._generation
+        with self._wake:
+            while not stop.is_set() and self._generation == gen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._wake.wait(min(left, 0.25))
+
+    def _evaluate(self) -> tuple[ThrottleState, tuple]:
+        s = self.settings
+        reasons: list[tuple[str, str]] = []  # (stable key, text): events fire when the keys change
+        critical = None
+        if self._paused:
+            reasons.append(("paused", "paused by operator"))
+        if s.flag_file and os.path.exists(s.flag_file):
+            reasons.append(("flag", f"flag file {s.flag_file} exists"))
+        lag: float | None = None
+        lag_bytes: int | None = None
+        lag_on = ""
+        for dsn in self.replicas:
+            try:
+                value = self._replica_lag(dsn)
+            except (psycopg.Error, OrchestrateError) as e:
+                _close(self._replica_conns.pop(dsn, None))
+                reasons.append((f"unreachable {dsn}", f"replica {dsn_label(dsn)} unreachable: {_first_line(e)}"))
+                continue
+            if lag is None or value > lag:
+                lag, lag_on = value, f" on {dsn_label(dsn)}"
+        try:
+            conn = self._primary()
+            if not self.replicas:
+                lag, lag_bytes = self._primary_replication_lag(conn)
+                lag_on = " (pg_stat_replication)"
+            if s.max_slot_retained_bytes is not None:
+                row = conn.execute(
+                    "SELECT slot_name, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained "
+                    "FROM pg_replication_slots WHERE restart_lsn IS NOT NULL ORDER BY 2 DESC LIMIT 1"
+                ).fetchone()
+                if row and row[1] > s.max_slot_retained_bytes:
+                    reasons.append(("slot", f"slot {row[0]} retains {row[1]} bytes of WAL > "
+                                            f"{s.max_slot_retained_bytes}"))
+            if s.max_xact_age_s is not None:
+                row = conn.execute(
+                    "SELECT pid, coalesce(application_name, ''), "
+                    "extract(epoch FROM clock_timestamp() - xact_start)::float8 "
+                    "FROM pg_stat_activity WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() "
+                    "AND datname = current_database() AND backend_type = 'client backend' "
+                    "AND coalesce(application_name, '') NOT LIKE 'orchestrate:%' "
+                    "ORDER BY xact_start LIMIT 1"
+                ).fetchone()
+                if row and row[2] > s.max_xact_age_s:
+                    who = f" ({row[1]})" if row[1] else ""
+                    reasons.append(("xact", f"transaction of pid {row[0]}{who} open for {row[2]:.0f}s > "
+                                            f"{s.max_xact_age_s:g}s"))
+            if s.query:
+                try:
+                    row = conn.execute(s.query).fetchone()
+                except psycopg.Error as e:
+                    if conn.broken:
+                        raise
+                    reasons.append(("query error", f"throttle query failed: {_first_line(e)}"))
+                else:
+                    if row is not None and row[0]:
+                        reasons.append(("query", "throttle query returned true"))
+        except (psycopg.Error, OrchestrateError) as e:
+            _close(self._conn)
+            self._conn = None
+            reasons.append(("primary", f"throttle checks failed on the primary: {_first_line(e)}"))
+        if self.gate.update(lag):
+            shown = f"{lag:.1f}s" if lag is not None else "unknown"
+            if lag is not None and lag > self.gate.pause:
+                text = f"replica lag {shown}{lag_on} > {self.gate.pause:g}s"
+            else:
+                text = f"replica lag {shown}{lag_on}: waiting until below {self.gate.resume:g}s"
+            reasons.append(("lag", text))
+        if self.critical_s is not None and lag is not None and lag > self.critical_s:
+            critical = (f"replica lag {lag:.1f}s{lag_on} passed the critical threshold {self.critical_s:g}s: "
+                        "backfill stopped to protect the replicas (run apply again to resume)")
+        state = ThrottleState(
+            throttled=bool(reasons) or critical is not None,
+            reason="; ".join(t for _, t in reasons) or (critical and "critical replica lag"),
+            lag_s=None if lag is None else round(lag, 3),
+            lag_bytes=lag_bytes,
+            paused=self._paused,
+            critical=critical,
+            checked_at=time.monotonic(),
+        )
+        return state, tuple(k for k, _ in reasons) + (("critical",) if critical else ())
+
+    def _record(self, state: ThrottleState, keys: tuple) -> None:
+        """Log and record an event when the decision (its set of reasons) changes."""
+        if keys == self._keys:
+            return
+        was = self._state
+        self._keys = keys
+        if state.critical:
+            logger.error("throttle: {}", state.critical)
+            self._event(f"critical: {state.critical}")
+        elif state.throttled:
+            logger.warning("backfill throttled: {} ({})", state.reason, TRIGGERS_NOTE)
+            self._event(f"throttled: {state.reason} ({TRIGGERS_NOTE})")
+        else:
+            logger.info("backfill resumes: throttle lifted (was: {})", was.reason)
+            self._event(f"resumed (was: {was.reason})")
+
+    # --- sessions and queries -------------------------------------------------------------
+    def _primary(self) -> psycopg.Connection:
+        if self._conn is None or self._conn.closed:
+            conn = connect(self.dsn, "throttle")
+            conn.execute(f"SET statement_timeout = {CHECK_STATEMENT_TIMEOUT_MS}")
+            conn.execute("SET default_transaction_read_only = on")  # merely observes
+            self._conn = conn
+        return self._conn
+
+    @staticmethod
+    def _primary_replication_lag(conn: psycopg.Connection) -> tuple[float, int | None]:
+        row = conn.execute(
+            "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8, "
+            "max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint FROM pg_stat_replication"
+        ).fetchone()
+        return float(row[0]), (None if row[1] is None else int(row[1]))
+
+    def _replica_lag(self, dsn: str) -> float:
+        conn = self._replica_conns.get(dsn)
+        if conn is None or conn.closed:
+            conn = connect(dsn, "throttle-replica")
+            conn.execute(f"SET statement_timeout = {CHECK_STATEMENT_TIMEOUT_MS}")
+            self._replica_conns[dsn] = conn
+        # Received but not replayed: the age of the last replayed commit (the heartbeat commits
+        # every beat, so on a primary that is otherwise idle this is still exact to a beat).
+        behind = float(conn.execute(
+            "SELECT CASE WHEN NOT pg_is_in_recovery() "
+            "  OR pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 "
+            "ELSE coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), 0) END::float8"
+        ).fetchone()[0])
+        beating = self._hb_started is not None and time.monotonic() - self._hb_ok_at < 5 * max(
+            1.0, self.heartbeat_interval_s)
+        if not beating:
+            return max(0.0, behind)
+        # The heartbeat also sees WAL the replica has not even received; until the replica has
+        # replayed this run's first beat, it is at least the time since that beat behind.
+        has = conn.execute("SELECT to_regclass('orchestrate.heartbeat') IS NOT NULL").fetchone()[0]
+        if has:
+            row = conn.execute(
+                "SELECT extract(epoch FROM clock_timestamp() - greatest(max(ts), %s::timestamptz))::float8 "
+                "FROM orchestrate.heartbeat WHERE id = 1",
+                (self._hb_started,),
+            ).fetchone()
+        else:
+            row = conn.execute("SELECT extract(epoch FROM clock_timestamp() - %s::timestamptz)::float8",
+                               (self._hb_started,)).fetchone()
+        return max(0.0, behind, float(row[0]))
+
+    def _writer_conn(self) -> psycopg.Connection:
+        if self._writer is None or self._writer.closed:
+            conn = connect(self.dsn, "throttle-writer")
+            # A paused or slow synchronous standby must not hold up the heartbeat itself.
+            conn.execute("SET synchronous_commit = local")
+            conn.execute("SET lock_timeout = 2000")
+            self._writer = conn
+        return self._writer
+
+    def _beat(self) -> None:
+        try:
+            with self._writer_lock:
+                ts = self._writer_conn().execute(
+                    "INSERT INTO orchestrate.heartbeat (id, ts) VALUES (1, clock_timestamp()) "
+                    "ON CONFLICT (id) DO UPDATE SET ts = excluded.ts RETURNING ts"
+                ).fetchone()[0]
+            if self._hb_started is None:
+                self._hb_started = ts
+            self._hb_ok_at = time.monotonic()
+        except (psycopg.Error, OrchestrateError) as e:
+            with self._writer_lock:
+                _close(self._writer)
+                self._writer = None
+            logger.warning("throttle: heartbeat failed: {}", _first_line(e))
+
+    def _heartbeat_loop(self) -> None:
+        while not self._hb_stop.wait(self.heartbeat_interval_s):
+            self._beat()
+
+    def _event(self, message: str) -> None:
+        if self.mid is None:
+            return
+        try:
+            with self._writer_lock:
+                Store(self._writer_conn()).event(self.mid, "throttle", message)
+        except (psycopg.Error, OrchestrateError) as e:
+            logger.warning("throttle: could not record event: {}", _first_line(e))
+
+
+def _close(conn: psycopg.Connection | None) -> None:
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass

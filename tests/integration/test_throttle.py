@@ -1,0 +1,287 @@
+"""Throttling against the real cluster: replica lag (heartbeat), fail closed, slots, old
+transactions, the operator's query and flag file, adaptive batch sizes.
+
+The session cluster's replica is shared: every test that pauses replay resumes it in a
+``finally``. Applies run in subprocesses (``python -m orchestrator apply``) and are watched
+through the live figures they write (``facts.live``, shown by ``status --output json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from helpers import REPO_ROOT, run_cli, wait_until
+
+from orchestrator.errors import ThrottleAbort
+from orchestrator.plan import Throttle
+from orchestrator.sample import create_orders
+from orchestrator.throttle import Throttler
+
+# A backfill of a few seconds: small pinned batches with a pause after each one.
+SLOW_BACKFILL = {"range": "1 day", "batch_size": 500, "fixed_batch_size": True, "sleep_ratio": 3}
+
+
+def write_plan(tmp_path: Path, table: str = "public.orders", name: str = "plan.yaml", **sections) -> Path:
+    plan = {"version": 1, "table": table, "partition_by": {"column": "created_at", "interval": "1 month"},
+            **sections}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def start_apply(tmp_path: Path, plan: Path, dsn: str, *args: str) -> subprocess.Popen:
+    log = open(tmp_path / f"apply-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed with the process
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "apply", str(plan), "--dsn", dsn, *args],
+                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    log.close()
+    return proc
+
+
+def apply_log(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def live(conn: psycopg.Connection) -> dict:
+    """facts.live of the newest migration (what status shows as `live`)."""
+    if not conn.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0]:
+        return {}
+    row = conn.execute("SELECT facts->'live' FROM orchestrate.migrations ORDER BY id DESC LIMIT 1").fetchone()
+    return (row and row[0]) or {}
+
+
+def rows_copied(conn: psycopg.Connection) -> int:
+    return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM orchestrate.ranges").fetchone()[0])
+
+
+def status_json(plan: Path, dsn: str) -> dict:
+    code, out, err = run_cli("status", str(plan), "--dsn", dsn, "--output", "json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def assert_stalled(conn: psycopg.Connection, seconds: float = 1.5) -> None:
+    time.sleep(0.5)  # a batch already under way may finish
+    before = rows_copied(conn)
+    time.sleep(seconds)
+    assert rows_copied(conn) == before, "the backfill kept copying while throttled"
+
+
+def throttle_events(conn: psycopg.Connection, prefix: str) -> int:
+    return conn.execute("SELECT count(*) FROM orchestrate.events WHERE kind = 'throttle' AND message LIKE %s",
+                        (prefix + "%",)).fetchone()[0]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_replica_lag_stops_the_backfill_and_caught_up_replay_lets_it_finish(cluster, dsn, replica_dsn, conn, tmp_path):
+    create_orders(conn, rows=20_000, days=5)
+    plan = write_plan(tmp_path, backfill={**SLOW_BACKFILL, "batch_size": 200, "sleep_ratio": 8},
+                      throttle={"max_replica_lag_s": 1.0, "resume_replica_lag_s": 0.7, "backoff_max_s": 0.5})
+    cluster.wait_replica_caught_up()
+    proc = None
+    try:
+        # 1. A replica already behind when apply starts: no batch runs at all.
+        cluster.pause_replay()
+        conn.execute("SELECT pg_switch_wal(), txid_current()")  # WAL the replica receives, not replays
+        time.sleep(1.5)
+        proc = start_apply(tmp_path, plan, dsn, "--until", "backfill", "--replica-dsn", replica_dsn)
+        wait_until(lambda: live(conn).get("throttled") or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, apply_log(proc)
+        data = status_json(plan, dsn)
+        assert data["live"]["throttled"] is True
+        assert data["live"]["throttle_reason"].startswith("replica lag "), data["live"]
+        assert data["live"]["lag_s"] > 1.0
+        assert_stalled(conn, 1.0)
+        assert rows_copied(conn) == 0
+        cluster.resume_replay()
+        # 2. Replay caught up: the backfill runs; stopping replay again stops it mid-way.
+        wait_until(lambda: rows_copied(conn) > 0, timeout=30, message="did not resume after replay caught up")
+        cluster.pause_replay()
+        wait_until(lambda: throttle_events(conn, "throttled: replica lag") == 2 or proc.poll() is not None,
+                   timeout=15)
+        assert proc.poll() is None, apply_log(proc)
+        assert_stalled(conn)
+        assert 0 < rows_copied(conn) < 20_000
+        wait_until(lambda: live(conn).get("throttled"), timeout=10)
+        data = status_json(plan, dsn)
+        assert "replica lag" in data["live"]["throttle_reason"], data["live"]
+        assert data["phases"]["backfill"]["state"] == "running"
+        cluster.resume_replay()
+        # Finish quickly: bigger batches (fewer pauses after them) for the rest.
+        code, _, err = run_cli("set", str(plan), "batch_size=5000", "--dsn", dsn)
+        assert code == 0, err
+        assert proc.wait(120) == 0, apply_log(proc)
+    finally:
+        cluster.resume_replay()
+        if proc is not None:
+            stop(proc)
+    data = status_json(plan, dsn)
+    assert data["phases"]["backfill"]["state"] == "done"
+    assert data["ranges"]["rows_copied"] == 20_000
+    assert data["live"]["active"] is False and data["live"]["throttled"] is False
+    events = conn.execute("SELECT message FROM orchestrate.events WHERE kind = 'throttle' ORDER BY id").fetchall()
+    messages = [m for (m,) in events]
+    assert sum(m.startswith("throttled: replica lag") for m in messages) == 2, messages
+    assert all("writes keep reaching the twin" in m for m in messages if m.startswith("throttled"))
+    assert sum(m.startswith("resumed") for m in messages) == 2, messages
+    log = apply_log(proc)
+    assert "backfill throttled: replica lag" in log and "backfill resumes" in log
+
+
+def test_unreachable_replica_fails_closed(dsn, conn, tmp_path):
+    create_orders(conn, rows=5_000, days=3)
+    plan = write_plan(tmp_path, backfill=SLOW_BACKFILL, throttle={"backoff_max_s": 0.5})
+    port = closed_port()
+    bad = f"postgresql://postgres@127.0.0.1:{port}/nowhere?connect_timeout=2"
+    proc = start_apply(tmp_path, plan, dsn, "--until", "backfill", "--replica-dsn", bad)
+    try:
+        wait_until(lambda: live(conn).get("throttled") or proc.poll() is not None, timeout=60,
+                   message="an unreachable replica did not throttle")
+        assert proc.poll() is None, apply_log(proc)
+        data = status_json(plan, dsn)
+        reason = data["live"]["throttle_reason"]
+        assert reason.startswith(f"replica 127.0.0.1:{port}/nowhere unreachable: "), reason
+        assert_stalled(conn, 1.0)
+        assert rows_copied(conn) == 0  # throttled before the very first batch
+        assert data["phases"]["backfill"]["state"] == "running"
+    finally:
+        stop(proc)
+
+
+def test_flag_file_and_operator_query_hold_the_backfill(dsn, conn, tmp_path):
+    create_orders(conn, rows=5_000, days=3)
+    conn.execute("CREATE TABLE public.gate (closed boolean NOT NULL)")
+    conn.execute("INSERT INTO public.gate VALUES (true)")
+    flag = tmp_path / "hold-backfill"
+    flag.touch()
+    plan = write_plan(tmp_path, throttle={"flag_file": str(flag), "query": "SELECT closed FROM public.gate",
+                                          "backoff_max_s": 0.5})
+    proc = start_apply(tmp_path, plan, dsn, "--until", "backfill")
+    try:
+        wait_until(lambda: live(conn).get("throttled") or proc.poll() is not None, timeout=60)
+        assert proc.poll() is None, apply_log(proc)
+        reason = status_json(plan, dsn)["live"]["throttle_reason"]
+        assert f"flag file {flag} exists" in reason and "throttle query returned true" in reason, reason
+        flag.unlink()
+        wait_until(lambda: live(conn).get("throttle_reason") == "throttle query returned true", timeout=15)
+        assert_stalled(conn, 1.0)
+        assert rows_copied(conn) == 0
+        conn.execute("UPDATE public.gate SET closed = false")
+        assert proc.wait(60) == 0, apply_log(proc)
+    finally:
+        stop(proc)
+    assert rows_copied(conn) == 5_000
+    assert conn.execute("SELECT closed FROM public.gate").fetchone()[0] is False  # merely observed
+
+
+def test_throttler_hysteresis_and_critical_lag_on_a_paused_replica(cluster, dsn, replica_dsn, conn):
+    conn.execute("CREATE SCHEMA IF NOT EXISTS orchestrate")
+    conn.execute("CREATE TABLE orchestrate.heartbeat (id int PRIMARY KEY, ts timestamptz NOT NULL)")
+    cluster.wait_replica_caught_up()
+    settings = Throttle(max_replica_lag_s=1.0, resume_replica_lag_s=0.8, critical_replica_lag_s=2.5,
+                        replicas=[replica_dsn], backoff_max_s=0.2)
+    t = Throttler(settings, dsn, check_interval_s=0.1).start()
+    try:
+        wait_until(lambda: not t.check().throttled, timeout=10)
+        assert t.state.lag_s is not None and t.state.lag_s < 1.0
+        cluster.pause_replay()
+        st = wait_until(lambda: t.check().throttled and t.state, timeout=10)
+        assert st.reason.startswith("replica lag ") and "> 1s" in st.reason, st.reason
+        assert st.critical is None
+        stop = threading.Event()
+        started = time.monotonic()
+        with pytest.raises(ThrottleAbort, match="critical threshold 2.5s"):
+            t.wait(stop)  # waits (throttled) until the lag passes the critical threshold
+        assert time.monotonic() - started > 0.3
+        cluster.resume_replay()
+        wait_until(lambda: not t.check().throttled, timeout=10, message="lag did not come back below resume")
+        t.wait(stop)  # returns at once
+    finally:
+        cluster.resume_replay()
+        t.stop()
+
+
+def test_throttler_slot_retention_and_old_transactions(dsn, conn):
+    slot = f"t_throttle_{os.getpid()}"
+    try:
+        conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        retained = conn.execute("SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn))::bigint "
+                                "FROM pg_replication_slots").fetchone()[0]
+        settings = Throttle(max_slot_retained_bytes=retained + 2_000_000, max_xact_age_s=1.0, backoff_max_s=0.2)
+        t = Throttler(settings, dsn, check_interval_s=0.05)  # no heartbeat thread: nothing to start
+        assert not t.check(force=True).throttled, t.state.reason
+        # ~5 MB of WAL that nothing consumes: our slot (never read) holds it back.
+        conn.execute("CREATE TABLE public.filler AS SELECT g, md5(g::text) AS m FROM generate_series(1, 60000) g")
+        st = t.check(force=True)
+        assert st.throttled and st.reason.startswith(f"slot {slot} retains "), st.reason
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        assert not t.check(force=True).throttled, t.state.reason
+
+        ours = psycopg.connect(dsn, application_name="orchestrate:other-run")
+        app = psycopg.connect(dsn, application_name="reporting")
+        try:
+            ours.execute("SELECT 1")  # a transaction stays open (not autocommit)
+            app.execute("SELECT 1")
+            time.sleep(1.3)
+            st = t.check(force=True)
+            assert st.throttled and "(reporting) open for" in st.reason and "> 1s" in st.reason, st.reason
+            app.commit()
+            assert not t.check(force=True).throttled, t.state.reason  # ours does not count
+        finally:
+            ours.close()
+            app.close()
+        t.stop()
+    finally:
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
+                     (slot,))
+
+
+WIDE_PAYLOAD = "(SELECT string_agg(md5(random()::text || g.g || k), '') FROM generate_series(1, 250) AS k)"
+
+
+def test_adaptive_batch_size_follows_row_width(dsn, conn, tmp_path):
+    # Same target duration, same start: 8 kB rows (incompressible, TOASTed) against near-empty ones.
+    for table, rows, payload in (("narrow", 40_000, "''"), ("wide", 3_000, WIDE_PAYLOAD)):
+        conn.execute(f"CREATE TABLE public.{table} (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, "
+                     "payload text NOT NULL)")
+        conn.execute(f"INSERT INTO public.{table} SELECT g, timestamptz '2025-01-01' + g * interval '1 second', "
+                     f"{payload} FROM generate_series(1, %s) AS g", (rows,))
+    sizes = {}
+    for table, rows in (("narrow", 40_000), ("wide", 3_000)):
+        plan = write_plan(tmp_path, f"public.{table}", f"{table}.yaml",
+                          backfill={"range": "1 month", "batch_size": 2000, "min_batch_size": 20,
+                                    "max_batch_size": 200_000, "target_batch_seconds": 0.1})
+        code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--until", "backfill")
+        assert code == 0, err
+        data = status_json(plan, dsn)
+        sizes[table] = data["live"]["batch_size"]
+        assert data["live"]["batch_pinned"] is False
+        assert data["ranges"]["rows_copied"] == rows
+    assert sizes["narrow"] > 2000 > sizes["wide"], sizes
+    assert sizes["narrow"] > 4 * sizes["wide"], sizes

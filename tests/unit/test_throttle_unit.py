@@ -1,0 +1,145 @@
+"""Pure parts of throttling and control: hysteresis, backoff, settings, Pace, metrics text."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from itertools import islice
+
+import pytest
+
+from orchestrator.control import Controls, parse_assignments, parse_setting
+from orchestrator.errors import PlanError
+from orchestrator.metrics import render
+from orchestrator.phases.backfill import Pace
+from orchestrator.plan import Throttle
+from orchestrator.throttle import LagGate, Throttler, ThrottleState, backoff, dsn_label
+
+
+def test_lag_gate_has_hysteresis():
+    g = LagGate(10.0)
+    assert g.resume == 5.0
+    assert [g.update(v) for v in (1, 9.9, 10.5, 9, 6, 5.1, None, 4.9, 8, 10)] == [
+        False, False, True, True, True, True, True, False, False, False]
+    g.set(2.0, 1.5)
+    assert (g.pause, g.resume) == (2.0, 1.5)
+    g.set(2.0, 3.0)  # a resume above the pause would never pause: clamped
+    assert g.resume == 2.0
+
+
+def test_backoff_doubles_up_to_the_cap():
+    assert list(islice(backoff(0.25, 3.0), 7)) == [0.25, 0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
+
+
+def test_parse_settings():
+    assert parse_setting("batch_size", "200") == 200
+    assert parse_setting("batch_size", "auto") is None
+    assert parse_setting("max_replica_lag_s", "2.5") == 2.5
+    assert parse_setting("workers", 4) == 4
+    assert parse_assignments(["batch_size=100", "batch_size=300", "workers=3"]) == {"batch_size": 300, "workers": 3}
+    for bad in (["x=1"], ["batch_size=1.5"], ["batch_size=0"], ["workers=40"], ["max_replica_lag_s=nan"],
+                ["max_replica_lag_s=-1"], ["batch_size="], ["=3"], ["batch_size"], [],
+                ["max_replica_lag_s=2", "resume_replica_lag_s=3"]):
+        with pytest.raises(PlanError):
+            parse_assignments(bad)
+
+
+def _converge(pace: Pace, seconds_per_row: float, batches: int = 40) -> int:
+    for _ in range(batches):
+        pace.observe(pace.size, pace.size * seconds_per_row + 0.001)
+    return pace.size
+
+
+def test_pace_moves_toward_the_target_duration():
+    narrow = _converge(Pace(5000, 0.5, 100, 200_000, False), 1e-6)  # 1 µs per row
+    wide = _converge(Pace(5000, 0.5, 100, 200_000, False), 1e-4)  # 100 µs per row
+    assert narrow == 200_000  # capped at max_batch_size
+    assert 4000 <= wide <= 6000  # 0.5 s / 100 µs = 5000 rows
+    slow = _converge(Pace(5000, 0.5, 100, 200_000, False), 1e-2)
+    assert slow == 100  # floored at min_batch_size
+    pinned = Pace(5000, 0.5, 100, 200_000, True)
+    assert _converge(pinned, 1e-2) == 5000
+    tail = Pace(5000, 0.5, 100, 200_000, False)
+    tail.observe(10, 5.0)  # a short tail batch says nothing about speed
+    assert tail.size == 5000
+
+
+def test_controls_apply_pins_the_batch_and_steers_the_throttle():
+    t = Throttler(Throttle(max_replica_lag_s=10), "host=127.0.0.1 port=1")
+    c = Controls("host=127.0.0.1 port=1", "public.orders", throttler=t)
+    pace = Pace(5000, 0.5, 100, 200_000, False)
+    c.apply({"batch_size": 300})  # before the backfill binds its pace: kept for it
+    c.bind_pace(pace)
+    assert (pace.size, pace.fixed) == (300, True)
+    c.apply({"batch_size": "auto", "paused": True, "max_replica_lag_s": 4, "workers": 3})
+    assert pace.fixed is False and t.paused and c.paused and c.workers == 3
+    assert (t.gate.pause, t.gate.resume) == (4, 2)
+    c.apply({"max_replica_lag_s": 4, "resume_replica_lag_s": 3, "batch_size": "oops"})  # bad value ignored
+    assert (t.gate.pause, t.gate.resume) == (4, 3) and not t.paused
+    c.apply({})
+    assert (t.gate.pause, t.gate.resume) == (10, 5) and c.workers is None
+
+
+def test_throttler_fails_closed_and_reports_every_reason(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flag = tmp_path / "hold"
+    flag.touch()
+    t = Throttler(Throttle(flag_file=str(flag), replicas=[f"postgresql://u:secret@127.0.0.1:{port}/r"]),
+                  f"host=127.0.0.1 port={port} dbname=p connect_timeout=2")
+    t.set_paused(True)
+    st = t.check(force=True)
+    assert st.throttled and st.paused
+    assert st.reason.startswith(f"paused by operator; flag file {flag} exists; replica 127.0.0.1:{port}/r "
+                                "unreachable: "), st.reason
+    assert "throttle checks failed on the primary" in st.reason and "secret" not in st.reason
+    stop = threading.Event()
+    stop.set()
+    t.wait(stop)  # returns at once when the backfill stops
+    t.stop()
+
+
+def test_wait_is_woken_by_an_operator_change(tmp_path):
+    flag = tmp_path / "hold"
+    flag.touch()
+    t = Throttler(Throttle(flag_file=str(flag), backoff_max_s=30), "host=127.0.0.1 port=1", check_interval_s=0.05)
+
+    def evaluate():  # the flag file only: no database in a unit test
+        reasons = [("flag", "flag")] if flag.exists() else []
+        reasons += [("paused", "paused by operator")] if t.paused else []
+        return ThrottleState(bool(reasons), "; ".join(r for _, r in reasons) or None,
+                             checked_at=time.monotonic()), tuple(k for k, _ in reasons)
+
+    t._evaluate = evaluate
+    t._event = lambda message: None
+    stop = threading.Event()
+    done = threading.Event()
+    threading.Thread(target=lambda: (t.wait(stop), done.set()), daemon=True).start()
+    time.sleep(2.0)  # the worker backs off: 0.25, 0.5, 1, then 2 s from 1.75 s to 3.75 s
+    assert not done.is_set()
+    flag.unlink()
+    t.set_thresholds(5)  # any change wakes the waiting workers at once
+    assert done.wait(0.6)
+
+
+def test_dsn_label_hides_the_password():
+    assert dsn_label("postgresql://u:pw@db.example:6432/app") == "db.example:6432/app"
+    assert dsn_label("host=r1 dbname=x password=pw") == "r1:5432/x"
+
+
+def test_metrics_text_format():
+    text = render({"rows": 1200, "ranges_done": 3, "ranges_total": 9, "batch_size": 500, "lag_s": 1.25,
+                   "throttled": True, "paused": False, "rows_per_s": None}, 'public."Odd"')
+    lines = text.splitlines()
+    assert 'orchestrate_rows_copied_total{table="public.\\"Odd\\""} 1200' in lines
+    assert 'orchestrate_replica_lag_seconds{table="public.\\"Odd\\""} 1.25' in lines
+    assert 'orchestrate_throttled{table="public.\\"Odd\\""} 1' in lines
+    assert 'orchestrate_rows_per_second{table="public.\\"Odd\\""} NaN' in lines
+    assert "# TYPE orchestrate_rows_copied_total counter" in lines
+    assert text.endswith("\n")
+    names = {line.split("{")[0] for line in lines if not line.startswith("#")}
+    assert names == {"orchestrate_rows_copied_total", "orchestrate_ranges_done", "orchestrate_ranges_total",
+                     "orchestrate_batch_size", "orchestrate_replica_lag_seconds", "orchestrate_throttled",
+                     "orchestrate_paused", "orchestrate_rows_per_second"}
