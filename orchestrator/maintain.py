@@ -86,11 +86,10 @@ import psycopg
 from loguru import logger
 from psycopg import errors as pgerr
 
-from orchestrator.db import connect, is_connection_error, with_lock_retry
-from orchestrator.errors import ConnectionFailed, OrchestrateError, PlanError, PreflightError
+from orchestrator.db import with_lock_retry
+from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.plan import Plan, load_plan, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
-from orchestrator.state.store import MigrationLock
 
 #: Test hook: called with the attach's cursor right after its locks are taken (tests only).
 on_attach_locked: Any = None
@@ -648,20 +647,19 @@ def maintain_pass(plan: Plan, dsn: str, now: datetime | None = None, dry_run: bo
     detach_method, dropped, archived, default_rows, default_ranges, lock_held_ms
     {step: ms}, skipped, now. With dry_run: the same keys empty, and ``preview``.
     """
+    from orchestrator.runner import session
+
     now = naive_utc(now) or utc_now()
-    conn = connect(dsn, "maintain")
-    lock_conn = None
-    held = None
-    try:
+    # The same session discipline as apply: the per-table advisory lock (a pass never runs
+    # beside an apply or another pass on this table), connection errors as exit 4.
+    with session(plan, dsn, lock=not dry_run, role="maintain", state=False) as ctx:
+        conn = ctx.conn
         if dry_run:
             preview = maintenance_preview(plan, conn, now)
             p = _Pass(plan, conn, now)
             p.result.update(dry_run=True, preview=preview, default_rows=preview["default_rows"],
                             default_ranges=preview["default_ranges"])
             return p.result
-        lock_conn = connect(dsn, "maintain-lock")
-        held = MigrationLock(lock_conn, str(plan.table_name))
-        held.acquire()
         p = _Pass(plan, conn, now)
         f = table_facts(conn, plan)
         for part in [x for x in f.parts if x.detach_pending]:  # an interrupted DETACH CONCURRENTLY
@@ -679,19 +677,6 @@ def maintain_pass(plan: Plan, dsn: str, now: datetime | None = None, dry_run: bo
         p.result["default_ranges"] = rep["default_ranges"]
         logger.info("maintain {}: {}", plan.table_name, summary(p.result))
         return p.result
-    except psycopg.OperationalError as e:
-        if is_connection_error(e):
-            raise ConnectionFailed(f"lost the database connection: {str(e).strip().splitlines()[0]}") from None
-        raise
-    finally:
-        if held:
-            held.release()
-        for c in (lock_conn, conn):
-            if c is not None:
-                try:
-                    c.close()
-                except psycopg.Error:
-                    pass
 
 
 def summary(r: dict) -> str:

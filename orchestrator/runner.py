@@ -36,19 +36,22 @@ class Outcome:
 
 
 @contextmanager
-def session(plan: Plan, dsn: str, *, lock: bool = True, role: str = "main") -> Iterator[Context]:
-    """Open the main session (and the table's advisory lock), make sure the state schema exists."""
+def session(plan: Plan, dsn: str, *, lock: bool = True, role: str = "main", state: bool = True) -> Iterator[Context]:
+    """Open the main session and (with ``lock``) the table's advisory lock; with ``state``,
+    make sure the state schema exists and load the live migration."""
     conn = connect(dsn, role)
     lock_conn = None
     held = None
     try:
-        ensure_schema(conn)
+        if state:
+            ensure_schema(conn)
         if lock:
-            lock_conn = connect(dsn, "lock")
+            lock_conn = connect(dsn, f"{role}-lock")
             held = MigrationLock(lock_conn, str(plan.table_name))
             held.acquire()
         store = Store(conn)
-        yield Context(plan=plan, dsn=dsn, conn=conn, store=store, migration=store.live(str(plan.table_name)))
+        yield Context(plan=plan, dsn=dsn, conn=conn, store=store,
+                      migration=store.live(str(plan.table_name)) if state else None)
     except psycopg.OperationalError as e:
         if is_connection_error(e):
             raise ConnectionFailed(f"lost the database connection: {str(e).strip().splitlines()[0]}") from None
