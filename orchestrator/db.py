@@ -61,6 +61,15 @@ def connect(dsn: str, role: str = "main", autocommit: bool = True) -> psycopg.Co
     return conn
 
 
+def close_quietly(conn: psycopg.Connection | None) -> None:
+    """Close a session whose server may already be gone (cleanup must never raise)."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg.Error:
+            pass
+
+
 def is_connection_error(e: BaseException) -> bool:
     return isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)) and not isinstance(
         e, (pgerr.LockNotAvailable, pgerr.QueryCanceled, pgerr.DeadlockDetected)

@@ -52,7 +52,7 @@ import psycopg
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator.db import connect
+from orchestrator.db import connect, close_quietly as _close
 from orchestrator.errors import OrchestrateError, ThrottleAbort
 from orchestrator.plan import Throttle
 from orchestrator.state.store import Store
@@ -427,10 +427,3 @@ class Throttler:
         except (psycopg.Error, OrchestrateError) as e:
             logger.warning("throttle: could not record event: {}", _first_line(e))
 
-
-def _close(conn: psycopg.Connection | None) -> None:
-    if conn is not None:
-        try:
-            conn.close()
-        except psycopg.Error:
-            pass

@@ -25,7 +25,7 @@ import psycopg
 from loguru import logger
 
 from orchestrator import sql
-from orchestrator.db import LockAttempt, with_lock_retry
+from orchestrator.db import LockAttempt, with_lock_retry, close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
 from orchestrator.inspect import catalog_fingerprint, TableInfo, inspect_table
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
@@ -397,13 +397,6 @@ class LagProbe:
             _close(c)
         self.conns.clear()
 
-
-def _close(conn: psycopg.Connection | None) -> None:
-    if conn is not None:
-        try:
-            conn.close()
-        except psycopg.Error:
-            pass
 
 
 GATE_BACKFILL = "backfill complete"
