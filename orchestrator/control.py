@@ -32,7 +32,7 @@ import click
 import psycopg
 from loguru import logger
 
-from orchestrator.db import connect
+from orchestrator.db import Ticker, close_quietly, connect
 from orchestrator.errors import OrchestrateError, PlanError
 from orchestrator.state.store import Store, ensure_schema
 
@@ -112,28 +112,18 @@ class Controls:
         self.batch_size: int | None = None
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("controls", poll_s, self.poll)
 
     def start(self) -> "Controls":
         """Apply the stored settings now (so a pause holds from the first batch), then poll."""
         self.poll()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="controls", daemon=True)
-        self._thread.start()
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
-            self._conn = None
+        self._ticker.stop()
+        close_quietly(self._conn)
+        self._conn = None
 
     def bind_pace(self, pace) -> None:
         """Called by the backfill with its shared Pace: a pinned batch size applies to it."""
@@ -144,10 +134,6 @@ class Controls:
                 with pace.lock:
                     pace.size, pace.fixed = self.batch_size, True
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            self.poll()
-
     def poll(self) -> None:
         try:
             if self._conn is None or self._conn.closed:
@@ -155,11 +141,7 @@ class Controls:
             raw = Store(self._conn).controls(self.table)
         except (psycopg.Error, OrchestrateError) as e:
             logger.warning("control: cannot read the controls: {}", str(e).strip().splitlines()[0])
-            if self._conn is not None:
-                try:
-                    self._conn.close()
-                except psycopg.Error:
-                    pass
+            close_quietly(self._conn)
             self._conn = None
             return
         self.apply(raw)
@@ -305,25 +287,23 @@ def _build_commands() -> list:
     from orchestrator.cli import _emit, dsn_option, handled, output_option, plan_argument
     from orchestrator.runner import Outcome
 
-    @click.command("pause")
-    @plan_argument
-    @dsn_option
-    @output_option
-    @handled
-    def pause_cmd(plan_file: str, dsn: str | None, output: str) -> None:
-        """Pause the backfill of a running apply before its next batch (triggers keep running)."""
-        table, result, live = _set_controls(plan_file, dsn, {"paused": True})
-        _emit(Outcome(f"{table}: backfill paused{_tail(live)}", {"table": table, "controls": result}), output)
+    def pause_switch(name: str, paused: bool, doc: str) -> click.Command:
+        @click.command(name, help=doc)
+        @plan_argument
+        @dsn_option
+        @output_option
+        @handled
+        def command(plan_file: str, dsn: str | None, output: str) -> None:
+            table, result, live = _set_controls(plan_file, dsn, {"paused": paused})
+            word = "paused" if paused else "resumed"
+            _emit(Outcome(f"{table}: backfill {word}{_tail(live)}", {"table": table, "controls": result}), output)
 
-    @click.command("resume")
-    @plan_argument
-    @dsn_option
-    @output_option
-    @handled
-    def resume_cmd(plan_file: str, dsn: str | None, output: str) -> None:
-        """Undo `orchestrate pause`: the backfill continues (other throttle signals still apply)."""
-        table, result, live = _set_controls(plan_file, dsn, {"paused": False})
-        _emit(Outcome(f"{table}: backfill resumed{_tail(live)}", {"table": table, "controls": result}), output)
+        return command
+
+    pause_cmd = pause_switch("pause", True, "Pause the backfill of a running apply before its next batch "
+                             "(triggers keep running).")
+    resume_cmd = pause_switch("resume", False, "Undo `orchestrate pause`: the backfill continues "
+                              "(other throttle signals still apply).")
 
     @click.command("set")
     @plan_argument

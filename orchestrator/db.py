@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -144,3 +145,34 @@ def transaction(conn: psycopg.Connection) -> Iterator[psycopg.Cursor]:
     with conn.transaction():
         with conn.cursor() as cur:
             yield cur
+
+
+class Ticker:
+    """Calls ``fn`` every ``interval_s`` seconds on a daemon thread until stopped.
+
+    The one background loop the runtime roles share (operator controls, live figures,
+    the throttle's heartbeat): stop() wakes the wait at once, so shutdown never waits out
+    an interval.
+    """
+
+    def __init__(self, name: str, interval_s: float, fn: Callable[[], None]):
+        self.name = name
+        self.interval_s = interval_s
+        self.fn = fn
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.fn()

@@ -464,7 +464,6 @@ class _Pass:
 
         rng = _range_sql(f, lo, hi)
         rng_d = _range_sql(f, lo, hi, "d")
-        cols_all = ", ".join(ident(c) for c in f.columns)
         wcols = ", ".join(ident(c) for c in f.writable)
 
         def swap(cur: psycopg.Cursor) -> int:

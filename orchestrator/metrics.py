@@ -46,7 +46,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import psycopg
 from loguru import logger
 
-from orchestrator.db import connect
+from orchestrator.db import Ticker, close_quietly, connect
 from orchestrator.errors import OrchestrateError, PlanError
 
 WRITE_INTERVAL_S = 2.0
@@ -68,8 +68,7 @@ class LiveFigures:
         self.workers: int | None = None
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("live-figures", interval_s, self._tick)
 
     # --- collecting ---------------------------------------------------------------------
     def wrap(self, printer: Callable[[dict], None] | None) -> Callable[[dict], None]:
@@ -113,36 +112,26 @@ class LiveFigures:
     # --- writing facts.live ---------------------------------------------------------------
     def start(self) -> "LiveFigures":
         self.write()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, name="live-figures", daemon=True)
-        self._thread.start()
+        self._ticker.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._ticker.stop()
         self.write(active=False)
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except psycopg.Error:
-                pass
-            self._conn = None
+        close_quietly(self._conn)
+        self._conn = None
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            with self._lock:
-                p = self.progress
-                copying = p.get("phase") == "backfill" and p.get("ranges_done") != p.get("ranges_total")
-            if self.throttle is not None and copying:
-                try:
-                    # Keeps the figures fresh while every worker sleeps in its backoff (cached).
-                    self.throttle.check()
-                except Exception as e:  # noqa: BLE001 - a figure, never a failure of the run
-                    logger.debug("live: throttle check failed: {}", e)
-            self.write()
+    def _tick(self) -> None:
+        with self._lock:
+            p = self.progress
+            copying = p.get("phase") == "backfill" and p.get("ranges_done") != p.get("ranges_total")
+        if self.throttle is not None and copying:
+            try:
+                # Keeps the figures fresh while every worker sleeps in its backoff (cached).
+                self.throttle.check()
+            except Exception as e:  # noqa: BLE001 - a figure, never a failure of the run
+                logger.debug("live: throttle check failed: {}", e)
+        self.write()
 
     def write(self, active: bool = True) -> None:
         snap = self.snapshot()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import psycopg
 from loguru import logger
 
-from orchestrator.db import connect, is_connection_error, with_lock_retry
+from orchestrator.db import close_quietly, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, StateConflict
 from orchestrator.inspect import resolve
 from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
@@ -59,12 +59,8 @@ def session(plan: Plan, dsn: str, *, lock: bool = True, role: str = "main", stat
     finally:
         if held:
             held.release()
-        for c in (lock_conn, conn):
-            if c is not None:
-                try:
-                    c.close()
-                except psycopg.Error:
-                    pass
+        close_quietly(lock_conn)
+        close_quietly(conn)
 
 
 def make_plan(plan: Plan, dsn: str | None) -> Outcome:

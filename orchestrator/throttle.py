@@ -52,7 +52,7 @@ import psycopg
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator.db import connect, close_quietly as _close
+from orchestrator.db import Ticker, connect, close_quietly as _close
 from orchestrator.errors import OrchestrateError, ThrottleAbort
 from orchestrator.plan import Throttle
 from orchestrator.state.store import Store
@@ -153,8 +153,7 @@ class Throttler:
         self._writer: psycopg.Connection | None = None  # heartbeat row and events
         self._writer_lock = threading.Lock()
         self._replica_conns: dict[str, psycopg.Connection] = {}
-        self._hb_thread: threading.Thread | None = None
-        self._hb_stop = threading.Event()
+        self._heartbeat = Ticker("throttle-heartbeat", self.heartbeat_interval_s, self._beat)
         self._hb_started: datetime | None = None  # primary time of this run's first beat
         self._hb_ok_at = 0.0
 
@@ -163,16 +162,11 @@ class Throttler:
         """Write the first heartbeat (so replica lag is measured from now) and start beating."""
         if self.settings.heartbeat:
             self._beat()
-            self._hb_stop.clear()
-            self._hb_thread = threading.Thread(target=self._heartbeat_loop, name="throttle-heartbeat", daemon=True)
-            self._hb_thread.start()
+            self._heartbeat.start()
         return self
 
     def stop(self) -> None:
-        self._hb_stop.set()
-        if self._hb_thread is not None:
-            self._hb_thread.join(timeout=5)
-            self._hb_thread = None
+        self._heartbeat.stop()
         with self._lock:
             for c in [self._conn, *self._replica_conns.values()]:
                 _close(c)
@@ -413,10 +407,6 @@ class Throttler:
                 _close(self._writer)
                 self._writer = None
             logger.warning("throttle: heartbeat failed: {}", _first_line(e))
-
-    def _heartbeat_loop(self) -> None:
-        while not self._hb_stop.wait(self.heartbeat_interval_s):
-            self._beat()
 
     def _event(self, message: str) -> None:
         if self.mid is None:

@@ -56,3 +56,45 @@ def wait_until(
         if time.monotonic() >= deadline:
             raise AssertionError(message or f"condition not met within {timeout:g}s")
         time.sleep(interval)
+
+
+# --- an `orchestrate apply` running in the background, watched like an operator would ---
+
+
+def start_apply(tmp_path: Path, plan: Path, dsn: str, *args: str) -> subprocess.Popen:
+    """`python -m orchestrator apply PLAN --dsn DSN ARGS` in the background, output to a log file."""
+    log_path = tmp_path / f"apply-{time.monotonic_ns()}.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "apply", str(plan), "--dsn", dsn, *args],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                env=env)
+    proc.log_path = str(log_path)  # type: ignore[attr-defined]
+    return proc
+
+
+def apply_log(proc: subprocess.Popen) -> str:
+    return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Terminate (then kill) a background apply if it is still running."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def live(conn) -> dict:
+    """facts.live of the newest migration (what status shows as `live`)."""
+    if not conn.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0]:
+        return {}
+    row = conn.execute("SELECT facts->'live' FROM orchestrate.migrations ORDER BY id DESC LIMIT 1").fetchone()
+    return (row and row[0]) or {}
+
+
+def rows_copied(conn) -> int:
+    return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM orchestrate.ranges").fetchone()[0])

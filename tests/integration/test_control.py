@@ -7,18 +7,15 @@ operator's second terminal; the test watches status JSON and the state schema.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import psycopg
 import yaml
-from helpers import REPO_ROOT, run_cli, wait_until
+from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 
 from orchestrator.sample import create_orders
 
@@ -29,42 +26,6 @@ def write_plan(tmp_path: Path, **sections) -> Path:
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     return path
-
-
-def start_apply(tmp_path: Path, plan: Path, dsn: str, *args: str) -> subprocess.Popen:
-    log_path = tmp_path / "apply.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "apply", str(plan), "--dsn", dsn, *args],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                env=env)
-    proc.log_path = log_path  # type: ignore[attr-defined]
-    return proc
-
-
-def apply_log(proc: subprocess.Popen) -> str:
-    return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def live(conn: psycopg.Connection) -> dict:
-    if not conn.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0]:
-        return {}
-    row = conn.execute("SELECT facts->'live' FROM orchestrate.migrations ORDER BY id DESC LIMIT 1").fetchone()
-    return (row and row[0]) or {}
-
-
-def rows_copied(conn: psycopg.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM orchestrate.ranges").fetchone()[0])
 
 
 def events(conn: psycopg.Connection, kind: str, prefix: str) -> int:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
-from helpers import REPO_ROOT, run_cli, wait_until
+from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 
 from orchestrator.errors import ThrottleAbort
 from orchestrator.plan import Throttle
@@ -37,42 +35,6 @@ def write_plan(tmp_path: Path, table: str = "public.orders", name: str = "plan.y
     path = tmp_path / name
     path.write_text(yaml.safe_dump(plan))
     return path
-
-
-def start_apply(tmp_path: Path, plan: Path, dsn: str, *args: str) -> subprocess.Popen:
-    log = open(tmp_path / f"apply-{time.monotonic_ns()}.log", "w")  # noqa: SIM115 - closed with the process
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "apply", str(plan), "--dsn", dsn, *args],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
-    proc.log_path = log.name  # type: ignore[attr-defined]
-    log.close()
-    return proc
-
-
-def apply_log(proc: subprocess.Popen) -> str:
-    return Path(proc.log_path).read_text()  # type: ignore[attr-defined]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-
-
-def live(conn: psycopg.Connection) -> dict:
-    """facts.live of the newest migration (what status shows as `live`)."""
-    if not conn.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0]:
-        return {}
-    row = conn.execute("SELECT facts->'live' FROM orchestrate.migrations ORDER BY id DESC LIMIT 1").fetchone()
-    return (row and row[0]) or {}
-
-
-def rows_copied(conn: psycopg.Connection) -> int:
-    return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM orchestrate.ranges").fetchone()[0])
 
 
 def status_json(plan: Path, dsn: str) -> dict:
