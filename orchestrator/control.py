@@ -12,8 +12,11 @@ Settings (``orchestrate set PLAN key=value ...``):
   returns to the plan's sizing. Takes effect at the next batch.
 - ``max_replica_lag_s``, ``resume_replica_lag_s``: the throttle's lag thresholds (``default``
   returns to the plan's). Setting only the pause threshold resumes at half of it.
-- ``workers``: backfill workers. Read when the backfill starts: a change reaches a running
-  backfill only at its next start (the next ``apply``); ``--workers`` on the command line wins.
+- ``workers``: backfill workers. A running backfill grows to the new count within a second,
+  or shrinks: a worker over the count leaves before its next batch and hands its range, from
+  its last committed cursor, to the others (see :class:`orchestrator.phases.backfill.Crew`).
+  At the start of a backfill ``apply --workers`` wins over a stored value; ``workers=default``
+  returns to ``--workers`` or the plan.
 - ``paused`` (through ``orchestrate pause`` / ``resume``): the backfill waits before its next
   batch with the throttle reason ``paused by operator``; the capture trigger keeps running.
 
@@ -229,10 +232,9 @@ def steering(ctx) -> Iterator[None]:
             controls.start()
             stack.callback(controls.stop)
             ctx.options["controls"] = controls
-        if not ctx.options.get("workers") and controls.workers:
-            ctx.options["workers"] = controls.workers  # --workers > `orchestrate set workers=` > plan
         live = LiveFigures(ctx.dsn, ctx.mid, str(plan.table_name), throttle=throttle, controls=controls)
-        live.workers = ctx.options.get("workers") or plan.backfill.workers
+        # --workers > `orchestrate set workers=` > plan; the backfill's Crew follows later changes.
+        live.workers = ctx.options.get("workers") or controls.workers or plan.backfill.workers
         ctx.progress = live.wrap(ctx.progress)
         ctx.options["live"] = live
         port = ctx.options.get("metrics_port")
@@ -313,7 +315,7 @@ def _build_commands() -> list:
     @handled
     def set_cmd(plan_file: str, assignments: tuple[str, ...], dsn: str | None, output: str) -> None:
         """Change a running migration: batch_size (or auto), max_replica_lag_s, resume_replica_lag_s,
-        workers (from the next backfill start)."""
+        workers (or default)."""
         settings = parse_assignments(assignments)
         table, result, live = _set_controls(plan_file, dsn, settings)
         shown = ", ".join(f"{k}={_show(k, v)}" for k, v in settings.items())

@@ -902,4 +902,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every", "run_daemon", "commands"]
+__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every", "run_daemon"]  # and `commands`, built on first access (__getattr__)

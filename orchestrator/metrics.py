@@ -18,7 +18,7 @@ rows_per_s          this run's backfill rate (rows per second since it started)
 eta_s               estimated seconds left in the backfill (null until a range is done)
 batch_size          current rows per batch (adaptive, or pinned by ``orchestrate set``)
 batch_pinned        true when the batch size is fixed (plan or ``orchestrate set batch_size``)
-workers             backfill workers of this run (null before the backfill starts)
+workers             backfill workers wanted now (--workers, ``orchestrate set workers=``, or the plan)
 lag_s               worst replica lag, seconds (null when not measured yet)
 lag_bytes           bytes of WAL not yet replayed (only without --replica-dsn: pg_stat_replication)
 throttled           true while the backfill waits
@@ -31,8 +31,8 @@ updated_at          server time of this snapshot (a stale one means the apply is
 With ``apply --metrics-port N``, :class:`MetricsServer` serves the same figures at
 ``http://<host>:N/metrics`` in the Prometheus text format (all interfaces; no dependency):
 orchestrate_rows_copied_total, orchestrate_ranges_done, orchestrate_ranges_total,
-orchestrate_batch_size, orchestrate_replica_lag_seconds, orchestrate_throttled,
-orchestrate_paused, orchestrate_rows_per_second; each labelled ``table="schema.name"``.
+orchestrate_batch_size, orchestrate_workers, orchestrate_replica_lag_seconds,
+orchestrate_throttled, orchestrate_paused, orchestrate_rows_per_second; each labelled ``table="schema.name"``.
 """
 
 from __future__ import annotations
@@ -159,6 +159,7 @@ def render(snap: dict, table: str) -> str:
         ("orchestrate_ranges_done", "gauge", "Backfill ranges copied.", snap.get("ranges_done")),
         ("orchestrate_ranges_total", "gauge", "Backfill ranges planned.", snap.get("ranges_total")),
         ("orchestrate_batch_size", "gauge", "Rows per backfill batch.", snap.get("batch_size")),
+        ("orchestrate_workers", "gauge", "Backfill workers wanted now.", snap.get("workers")),
         ("orchestrate_replica_lag_seconds", "gauge", "Worst replica lag seen by the throttle.", snap.get("lag_s")),
         ("orchestrate_throttled", "gauge", "1 while the backfill is throttled.", int(bool(snap.get("throttled")))),
         ("orchestrate_paused", "gauge", "1 while paused by the operator.", int(bool(snap.get("paused")))),

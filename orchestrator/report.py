@@ -133,6 +133,8 @@ class ProgressPrinter:
             parts.append(f"ETA {p['eta_s']}s")
         if p.get("batch_size") is not None:
             parts.append(f"batch {p['batch_size']}")
+        if p.get("workers") is not None:
+            parts.append(f"{p['workers']} worker{'s' if p['workers'] != 1 else ''}")
         if p.get("lag_s") is not None:
             parts.append(f"lag {p['lag_s']:.1f}s")
         if p.get("throttle"):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 
@@ -179,7 +180,7 @@ class Throttler:
     # --- operator's knobs (from orchestrator.control) ----------------------------------
     def set_paused(self, paused: bool) -> None:
         self._paused = bool(paused)
-        self._poke()
+        self.wake()
 
     @property
     def paused(self) -> bool:
@@ -191,10 +192,10 @@ class Throttler:
         resume = resume_replica_lag_s if resume_replica_lag_s is not None else (
             self.settings.resume_replica_lag_s if max_replica_lag_s is None else None)
         self.gate.set(pause, resume)
-        self._poke()
+        self.wake()
 
-    def _poke(self) -> None:
-        """Invalidate the cached decision and wake the waiting workers."""
+    def wake(self) -> None:
+        """Invalidate the cached decision and wake the waiting workers (they check again)."""
         with self._wake:
             self._state = ThrottleState(**{**asdict(self._state), "checked_at": 0.0})
             self._generation += 1
@@ -217,16 +218,20 @@ class Throttler:
             self._state = state
             return state
 
-    def wait(self, stop: threading.Event) -> None:
-        """Return when the next batch may run (or `stop` is set); raise ThrottleAbort past critical."""
+    def wait(self, stop: threading.Event, leave: Callable[[], bool] | None = None) -> bool:
+        """True when the next batch may run; False when `stop` is set or `leave()` turns true
+        while waiting (a worker the operator took away); ThrottleAbort past critical."""
         delays = backoff(FIRST_BACKOFF_S, self.backoff_max_s)
         while not stop.is_set():
             st = self.check()
             if st.critical:
                 raise ThrottleAbort(st.critical)
             if not st.throttled:
-                return
+                return True
+            if leave is not None and leave():
+                return False
             self._sleep(next(delays), stop)
+        return False
 
     def _sleep(self, seconds: float, stop: threading.Event) -> None:
         deadline = time.monotonic() + seconds

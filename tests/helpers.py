@@ -97,4 +97,7 @@ def live(conn) -> dict:
 
 
 def rows_copied(conn) -> int:
+    """Rows copied by the backfill so far (0 before the state schema exists)."""
+    if not conn.execute("SELECT to_regclass('orchestrate.ranges') IS NOT NULL").fetchone()[0]:
+        return 0
     return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM orchestrate.ranges").fetchone()[0])

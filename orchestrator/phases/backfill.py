@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from queue import Empty, Queue
@@ -90,9 +91,83 @@ class Counters:
             self.ranges_done += int(done)
 
 
+class Crew:
+    """How many backfill workers there should be, and how many there are; thread-safe.
+
+    The first count: ``apply --workers``, else ``orchestrate set workers=``, else the plan.
+    While the backfill runs, a change of ``orchestrate set workers=`` (polled by
+    :class:`orchestrator.control.Controls`) moves the target: the coordinator starts workers
+    up to it; a worker above it leaves before its next batch (or while throttled), handing
+    its range, with the cursor it committed, back to the queue. ``workers=default`` returns
+    to ``--workers`` or the plan.
+    """
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.controls = ctx.options.get("controls")
+        self.base = ctx.options.get("workers") or ctx.plan.backfill.workers
+        self.seen = getattr(self.controls, "workers", None)
+        cli = ctx.options.get("workers")
+        self.target = cli or self.seen or self.base
+        self.active = 0
+        self._lock = threading.Lock()
+        self._show(self.target)
+
+    def join(self) -> bool:
+        """The coordinator asks before starting a worker: True (and counted) when one is missing."""
+        with self._lock:
+            if self.active < self.target:
+                self.active += 1
+                return True
+            return False
+
+    def leave(self) -> bool:
+        """A worker asks between batches: True (and counted out) when there are too many."""
+        with self._lock:
+            if self.active > self.target:
+                self.active -= 1
+                return True
+            return False
+
+    def left(self) -> None:
+        """A worker ended on its own (no range left, stopped, or failed)."""
+        with self._lock:
+            self.active -= 1
+
+    def follow_controls(self) -> None:
+        """Apply a change of ``workers`` made with ``orchestrate set`` since the last look."""
+        if self.controls is None:
+            return
+        wanted = self.controls.workers
+        if wanted == self.seen:
+            return
+        self.seen = wanted
+        new = wanted or self.base
+        if new == self.target:
+            return
+        old, self.target = self.target, new
+        logger.info("backfill: {} worker(s), was {}", new, old)
+        self.ctx.store.event(self.ctx.mid, "control", f"backfill workers {old} -> {new}")
+        self._show(new)
+        throttle = self.ctx.options.get("throttle")
+        if throttle is not None and new < old:
+            throttle.wake()  # a worker sleeping in its backoff leaves now, not at its next check
+
+    def _show(self, n: int) -> None:
+        live = self.ctx.options.get("live")
+        if live is not None:
+            live.workers = n
+
+
 def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, pace: Pace,
-               counters: Counters, stop: threading.Event, throttle=None) -> None:
-    """Copy one range batch by batch; each batch commits with the range's new cursor."""
+               counters: Counters, stop: threading.Event, throttle=None,
+               leave: Callable[[], bool] | None = None) -> bool:
+    """Copy one range batch by batch; each batch commits with the range's new cursor.
+
+    True when the range is done; False when `stop` is set or `leave()` (asked before each
+    batch, and while throttled) says this worker is to go: ``rng["cursor"]`` then holds the
+    committed cursor, so the range can be handed to another worker and goes on from there.
+    """
     src, dst = ctx.plan.table_name, ctx.plan.twin
     where, wparams = sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
     cursor = rng["cursor"]
@@ -100,12 +175,11 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     if rng.get("state") == "repair":
         _repair(conn, ctx, shape, rng, where, wparams, sync)
         counters.add(0, True)
-        return
+        return True
     while not stop.is_set():
-        if throttle is not None:
-            throttle.wait(stop)
-            if stop.is_set():
-                return
+        if (leave is not None and leave()) or (throttle is not None and not throttle.wait(stop, leave)):
+            rng["cursor"] = cursor
+            return False
         t0 = time.monotonic()
         size = pace.size
         # Pipelined: two round trips per batch instead of six (BEGIN + SET + boundary, then
@@ -139,10 +213,12 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
         pace.observe(n, elapsed)
         counters.add(n, final)
         if final:
-            return
+            return True
         cursor = list(boundary)
         if pace.sleep_ratio:
             time.sleep(elapsed * pace.sleep_ratio)
+    rng["cursor"] = cursor
+    return False
 
 
 def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
@@ -213,9 +289,8 @@ class Backfill:
         if controls is not None:
             controls.bind_pace(pace)
         counters = Counters(ranges_done=total - len(pending))
-        workers = ctx.options.get("workers") or b.workers
         t0 = time.monotonic()
-        self._run_workers(ctx, pending, pace, counters, workers, total)
+        self._run_workers(ctx, pending, pace, counters, total)
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
             left = cur.execute(
                 "SELECT count(*) FROM orchestrate.ranges WHERE migration_id = %s AND state <> 'copied'", (ctx.mid,)
@@ -224,8 +299,7 @@ class Backfill:
                 raise OrchestrateError(f"backfill stopped with {left} ranges left; run apply again to resume")
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, rows=counters.rows)
 
-    def _run_workers(self, ctx: Context, pending: list[dict], pace: Pace, counters: Counters, workers: int,
-                     total: int) -> None:
+    def _run_workers(self, ctx: Context, pending: list[dict], pace: Pace, counters: Counters, total: int) -> None:
         if not pending:
             return
         queue: Queue = Queue()
@@ -235,46 +309,80 @@ class Backfill:
         errors: list[BaseException] = []
         shape = ctx.shape()
         throttle = ctx.options.get("throttle")
+        crew = Crew(ctx)
 
-        def work(n: int) -> None:
+        def work(n: int, rng: dict) -> None:
+            gone = False  # counted out by crew.leave()
+
+            def leave() -> bool:
+                nonlocal gone
+                gone = gone or crew.leave()
+                return gone
+
+            conn = None
             try:
                 conn = connect(ctx.dsn, f"backfill-{n}")
-            except BaseException as e:  # noqa: BLE001 - reported by the coordinator below
-                errors.append(e)
-                stop.set()
-                return
-            try:
-                while not stop.is_set():
+                while True:
+                    if not copy_range(conn, ctx, shape, rng, pace, counters, stop, throttle, leave):
+                        queue.put(rng)  # from its committed cursor, for whoever comes next
+                    if stop.is_set() or leave():
+                        return
                     try:
                         rng = queue.get_nowait()
                     except Empty:
                         return
-                    copy_range(conn, ctx, shape, rng, pace, counters, stop, throttle)
-            except BaseException as e:  # noqa: BLE001
+            except BaseException as e:  # noqa: BLE001 - reported by the coordinator below
+                if conn is None:
+                    queue.put(rng)
                 errors.append(e)
                 stop.set()
             finally:
-                conn.close()
+                if conn is not None:
+                    conn.close()
+                if not gone:
+                    crew.left()
 
-        threads = [threading.Thread(target=work, args=(i,), name=f"backfill-{i}", daemon=True)
-                   for i in range(min(workers, len(pending)))]
-        for t in threads:
-            t.start()
+        threads: list[threading.Thread] = []
         started = time.monotonic()
         rows0 = counters.rows
+
+        def report() -> None:
+            if not ctx.progress:
+                return
+            elapsed = time.monotonic() - started
+            rate = (counters.rows - rows0) / elapsed if elapsed > 0 else 0.0
+            done_frac = counters.ranges_done / total if total else 1.0
+            eta = elapsed / done_frac * (1 - done_frac) if 0 < done_frac < 1 and counters.ranges_done else None
+            ctx.progress({"phase": "backfill", "ranges_done": counters.ranges_done, "ranges_total": total,
+                          "rows": counters.rows, "rows_per_s": round(rate), "eta_s": eta and round(eta),
+                          "batch_size": pace.size, "ranges_left": total - counters.ranges_done,
+                          "workers": crew.target})
+
+        next_progress = 0.0
         try:
-            while any(t.is_alive() for t in threads):
-                for t in threads:
-                    t.join(timeout=1.0)
-                if ctx.progress:
-                    elapsed = time.monotonic() - started
-                    rate = (counters.rows - rows0) / elapsed if elapsed > 0 else 0.0
-                    left = total - counters.ranges_done
-                    done_frac = counters.ranges_done / total if total else 1.0
-                    eta = elapsed / done_frac * (1 - done_frac) if 0 < done_frac < 1 and counters.ranges_done else None
-                    ctx.progress({"phase": "backfill", "ranges_done": counters.ranges_done, "ranges_total": total,
-                                  "rows": counters.rows, "rows_per_s": round(rate), "eta_s": eta and round(eta),
-                                  "batch_size": pace.size, "ranges_left": left})
+            while True:
+                crew.follow_controls()
+                # A new worker starts with a range in hand: never one that would find nothing to do.
+                while not stop.is_set() and crew.join():
+                    try:
+                        rng = queue.get_nowait()
+                    except Empty:
+                        crew.left()
+                        break
+                    n = len(threads)
+                    threads.append(threading.Thread(target=work, args=(n, rng), name=f"backfill-{n}", daemon=True))
+                    threads[-1].start()
+                alive = [t for t in threads if t.is_alive()]
+                if not alive and (stop.is_set() or queue.empty()):
+                    break
+                if alive:
+                    alive[0].join(timeout=0.25)
+                else:
+                    time.sleep(0.05)
+                if time.monotonic() >= next_progress:
+                    next_progress = time.monotonic() + 1.0
+                    report()
+            report()
         except KeyboardInterrupt:
             stop.set()
             for t in threads:

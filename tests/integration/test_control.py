@@ -11,6 +11,7 @@ import re
 import socket
 import time
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
@@ -18,11 +19,12 @@ import yaml
 from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 
 from orchestrator.sample import create_orders
+from orchestrator.workload import Workload
 
 
 def write_plan(tmp_path: Path, **sections) -> Path:
-    plan = {"version": 1, "table": "public.orders", "partition_by": {"column": "created_at", "interval": "1 month"},
-            **sections}
+    plan = {"version": 1, "table": "public.orders", "partition_by": {"column": "created_at", "interval": "1 month"}}
+    plan.update(sections)
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     return path
@@ -148,3 +150,98 @@ def test_set_rejects_bad_input_with_one_line(dsn, conn, tmp_path):
     code, out, err = run_cli("set", plan, "batch_size=auto", "max_replica_lag_s=2.5", "--dsn", dsn, "-o", "json")
     assert code == 0, err
     assert json.loads(out)["controls"] == {"batch_size": None, "max_replica_lag_s": 2.5}
+
+
+def backfill_sessions(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name LIKE 'orchestrate:backfill-%'").fetchone()[0]
+
+
+def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, tmp_path):
+    end = datetime.now(timezone.utc)
+    create_orders(conn, rows=30_000, days=30, end=end, seed=3)
+    # The workload writes keys 20 years off: partitions start at the data, the default takes those.
+    start = (end - timedelta(days=31)).strftime("%Y-%m-01")
+    # Small pinned batches with a pause after each: one worker would take a minute or more.
+    plan = write_plan(tmp_path, partition_by={"column": "created_at", "interval": "1 month", "start": start},
+                      backfill={"range": "1 day", "batch_size": 100, "fixed_batch_size": True,
+                                          "sleep_ratio": 3, "workers": 1})
+    p = str(plan)
+    wl = Workload(dsn, "public.orders", "created_at", clients=2, seed=21)
+    wl.setup()
+    wl.start()
+    proc = None
+    try:
+        proc = start_apply(tmp_path, plan, dsn, "--until", "verify")
+        wait_until(lambda: rows_copied(conn) > 0 or proc.poll() is not None, timeout=60)
+        assert proc.poll() is None, apply_log(proc)
+        assert backfill_sessions(conn) == 1 and live(conn).get("workers") == 1
+
+        cli_ok("set", p, "workers=3", "--dsn", dsn)
+        wait_until(lambda: backfill_sessions(conn) == 3, timeout=10, message="the backfill did not grow to 3")
+        wait_until(lambda: live(conn).get("workers") == 3, timeout=5)
+        busy = conn.execute("SELECT count(*) FROM orchestrate.ranges WHERE state = 'copying'").fetchone()[0]
+        assert busy >= 2, busy  # the new workers took ranges of their own
+
+        # Shrink while paused: workers asleep in their backoff leave too, handing their
+        # half-copied ranges (from the committed cursor) to the one that stays.
+        cli_ok("pause", p, "--dsn", dsn)
+        cli_ok("set", p, "workers=1", "--dsn", dsn)
+        wait_until(lambda: backfill_sessions(conn) == 1, timeout=10, message="the backfill did not shrink to 1")
+        wait_until(lambda: live(conn).get("workers") == 1, timeout=5)
+        # And grow again while paused: the new workers wait with the others, then all finish.
+        cli_ok("set", p, "workers=4", "batch_size=5000", "--dsn", dsn)
+        wait_until(lambda: backfill_sessions(conn) == 4, timeout=10, message="the backfill did not grow to 4")
+        assert_stalled(conn, 1.0)
+        cli_ok("resume", p, "--dsn", dsn)
+        assert proc.wait(180) == 0, apply_log(proc)  # verify passed: the twin equals the table
+    finally:
+        report = wl.stop()
+        if proc is not None:
+            stop(proc)
+    assert report.errors == 0, report.error_samples
+    cmp = wl.compare()
+    assert cmp.ok, str(cmp)
+    data = status_json(plan, dsn)
+    assert data["phases"]["verify"]["state"] == "done" and data["ranges"]["mismatched"] == 0
+    assert data["ranges"]["copied"] == data["ranges"]["total"]
+    log = apply_log(proc)
+    assert "backfill: 3 worker(s), was 1" in log and "backfill: 1 worker(s), was 3" in log, log
+    assert "backfill: 4 worker(s), was 1" in log, log
+    assert events(conn, "control", "backfill workers 1 -> 3") == 1
+
+
+def test_a_worker_taken_away_hands_over_its_range_at_its_cursor(dsn, conn, tmp_path):
+    # Two one-month ranges of 3,000 rows, 100-row batches, two workers; no other writes, so
+    # an uninterrupted range takes rows/100 (+1) batches. A worker taken away mid-range
+    # must hand over its committed cursor: restarting the range would cost its batches again.
+    create_orders(conn, rows=6_000, days=59, end=datetime(2025, 3, 1, tzinfo=timezone.utc), seed=4)
+    plan = write_plan(tmp_path, partition_by={"column": "created_at", "interval": "1 month", "start": "2025-01-01",
+                                              "premake": 0},
+                      backfill={"range": "1 month", "batch_size": 100, "fixed_batch_size": True, "sleep_ratio": 20,
+                                "workers": 2})
+    p = str(plan)
+    proc = start_apply(tmp_path, plan, dsn, "--until", "backfill")
+    try:
+        def both_midway() -> bool:
+            if proc.poll() is not None:
+                return True
+            return rows_copied(conn) > 0 and conn.execute(
+                "SELECT count(*) FROM orchestrate.ranges WHERE state = 'copying' AND batches >= 3").fetchone()[0] == 2
+
+        wait_until(both_midway, timeout=60)
+        assert proc.poll() is None, apply_log(proc)
+        cli_ok("pause", p, "--dsn", dsn)
+        cli_ok("set", p, "workers=1", "--dsn", dsn)
+        wait_until(lambda: backfill_sessions(conn) == 1, timeout=10, message="the backfill did not shrink to 1")
+        midway = conn.execute("SELECT count(*) FROM orchestrate.ranges WHERE state = 'copying'").fetchone()[0]
+        assert midway == 2  # both ranges half copied: one of them changed hands
+        cli_ok("resume", p, "--dsn", dsn)
+        assert proc.wait(120) == 0, apply_log(proc)
+    finally:
+        stop(proc)
+    ranges = conn.execute("SELECT label, rows_copied, batches FROM orchestrate.ranges WHERE rows_copied > 0"
+                          ).fetchall()
+    assert sum(r[1] for r in ranges) == 6_000, ranges
+    for label, n, batches in ranges:
+        assert batches <= n // 100 + 1, (label, n, batches)  # no batch was done twice

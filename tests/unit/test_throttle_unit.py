@@ -131,15 +131,16 @@ def test_dsn_label_hides_the_password():
 
 def test_metrics_text_format():
     text = render({"rows": 1200, "ranges_done": 3, "ranges_total": 9, "batch_size": 500, "lag_s": 1.25,
-                   "throttled": True, "paused": False, "rows_per_s": None}, 'public."Odd"')
+                   "throttled": True, "paused": False, "rows_per_s": None, "workers": 3}, 'public."Odd"')
     lines = text.splitlines()
     assert 'orchestrate_rows_copied_total{table="public.\\"Odd\\""} 1200' in lines
     assert 'orchestrate_replica_lag_seconds{table="public.\\"Odd\\""} 1.25' in lines
     assert 'orchestrate_throttled{table="public.\\"Odd\\""} 1' in lines
+    assert 'orchestrate_workers{table="public.\\"Odd\\""} 3' in lines
     assert 'orchestrate_rows_per_second{table="public.\\"Odd\\""} NaN' in lines
     assert "# TYPE orchestrate_rows_copied_total counter" in lines
     assert text.endswith("\n")
     names = {line.split("{")[0] for line in lines if not line.startswith("#")}
     assert names == {"orchestrate_rows_copied_total", "orchestrate_ranges_done", "orchestrate_ranges_total",
-                     "orchestrate_batch_size", "orchestrate_replica_lag_seconds", "orchestrate_throttled",
+                     "orchestrate_batch_size", "orchestrate_workers", "orchestrate_replica_lag_seconds", "orchestrate_throttled",
                      "orchestrate_paused", "orchestrate_rows_per_second"}
