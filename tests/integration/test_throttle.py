@@ -247,3 +247,70 @@ def test_adaptive_batch_size_follows_row_width(dsn, conn, tmp_path):
         assert data["ranges"]["rows_copied"] == rows
     assert sizes["narrow"] > 2000 > sizes["wide"], sizes
     assert sizes["narrow"] > 4 * sizes["wide"], sizes
+
+
+def test_without_replica_dsns_pg_stat_replication_lag_throttles(cluster, dsn, conn, tmp_path):
+    # No --replica-dsn: the primary's pg_stat_replication.replay_lag is the signal. The
+    # heartbeat keeps writing WAL, so a standby whose replay is stuck shows a growing lag.
+    create_orders(conn, rows=20_000, days=5)
+    plan = write_plan(tmp_path, backfill={**SLOW_BACKFILL, "batch_size": 200, "sleep_ratio": 8},
+                      throttle={"max_replica_lag_s": 1.0, "backoff_max_s": 0.5})
+    cluster.wait_replica_caught_up()
+    proc = start_apply(tmp_path, plan, dsn, "--until", "backfill")
+    try:
+        wait_until(lambda: rows_copied(conn) > 0 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, apply_log(proc)
+        cluster.pause_replay()
+        wait_until(lambda: live(conn).get("throttled") or proc.poll() is not None, timeout=30,
+                   message="a stuck standby did not throttle through pg_stat_replication")
+        assert proc.poll() is None, apply_log(proc)
+        data = status_json(plan, dsn)["live"]
+        assert data["throttle_reason"].startswith("replica lag ") and "(pg_stat_replication)" in \
+            data["throttle_reason"], data
+        assert data["lag_s"] > 1.0 and data["lag_bytes"] > 0, data
+        assert_stalled(conn)
+        assert 0 < rows_copied(conn) < 20_000
+        cluster.resume_replay()
+        code, _, err = run_cli("set", str(plan), "batch_size=5000", "--dsn", dsn)
+        assert code == 0, err
+        assert proc.wait(120) == 0, apply_log(proc)
+    finally:
+        cluster.resume_replay()
+        stop(proc)
+    assert rows_copied(conn) == 20_000
+    assert "(pg_stat_replication)" in apply_log(proc) and "backfill resumes" in apply_log(proc)
+
+
+def test_critical_replica_lag_stops_apply_with_exit_9_and_apply_resumes(cluster, dsn, replica_dsn, conn, tmp_path):
+    create_orders(conn, rows=20_000, days=5)
+    plan = write_plan(tmp_path, backfill={**SLOW_BACKFILL, "batch_size": 200, "sleep_ratio": 8},
+                      throttle={"max_replica_lag_s": 1.0, "critical_replica_lag_s": 3.0, "backoff_max_s": 0.5})
+    cluster.wait_replica_caught_up()
+    proc = start_apply(tmp_path, plan, dsn, "--until", "backfill", "--replica-dsn", replica_dsn)
+    try:
+        wait_until(lambda: rows_copied(conn) > 0 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, apply_log(proc)
+        cluster.pause_replay()
+        code = proc.wait(60)
+        copied = rows_copied(conn)
+    finally:
+        cluster.resume_replay()
+        stop(proc)
+    log = apply_log(proc)
+    assert code == 9, log
+    error_lines = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and "passed the critical threshold 3s" in error_lines[0], log
+    assert "run apply again to resume" in error_lines[0]
+    assert "Traceback" not in log
+    assert 0 < copied < 20_000
+    data = status_json(plan, dsn)
+    assert data["phases"]["backfill"]["state"] in ("running", "failed"), data["phases"]
+    assert "critical threshold" in (data["error"] or ""), data
+    assert throttle_events(conn, "critical: replica lag") == 1
+    # Replay caught up: apply again goes on from the checkpoints and finishes.
+    cluster.wait_replica_caught_up()
+    code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--until", "backfill", "--replica-dsn", replica_dsn,
+                             timeout=300)
+    assert code == 0, err
+    assert rows_copied(conn) == 20_000
+    assert status_json(plan, dsn)["phases"]["backfill"]["state"] == "done"
