@@ -6,17 +6,23 @@ settings); the running ``apply`` polls that row every second on its own session
 and recording it as a ``control`` event. Settings persist across runs of apply, so a
 pause given before ``apply`` starts (or while it is down) holds when it starts.
 
-Settings (``orchestrate set PLAN key=value ...``):
+Settings (``orchestrate set PLAN key=value ...``; ``default`` returns any of them to the
+plan's value, ``off`` turns an optional signal off):
 
 - ``batch_size``: rows per batch, pinned (adaptive sizing stops); ``batch_size=auto``
   returns to the plan's sizing. Takes effect at the next batch.
-- ``max_replica_lag_s``, ``resume_replica_lag_s``: the throttle's lag thresholds (``default``
-  returns to the plan's). Setting only the pause threshold resumes at half of it.
+- ``target_batch_seconds``, ``sleep_ratio``: the adaptive sizing's aim and the pause after
+  each batch (a multiple of its duration).
 - ``workers``: backfill workers. A running backfill grows to the new count within a second,
   or shrinks: a worker over the count leaves before its next batch and hands its range, from
   its last committed cursor, to the others (see :class:`orchestrator.phases.backfill.Crew`).
   At the start of a backfill ``apply --workers`` wins over a stored value; ``workers=default``
   returns to ``--workers`` or the plan.
+- every throttle signal of the plan: ``max_replica_lag_s``, ``resume_replica_lag_s``
+  (setting only the pause threshold resumes at half of it), ``critical_replica_lag_s``,
+  ``max_slot_retained_bytes``, ``max_xact_age_s``, ``query``, ``flag_file`` (these five
+  accept ``off``) and ``backoff_max_s``. They take effect at the next check (half a second);
+  workers asleep in their backoff are woken to check again.
 - ``paused`` (through ``orchestrate pause`` / ``resume``): the backfill waits before its next
   batch with the throttle reason ``paused by operator``; the capture trigger keeps running.
 
@@ -29,6 +35,7 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -41,30 +48,62 @@ from orchestrator.state.store import Store, ensure_schema
 
 POLL_S = 1.0
 
-# key -> (kind, low, high, what it does)
-SETTINGS: dict[str, tuple[type, float, float]] = {
-    "batch_size": (int, 1, 10_000_000),
-    "max_replica_lag_s": (float, 0.001, 86_400),
-    "resume_replica_lag_s": (float, 0, 86_400),
-    "workers": (int, 1, 32),
+OFF = "off"  # an optional signal turned off (stored as the word, so `status` shows it)
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: type  # int, float or str
+    lo: float = 0
+    hi: float = 0
+    can_be_off: bool = False  # the plan's field is optional: `off` means None
+    reset: str = "default"  # the word that returns it to the plan
+
+
+# Order matters only for the help and error text.
+SETTINGS: dict[str, Setting] = {
+    "batch_size": Setting(int, 1, 10_000_000, reset="auto"),
+    "max_replica_lag_s": Setting(float, 0.001, 86_400),
+    "resume_replica_lag_s": Setting(float, 0, 86_400),
+    "critical_replica_lag_s": Setting(float, 0.001, 86_400, can_be_off=True),
+    "max_slot_retained_bytes": Setting(int, 0, 2**62, can_be_off=True),
+    "max_xact_age_s": Setting(float, 0.001, 10_000_000, can_be_off=True),
+    "query": Setting(str, can_be_off=True),
+    "flag_file": Setting(str, can_be_off=True),
+    "backoff_max_s": Setting(float, 0.01, 3_600),
+    "workers": Setting(int, 1, 32),
+    "target_batch_seconds": Setting(float, 0.01, 600),
+    "sleep_ratio": Setting(float, 0, 100),
 }
-RESET_WORDS = {"batch_size": "auto", "max_replica_lag_s": "default", "resume_replica_lag_s": "default",
-               "workers": "default"}
+PACE_ATTRS = {"target_batch_seconds": "target_s", "sleep_ratio": "sleep_ratio"}
+THROTTLE_KEYS = ("max_replica_lag_s", "resume_replica_lag_s", "critical_replica_lag_s", "max_slot_retained_bytes",
+                 "max_xact_age_s", "query", "flag_file", "backoff_max_s")
 
 
-def parse_setting(key: str, raw: Any) -> int | float | None:
-    """Validate one setting (from the command line or the controls row); None means 'back to the plan'."""
+def parse_setting(key: str, raw: Any) -> int | float | str | None:
+    """Validate one setting (from the command line or the controls row).
+
+    None means "back to the plan" (``default``, or ``auto`` for batch_size); :data:`OFF`
+    turns an optional signal off."""
     if key not in SETTINGS:
         raise PlanError(f"unknown setting {key!r}: use one of {', '.join(SETTINGS)}")
-    kind, lo, hi = SETTINGS[key]
-    if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("auto", "default")):
+    st = SETTINGS[key]
+    word = raw.strip().lower() if isinstance(raw, str) else None
+    if raw is None or word in ("auto", "default"):
         return None
-    what = "an integer" if kind is int else "a number"
-    span = f"from {lo:g} to {hi:g}" if kind is float else f"from {int(lo)} to {int(hi)}"
+    if word == OFF and st.can_be_off:
+        return OFF
+    words = f"{st.reset}{' or off' if st.can_be_off else ''}"
+    if st.kind is str:
+        if not isinstance(raw, str) or not raw.strip():
+            raise PlanError(f"{key} must be a non-empty text (or {words}), got {raw!r}")
+        return raw.strip()
+    what = "an integer" if st.kind is int else "a number"
+    span = f"from {st.lo:g} to {st.hi:g}" if st.kind is float else f"from {int(st.lo)} to {int(st.hi)}"
     try:
         if isinstance(raw, bool):
             raise ValueError
-        if kind is int:
+        if st.kind is int:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
             value: int | float = int(raw) if not isinstance(raw, str) else int(raw.strip())
@@ -73,17 +112,17 @@ def parse_setting(key: str, raw: Any) -> int | float | None:
             if value != value or value in (float("inf"), float("-inf")):
                 raise ValueError
     except (TypeError, ValueError):
-        raise PlanError(f"{key} must be {what} {span} (or {RESET_WORDS[key]}), got {raw!r}") from None
-    if not lo <= value <= hi:
-        raise PlanError(f"{key} must be {what} {span} (or {RESET_WORDS[key]}), got {raw!r}")
+        raise PlanError(f"{key} must be {what} {span} (or {words}), got {raw!r}") from None
+    if not st.lo <= value <= st.hi:
+        raise PlanError(f"{key} must be {what} {span} (or {words}), got {raw!r}")
     return value
 
 
-def parse_assignments(pairs: tuple[str, ...] | list[str]) -> dict[str, int | float | None]:
+def parse_assignments(pairs: tuple[str, ...] | list[str]) -> dict[str, int | float | str | None]:
     """`key=value` words -> validated settings (the last of a repeated key wins)."""
     if not pairs:
         raise PlanError(f"nothing to set: give key=value pairs ({', '.join(SETTINGS)})")
-    out: dict[str, int | float | None] = {}
+    out: dict[str, int | float | str | None] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip()
@@ -107,8 +146,8 @@ class Controls:
         self.throttler = throttler
         self.mid = mid
         self.poll_s = poll_s
-        self.plan_fixed_batch = plan_fixed_batch
         self.pace = None
+        self.plan_pace = {"fixed": plan_fixed_batch}
         self.settings: dict[str, Any] = {}  # the last applied, validated
         self.paused = False
         self.workers: int | None = None
@@ -129,13 +168,16 @@ class Controls:
         self._conn = None
 
     def bind_pace(self, pace) -> None:
-        """Called by the backfill with its shared Pace: a pinned batch size applies to it."""
+        """Called by the backfill with its shared Pace: the settings made so far apply to it."""
         with self._lock:
             self.pace = pace
-            self.plan_fixed_batch = pace.fixed
-            if self.batch_size is not None:
-                with pace.lock:
+            self.plan_pace = {"fixed": pace.fixed, "target_s": pace.target_s, "sleep_ratio": pace.sleep_ratio}
+            with pace.lock:
+                if self.batch_size is not None:
                     pace.size, pace.fixed = self.batch_size, True
+                for key, attr in PACE_ATTRS.items():
+                    if self.settings.get(key) is not None:
+                        setattr(pace, attr, self.settings[key])
 
     def poll(self) -> None:
         try:
@@ -183,18 +225,35 @@ class Controls:
                 with self.pace.lock:
                     shown_old = str(self.pace.size) if old is None else shown_old
                     if new is None:
-                        self.pace.fixed = self.plan_fixed_batch
+                        self.pace.fixed = self.plan_pace["fixed"]
                     else:
                         self.pace.size, self.pace.fixed = new, True
-        elif key in ("max_replica_lag_s", "resume_replica_lag_s"):
+        elif key in PACE_ATTRS:
+            if self.pace is not None:
+                attr = PACE_ATTRS[key]
+                with self.pace.lock:
+                    shown_old = _show(key, getattr(self.pace, attr))
+                    setattr(self.pace, attr, self.plan_pace[attr] if new is None else new)
+        elif key in THROTTLE_KEYS:
             if self.throttler is not None:
-                pause = new if key == "max_replica_lag_s" else self.settings.get("max_replica_lag_s")
-                resume = new if key == "resume_replica_lag_s" else self.settings.get("resume_replica_lag_s")
-                shown_old = f"{getattr(self.throttler.gate, 'pause' if key.startswith('max') else 'resume'):g}"
-                self.throttler.set_thresholds(pause, resume)
+                shown_old = _show(key, self._effective(key))
+                self.throttler.configure(self._throttle_overrides({**self.settings, key: new}))
         elif key == "workers":
             self.workers = new
         return shown_old
+
+    def _effective(self, key: str) -> Any:
+        """The throttler's value of a setting now (what `default` would show as)."""
+        if key == "max_replica_lag_s":
+            return self.throttler.gate.pause
+        if key == "resume_replica_lag_s":
+            return self.throttler.gate.resume
+        value = getattr(self.throttler.settings, key)
+        return OFF if value is None else value
+
+    @staticmethod
+    def _throttle_overrides(settings: dict[str, Any]) -> dict[str, Any]:
+        return {k: (None if v == OFF else v) for k, v in settings.items() if k in THROTTLE_KEYS and v is not None}
 
     def _event(self, message: str) -> None:
         if self.mid is None or self._conn is None:
@@ -204,7 +263,7 @@ class Controls:
 
 def _show(key: str, value: Any) -> str:
     if value is None:
-        return RESET_WORDS.get(key, "none")
+        return SETTINGS[key].reset if key in SETTINGS else "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:g}" if isinstance(value, float) else str(value)
@@ -314,8 +373,11 @@ def _build_commands() -> list:
     @output_option
     @handled
     def set_cmd(plan_file: str, assignments: tuple[str, ...], dsn: str | None, output: str) -> None:
-        """Change a running migration: batch_size (or auto), max_replica_lag_s, resume_replica_lag_s,
-        workers (or default)."""
+        """Change a running migration: batch_size (or auto), workers, target_batch_seconds,
+        sleep_ratio, and every throttle setting (max_replica_lag_s, resume_replica_lag_s,
+        critical_replica_lag_s, max_slot_retained_bytes, max_xact_age_s, query, flag_file,
+        backoff_max_s). `default` returns a setting to the plan; `off` turns an optional
+        signal off."""
         settings = parse_assignments(assignments)
         table, result, live = _set_controls(plan_file, dsn, settings)
         shown = ", ".join(f"{k}={_show(k, v)}" for k, v in settings.items())

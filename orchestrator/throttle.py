@@ -135,7 +135,8 @@ class Throttler:
     def __init__(self, settings: Throttle, dsn: str, *, replicas: tuple[str, ...] | list[str] = (),
                  mid: int | None = None, check_interval_s: float = CHECK_INTERVAL_S,
                  heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S):
-        self.settings = settings
+        self.plan_settings = settings
+        self.settings = settings  # with the operator's changes (configure)
         self.dsn = dsn
         self.replicas = tuple(dict.fromkeys([*settings.replicas, *replicas]))
         self.mid = mid
@@ -186,12 +187,17 @@ class Throttler:
     def paused(self) -> bool:
         return self._paused
 
-    def set_thresholds(self, max_replica_lag_s: float | None = None, resume_replica_lag_s: float | None = None) -> None:
-        """New lag thresholds (None: the plan's); takes effect at the next check."""
-        pause = max_replica_lag_s if max_replica_lag_s is not None else self.settings.max_replica_lag_s
-        resume = resume_replica_lag_s if resume_replica_lag_s is not None else (
-            self.settings.resume_replica_lag_s if max_replica_lag_s is None else None)
-        self.gate.set(pause, resume)
+    def configure(self, overrides: dict) -> None:
+        """The operator's values over the plan's (``orchestrate set``; an absent key: the
+        plan's; None turns an optional signal off). Takes effect at the next check, now."""
+        overrides = dict(overrides)
+        if "max_replica_lag_s" in overrides and "resume_replica_lag_s" not in overrides:
+            overrides["resume_replica_lag_s"] = None  # a new pause threshold resumes at half of it
+        s = self.plan_settings.model_copy(update=overrides)
+        self.settings = s
+        self.gate.set(s.max_replica_lag_s, s.resume_replica_lag_s)
+        self.critical_s = s.critical_replica_lag_s
+        self.backoff_max_s = s.backoff_max_s
         self.wake()
 
     def wake(self) -> None:

@@ -245,3 +245,36 @@ def test_a_worker_taken_away_hands_over_its_range_at_its_cursor(dsn, conn, tmp_p
     assert sum(r[1] for r in ranges) == 6_000, ranges
     for label, n, batches in ranges:
         assert batches <= n // 100 + 1, (label, n, batches)  # no batch was done twice
+
+
+def test_throttle_signals_changed_while_apply_runs(dsn, conn, tmp_path):
+    create_orders(conn, rows=20_000, days=4)
+    plan = write_plan(tmp_path, backfill={"range": "1 day", "batch_size": 200, "fixed_batch_size": True,
+                                          "sleep_ratio": 8},
+                      throttle={"backoff_max_s": 0.5})
+    p = str(plan)
+    app = psycopg.connect(dsn, application_name="reporting")
+    proc = start_apply(tmp_path, plan, dsn, "--until", "backfill")
+    try:
+        wait_until(lambda: rows_copied(conn) > 0 or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, apply_log(proc)
+        app.execute("SELECT 1")  # an application transaction stays open
+        time.sleep(1.0)
+        cli_ok("set", p, "max_xact_age_s=0.5", "--dsn", dsn)
+        wait_until(lambda: "(reporting) open for" in (live(conn).get("throttle_reason") or ""), timeout=10,
+                   message="a new max_xact_age_s did not reach the running apply")
+        assert_stalled(conn, 1.0)
+        cli_ok("set", p, "max_xact_age_s=off", "query=SELECT true", "--dsn", dsn)
+        wait_until(lambda: live(conn).get("throttle_reason") == "throttle query returned true", timeout=10)
+        assert_stalled(conn, 1.0)
+        cli_ok("set", p, "query=default", "batch_size=5000", "--dsn", dsn)  # the plan has none
+        assert proc.wait(90) == 0, apply_log(proc)
+    finally:
+        app.close()
+        stop(proc)
+    assert rows_copied(conn) == 20_000
+    log = apply_log(proc)
+    for line in ("control: max_xact_age_s off -> 0.5", "control: max_xact_age_s 0.5 -> off",
+                 "control: query off -> SELECT true", "control: query SELECT true -> default"):
+        assert line in log, log
+    assert status_json(plan, dsn)["controls"]["query"] is None

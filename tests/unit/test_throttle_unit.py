@@ -81,6 +81,37 @@ def test_controls_apply_pins_the_batch_and_steers_the_throttle():
     assert (t.gate.pause, t.gate.resume) == (10, 5) and c.workers is None
 
 
+def test_every_throttle_signal_and_the_pace_can_be_changed_and_reset():
+    plan = Throttle(max_replica_lag_s=10, critical_replica_lag_s=60, max_xact_age_s=300, query="SELECT false",
+                    backoff_max_s=30)
+    t = Throttler(plan, "host=127.0.0.1 port=1")
+    c = Controls("host=127.0.0.1 port=1", "public.orders", throttler=t)
+    c.apply({"sleep_ratio": 2, "target_batch_seconds": 0.2})  # before the backfill: kept for its Pace
+    pace = Pace(5000, 0.5, 100, 200_000, False)
+    c.bind_pace(pace)
+    assert (pace.sleep_ratio, pace.target_s) == (2, 0.2)
+    c.apply({"critical_replica_lag_s": "off", "max_slot_retained_bytes": 10**9, "max_xact_age_s": 30,
+             "query": "SELECT true", "flag_file": "/tmp/hold", "backoff_max_s": 2, "sleep_ratio": 0})
+    s = t.settings
+    assert (s.critical_replica_lag_s, s.max_slot_retained_bytes, s.max_xact_age_s, s.query, s.flag_file) == (
+        None, 10**9, 30, "SELECT true", "/tmp/hold")
+    assert t.critical_s is None and t.backoff_max_s == 2 and pace.sleep_ratio == 0
+    c.apply({"max_xact_age_s": "off", "query": "default", "flag_file": "off"})
+    assert (t.settings.max_xact_age_s, t.settings.query, t.settings.flag_file) == (None, "SELECT false", None)
+    assert t.settings.max_slot_retained_bytes is None and t.critical_s == 60 and t.backoff_max_s == 30
+    assert (pace.sleep_ratio, pace.target_s) == (0, 0.5)  # sleep_ratio reset, target back to the plan's
+    assert t.plan_settings == plan  # the plan itself is never changed
+
+
+def test_set_words_for_optional_signals():
+    assert parse_setting("critical_replica_lag_s", "off") == "off"
+    assert parse_setting("query", " SELECT 1 ") == "SELECT 1"
+    assert parse_setting("max_slot_retained_bytes", "default") is None
+    for key, raw in (("max_replica_lag_s", "off"), ("backoff_max_s", "off"), ("query", ""), ("sleep_ratio", "-1")):
+        with pytest.raises(PlanError):
+            parse_setting(key, raw)
+
+
 def test_throttler_fails_closed_and_reports_every_reason(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -120,7 +151,7 @@ def test_wait_is_woken_by_an_operator_change(tmp_path):
     time.sleep(2.0)  # the worker backs off: 0.25, 0.5, 1, then 2 s from 1.75 s to 3.75 s
     assert not done.is_set()
     flag.unlink()
-    t.set_thresholds(5)  # any change wakes the waiting workers at once
+    t.configure({"max_replica_lag_s": 5})  # any change wakes the waiting workers at once
     assert done.wait(0.6)
 
 
