@@ -33,8 +33,8 @@ import sys
 import tempfile
 import threading
 import time
-from functools import wraps
 from datetime import datetime, timezone
+from functools import wraps
 from pathlib import Path
 
 import click

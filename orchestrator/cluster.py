@@ -32,9 +32,9 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from orchestrator.errors import OrchestrateError
 
@@ -405,7 +405,7 @@ def _reap_orphans(temp_root: Path) -> None:
         shutil.rmtree(base, ignore_errors=True)
 
 
-_live_clusters: set["LocalCluster"] = set()
+_live_clusters: set[LocalCluster] = set()
 _live_lock = threading.Lock()
 
 
@@ -459,14 +459,14 @@ class LocalCluster:
 
     # -- lifecycle ---------------------------------------------------------------
 
-    def __enter__(self) -> "LocalCluster":
+    def __enter__(self) -> LocalCluster:
         self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def start(self) -> "LocalCluster":
+    def start(self) -> LocalCluster:
         """Initialise and start the primary, then clone and start the replica."""
         with self._lock:
             if self.primary is not None:

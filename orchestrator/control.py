@@ -156,7 +156,7 @@ class Controls:
         self._conn: psycopg.Connection | None = None
         self._ticker = Ticker("controls", poll_s, self.poll)
 
-    def start(self) -> "Controls":
+    def start(self) -> Controls:
         """Apply the stored settings now (so a pause holds from the first batch), then poll."""
         self.poll()
         self._ticker.start()

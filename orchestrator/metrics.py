@@ -110,7 +110,7 @@ class LiveFigures:
         return out
 
     # --- writing facts.live ---------------------------------------------------------------
-    def start(self) -> "LiveFigures":
+    def start(self) -> LiveFigures:
         self.write()
         self._ticker.start()
         return self
@@ -211,7 +211,7 @@ class MetricsServer:
         self.server.daemon_threads = True
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "MetricsServer":
+    def start(self) -> MetricsServer:
         self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
         self._thread.start()
         logger.info("metrics: serving Prometheus figures on port {}", self.port)

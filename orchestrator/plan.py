@@ -36,7 +36,7 @@ class Interval:
         self.unit = unit
 
     @classmethod
-    def parse(cls, text: str) -> "Interval":
+    def parse(cls, text: str) -> Interval:
         m = _INTERVAL.match(str(text))
         if not m:
             raise ValueError(
@@ -170,7 +170,7 @@ class Backfill(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _bounds(self) -> "Backfill":
+    def _bounds(self) -> Backfill:
         if self.min_batch_size > self.max_batch_size:
             raise ValueError("min_batch_size is larger than max_batch_size")
         return self
@@ -295,7 +295,7 @@ class Plan(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _names(self) -> "Plan":
+    def _names(self) -> Plan:
         for n in (self.twin.name, self.retired.name, self.default_partition.name):
             if len(n.encode()) > MAX_IDENT:
                 raise ValueError(f"derived name {n!r} is longer than {MAX_IDENT} bytes: set it under names:")

@@ -59,7 +59,7 @@ class QualifiedName:
     def display(self) -> str:
         return str(self)
 
-    def with_name(self, name: str) -> "QualifiedName":
+    def with_name(self, name: str) -> QualifiedName:
         return QualifiedName(self.schema, name)
 
 

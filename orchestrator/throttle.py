@@ -53,7 +53,8 @@ import psycopg
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator.db import Ticker, connect, close_quietly as _close
+from orchestrator.db import Ticker, connect
+from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, ThrottleAbort
 from orchestrator.plan import Throttle
 from orchestrator.state.store import Store
@@ -160,7 +161,7 @@ class Throttler:
         self._hb_ok_at = 0.0
 
     # --- life cycle -------------------------------------------------------------------
-    def start(self) -> "Throttler":
+    def start(self) -> Throttler:
         """Write the first heartbeat (so replica lag is measured from now) and start beating."""
         if self.settings.heartbeat:
             self._beat()

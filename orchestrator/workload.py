@@ -425,7 +425,7 @@ def _json(rng: random.Random, tag: str) -> str:
 
 
 class _Client(threading.Thread):
-    def __init__(self, wl: "Workload", index: int):
+    def __init__(self, wl: Workload, index: int):
         super().__init__(name=f"workload-{index}", daemon=True)
         self.wl = wl
         self.index = index
@@ -781,7 +781,7 @@ class Workload:
             report = self.stop()
         return report
 
-    def __enter__(self) -> "Workload":
+    def __enter__(self) -> Workload:
         self.setup()
         self.start()
         return self

@@ -25,9 +25,10 @@ import psycopg
 from loguru import logger
 
 from orchestrator import sql
-from orchestrator.db import LockAttempt, with_lock_retry, close_quietly as _close
+from orchestrator.db import LockAttempt, with_lock_retry
+from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
-from orchestrator.inspect import catalog_fingerprint, TableInfo, inspect_table
+from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import drop_sync, install_sync
 from orchestrator.phases.prepare import _twin_index_name, fmt, partition_bounds

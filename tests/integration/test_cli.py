@@ -12,8 +12,8 @@ import time
 import psycopg
 import pytest
 import yaml
-from helpers import run_cli
 
+from helpers import run_cli
 from orchestrator.sample import create_orders
 from orchestrator.state.store import LOCK_NAMESPACE
 

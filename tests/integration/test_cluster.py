@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from helpers import REPO_ROOT, wait_until
 
+from helpers import REPO_ROOT, wait_until
 from orchestrator.cluster import (
     ClusterTimeout,
     LocalCluster,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psycopg
 import yaml
-from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 
+from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 from orchestrator.sample import create_orders
 from orchestrator.workload import Workload
 

@@ -65,7 +65,7 @@ class Blocker:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.conn: psycopg.Connection | None = None
 
-    def start(self, conn: psycopg.Connection) -> "Blocker":
+    def start(self, conn: psycopg.Connection) -> Blocker:
         self._thread.start()
         wait_until(lambda: self.pid is not None or self.error is not None, timeout=10)
         # Holding: its lock on the table is granted.

@@ -14,8 +14,8 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
-from helpers import REPO_ROOT, run_cli, wait_until
 
+from helpers import REPO_ROOT, run_cli, wait_until
 from orchestrator.errors import PreflightError
 from orchestrator.maintain import maintain_pass, maintenance_preview, partman_handover
 from orchestrator.plan import Interval, parse_plan

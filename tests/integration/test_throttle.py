@@ -18,8 +18,8 @@ from pathlib import Path
 import psycopg
 import pytest
 import yaml
-from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 
+from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 from orchestrator.errors import ThrottleAbort
 from orchestrator.plan import Throttle
 from orchestrator.sample import create_orders
