@@ -26,7 +26,8 @@ def _setup_logging(level: str, fmt: str) -> None:
     if fmt == "json":
         logger.add(sys.stderr, level=level, serialize=True)
     else:
-        logger.add(sys.stderr, level=level, format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
+        logger.add(sys.stderr, level=level,
+                   format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
                    colorize=None)
 
 

@@ -332,7 +332,7 @@ def _bin_cache_root() -> Path:
 
 def _make_world_readable(tree: Path) -> None:
     """chmod a+rX on a whole tree (directories and executables get o+x)."""
-    for dirpath, dirnames, filenames in os.walk(tree):
+    for dirpath, _dirnames, filenames in os.walk(tree):
         os.chmod(dirpath, 0o755)
         for name in filenames:
             path = Path(dirpath) / name

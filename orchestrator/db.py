@@ -131,7 +131,8 @@ def with_lock_retry(
             waited = time.monotonic() - t0
             if on_attempt:
                 on_attempt(LockAttempt(attempt, False, waited, error=last))
-            logger.info("{}: lock attempt {}/{} gave up after {:.0f} ms ({})", what, attempt, attempts, waited * 1000, last)
+            logger.info("{}: lock attempt {}/{} gave up after {:.0f} ms ({})", what, attempt, attempts,
+                        waited * 1000, last)
             if attempt < attempts:
                 time.sleep(next(delays))
     raise LockNotAcquired(

@@ -73,7 +73,8 @@ def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = F
         if report is not None and report.errors:
             raise OrchestrateError(f"the workload saw {report.errors} write errors: {report.error_samples[:1]}")
         if not comparison.ok:
-            raise VerificationFailed(f"the migrated table differs from what the workload committed: {comparison.as_dict()}")
+            raise VerificationFailed(
+                f"the migrated table differs from what the workload committed: {comparison.as_dict()}")
         if keep:
             say(f"cluster left running (--keep): {dsn}; stop it with Ctrl-C")
             try:
@@ -89,7 +90,8 @@ def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = F
 def _summary(dsn: str, status: dict, report, comparison, migration_s: float) -> None:
     click.echo()
     click.echo(click.style("Summary", bold=True))
-    click.echo(f"  rows copied by the backfill   {status['ranges']['rows_copied']:,} in {status['ranges']['total']} ranges")
+    click.echo(f"  rows copied by the backfill   {status['ranges']['rows_copied']:,} "
+               f"in {status['ranges']['total']} ranges")
     click.echo(f"  migration wall time           {migration_s:.1f}s")
     for name, p in status["phases"].items():
         extra = f"   (ACCESS EXCLUSIVE held {p['detail']['lock_held_ms']} ms)" if "lock_held_ms" in p["detail"] else ""
@@ -110,7 +112,8 @@ def _summary(dsn: str, status: dict, report, comparison, migration_s: float) -> 
         ).fetchall()
         total = conn.execute("SELECT count(*) FROM public.orders").fetchone()[0]
         in_default = conn.execute("SELECT count(*) FROM public.orders_default").fetchone()[0]
-    click.echo(f"  final layout: public.orders, partitioned by range (created_at), {len(rows)} partitions, {total:,} rows")
+    click.echo(f"  final layout: public.orders, partitioned by range (created_at), {len(rows)} partitions, "
+               f"{total:,} rows")
     for name, bound, _ in rows:
         click.echo(f"    {name:<22} {bound}")
     click.echo(f"  rows in the default partition {in_default} (NULL or out-of-range keys; `orchestrate maintain` "

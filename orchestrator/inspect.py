@@ -197,7 +197,8 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
         indexes = [Index(r[7], r[1], r[2], r[3], r[4], tuple(r[5]), r[6]) for r in cur.fetchall()]
         pk = next((list(i.columns) for i in indexes if i.primary), [])
         cur.execute(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s AND contype = 'c' ORDER BY conname",
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s AND contype = 'c' "
+            "ORDER BY conname",
             (oid,),
         )
         checks = [(r[0], r[1]) for r in cur.fetchall()]
@@ -269,9 +270,12 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
                       CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
                                   WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
                       CASE WHEN polroles = '{0}' THEN 'PUBLIC'
-                           ELSE (SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles WHERE oid = ANY (polroles)) END,
-                      CASE WHEN polqual IS NOT NULL THEN ' USING (' || pg_get_expr(polqual, polrelid) || ')' ELSE '' END,
-                      CASE WHEN polwithcheck IS NOT NULL THEN ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) || ')' ELSE '' END)
+                           ELSE (SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles """
+            """WHERE oid = ANY (polroles)) END,
+                      CASE WHEN polqual IS NOT NULL THEN ' USING (' || pg_get_expr(polqual, polrelid) || ')' """
+            """ELSE '' END,
+                      CASE WHEN polwithcheck IS NOT NULL THEN ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) """
+            """|| ')' ELSE '' END)
                FROM pg_policy WHERE polrelid = %s ORDER BY polname""",
             (oid,),
         )

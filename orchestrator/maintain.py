@@ -191,7 +191,8 @@ def retention_cutoff(plan: Plan, now: datetime) -> datetime | None:
     return iv.add(iv.floor(now), -keep)
 
 
-def ranges_to_create(plan: Plan, now: datetime, parts: list[Part]) -> tuple[list[tuple[datetime, datetime]], list[dict]]:
+def ranges_to_create(plan: Plan, now: datetime,
+                     parts: list[Part]) -> tuple[list[tuple[datetime, datetime]], list[dict]]:
     """Aligned [lo, hi) intervals to create, and the ones skipped because they overlap.
 
     From the end of the newest ranged partition (or the current interval when there is
@@ -282,7 +283,8 @@ def table_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
         if kname != key:
             raise PreflightError(f"{parent} is partitioned by {ident(kname)}, the plan says {ident(key)}")
         if ktype not in _KEY_TYPES:
-            raise PreflightError(f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
+            raise PreflightError(
+                f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
         cur.execute(
             "SELECT attname, attgenerated::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
             "AND NOT attisdropped ORDER BY attnum",
@@ -559,7 +561,8 @@ class _Pass:
                 method = "plain (concurrently failed)"
                 if self._detach_pending(name):
                     self._locked(f"finalize detach {name.name}", lambda cur: cur.execute(
-                        f"ALTER TABLE {f.parent} DETACH PARTITION {name} FINALIZE"), [(f.parent, "SHARE UPDATE EXCLUSIVE")])
+                        f"ALTER TABLE {f.parent} DETACH PARTITION {name} FINALIZE"),
+                        [(f.parent, "SHARE UPDATE EXCLUSIVE")])
                     detached_already = True
         archive = QualifiedName(_archive_schema(plan), name.name)
 
@@ -784,7 +787,8 @@ def partman_handover(plan: Plan, conn: psycopg.Connection) -> dict:
     return {"partman_version": version, "schema": schema, "already_registered": bool(registered),
             "lock_held_ms": round(held, 1),
             "part_config": dict(zip(("parent_table", "control", "partition_interval", "premake", "retention",
-                                     "retention_keep_table"), [str(v) if v is not None else None for v in cfg]))}
+                                     "retention_keep_table"), [str(v) if v is not None else None for v in cfg],
+                                    strict=True))}
 
 
 # --------------------------------------------------------------------------- daemon
@@ -902,4 +906,5 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every", "run_daemon"]  # and `commands`, built on first access (__getattr__)
+__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every",
+           "run_daemon"]  # and `commands`, built on first access (__getattr__)

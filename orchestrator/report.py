@@ -40,7 +40,8 @@ def plan_text(data: dict) -> str:
         lines.append(f"partitioned already: the next `orchestrate maintain` pass (now {mp['now'][:19]}) would")
         for c in mp["create"]:
             lines.append(f"  create {c['partition']} [{c['from']}, {c['to']})"
-                         + (f", moving {c['default_rows_to_move']} rows out of the default" if c["default_rows_to_move"] else ""))
+                         + (f", moving {c['default_rows_to_move']} rows out of the default"
+                            if c["default_rows_to_move"] else ""))
         for r in mp["remove"]:
             lines.append(f"  {r['action']} {r['partition']} [{r['from']}, {r['to']})")
         if not mp["create"] and not mp["remove"]:
@@ -73,7 +74,8 @@ def status_text(data: dict) -> str:
     r = data["ranges"]
     lines = [
         f"table      {data['table']} (migration {data['migration_id']})",
-        f"status     {data['status']}, phase {data['phase']}" + (f"  error: {data['error']}" if data.get("error") else ""),
+        f"status     {data['status']}, phase {data['phase']}"
+        + (f"  error: {data['error']}" if data.get("error") else ""),
         f"ranges     {r['copied']}/{r['total']} copied, {r['rows_copied']} rows, {r['verified']} verified, "
         f"{r['mismatched']} mismatched; last checkpoint {data['last_checkpoint']}",
     ]

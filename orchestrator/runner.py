@@ -186,7 +186,8 @@ def _run_phase(ctx: Context, phase) -> None:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         _record_failure(ctx, phase.name, t0, msg)
         if is_connection_error(e):
-            raise ConnectionFailed(f"{phase.name}: lost the database connection ({msg}); run apply again to resume") from None
+            raise ConnectionFailed(
+                f"{phase.name}: lost the database connection ({msg}); run apply again to resume") from None
         raise OrchestrateError(f"{phase.name} failed: {msg}") from None
     except KeyboardInterrupt:
         _record_failure(ctx, phase.name, t0, "interrupted")
@@ -221,7 +222,8 @@ def _mark_recopy(ctx: Context, labels: tuple[str, ...]) -> None:
         )
         for p in ("backfill", "verify"):
             ctx.store.phase_reset(cur, ctx.mid, p)
-    ctx.store.event(ctx.mid, "recopy", f"{len(chosen)} range(s) marked for re-copy", labels=[r["label"] for r in chosen])
+    ctx.store.event(ctx.mid, "recopy", f"{len(chosen)} range(s) marked for re-copy",
+                    labels=[r["label"] for r in chosen])
 
 
 def rollback(plan: Plan, dsn: str) -> Outcome:
@@ -282,7 +284,8 @@ def status(plan: Plan, dsn: str) -> Outcome:
         with conn.cursor() as cur:
             cur.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL")
             if not cur.fetchone()[0]:
-                return Outcome(f"no migration recorded for {plan.table_name}", {"status": "none", "table": str(plan.table_name)})
+                return Outcome(f"no migration recorded for {plan.table_name}",
+                               {"status": "none", "table": str(plan.table_name)})
         store = Store(conn)
         table = str(plan.table_name)
         m = store.live(table) or store.latest(table)

@@ -125,7 +125,7 @@ class Shape:
 
     @property
     def order_types(self) -> tuple[str, ...]:
-        types = dict(zip(self.pk, self.pk_types))
+        types = dict(zip(self.pk, self.pk_types, strict=False))
         return (self.key_type, *[types[c] for c in self.pk if c != self.key])
 
     @property
@@ -283,7 +283,8 @@ END
 $orchestrate$"""
 
 
-def create_sync_triggers(table: QualifiedName, trigger: str, fn: QualifiedName, truncate_fn: QualifiedName) -> list[str]:
+def create_sync_triggers(table: QualifiedName, trigger: str, fn: QualifiedName,
+                         truncate_fn: QualifiedName) -> list[str]:
     """Row trigger for I/U/D plus a statement trigger that mirrors TRUNCATE.
 
     Warning: CREATE TRIGGER takes SHARE ROW EXCLUSIVE on the table: it waits for writers in

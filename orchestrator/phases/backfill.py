@@ -391,7 +391,8 @@ class Backfill:
         if errors:
             e = errors[0]
             if is_connection_error(e):
-                raise ConnectionFailed(f"backfill lost its connection: {str(e).splitlines()[0]}; run apply again to resume") from None
+                raise ConnectionFailed(
+                    f"backfill lost its connection: {str(e).splitlines()[0]}; run apply again to resume") from None
             raise e
         logger.debug("backfill workers finished: {} rows in {} batches", counters.rows, counters.batches)
 

@@ -385,7 +385,8 @@ class LagProbe:
                 lag = float(conn.execute(self.SQL_REPLICA).fetchone()[0])
             except (psycopg.Error, OrchestrateError) as e:
                 _close(self.conns.pop(dsn, None))
-                bad.append(f"replica {dsn_label(dsn)} unreachable: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+                bad.append(f"replica {dsn_label(dsn)} unreachable: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
                 continue
             if lag >= worst:
                 worst, where = lag, dsn_label(dsn)
@@ -627,7 +628,8 @@ class Cutover:
         plan = ctx.plan
         t0 = time.monotonic()
         saved = ctx.facts.get("cutover_objects") or {}
-        report = LockReport(ctx, "rollback", cancel=plan.cutover.cancel_blockers, tables=[plan.table_name, plan.retired])
+        report = LockReport(ctx, "rollback", cancel=plan.cutover.cancel_blockers,
+                            tables=[plan.table_name, plan.retired])
         restored_fks: list[tuple[QualifiedName, str]] = []
 
         live_oid = ctx.conn.execute("SELECT %s::regclass::oid", (str(plan.table_name),)).fetchone()[0]

@@ -100,7 +100,8 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
             f"table {info.name} has no primary key: rows cannot be matched between the tables; add one first"
         )
     if col.not_null is False and version < 15:
-        raise PreflightError(f"a nullable key column needs PostgreSQL 15 (UNIQUE NULLS NOT DISTINCT); {ident(key)} is nullable")
+        raise PreflightError(
+            f"a nullable key column needs PostgreSQL 15 (UNIQUE NULLS NOT DISTINCT); {ident(key)} is nullable")
     warnings: list[str] = []
     with conn.cursor() as cur:
         cur.execute(
@@ -115,7 +116,8 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
             raise PreflightError(f"table {info.name} has rules; they would not follow the rename")
         cur.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = %s AND contype = 'x'", (info.oid,))
         if cur.fetchone()[0]:
-            raise PreflightError(f"table {info.name} has an exclusion constraint; a partitioned table cannot enforce it across partitions")
+            raise PreflightError(f"table {info.name} has an exclusion constraint; "
+                                 "a partitioned table cannot enforce it across partitions")
     if info.incoming_fks and plan.cutover.incoming_foreign_keys == "refuse":
         refs = ", ".join(f"{fk.table}.{fk.name}" for fk in info.incoming_fks)
         raise PreflightError(
@@ -167,7 +169,8 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
         cur.execute(f"SELECT count(*) FROM {info.name} WHERE {where}", params)
         to_default = cur.fetchone()[0]
     if to_default:
-        warnings.append(f"{to_default} rows have a NULL key or a key outside the partitions: they go to the default partition")
+        warnings.append(f"{to_default} rows have a NULL key or a key outside the partitions: "
+                        "they go to the default partition")
     return Preflight(info, partitions, key_min, key_max, to_default, warnings, version)
 
 
@@ -202,7 +205,8 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
     for lo, hi in pf.partitions:
         part = plan.partition_name(datetime.fromisoformat(lo))
         out.append((f"partition {part.name}", sql.create_partition(part, twin, lo, hi, shape.key_type)))
-    out.append(("default partition for NULL and out-of-range keys", sql.create_default_partition(plan.default_partition, twin)))
+    out.append(("default partition for NULL and out-of-range keys",
+                sql.create_default_partition(plan.default_partition, twin)))
     for fk in info.outgoing_fks:
         out.append((f"foreign key {fk.name}", f"ALTER TABLE {twin} ADD CONSTRAINT {ident(fk.name)} {fk.definition}"))
     return out

@@ -72,7 +72,8 @@ class Verify:
                 "repair with `orchestrate apply PLAN --recopy RANGE` (or --recopy all)"
             )
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-            ctx.store.phase_done(cur, ctx.mid, self.name, elapsed, rows=rows, rows_per_s=round(rows / elapsed) if elapsed else None)
+            ctx.store.phase_done(cur, ctx.mid, self.name, elapsed, rows=rows,
+                                 rows_per_s=round(rows / elapsed) if elapsed else None)
 
     def undo(self, ctx: Context) -> None:
         """Nothing to undo: verification only reads."""

@@ -144,7 +144,8 @@ class Store:
         )
 
     def set_error(self, mid: int, error: str | None) -> None:
-        self.conn.execute("UPDATE orchestrate.migrations SET error = %s, updated_at = now() WHERE id = %s", (error, mid))
+        self.conn.execute("UPDATE orchestrate.migrations SET error = %s, updated_at = now() WHERE id = %s",
+                          (error, mid))
 
     # --- phases ----------------------------------------------------------------------
     def phase_started(self, mid: int, name: str) -> None:

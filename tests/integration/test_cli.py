@@ -183,7 +183,8 @@ def test_bad_input(orders, dsn, tmp_path, case, expected_code, fragment):
 def test_unreachable_dsn_fails_fast(tmp_path):
     plan = write_plan(tmp_path)
     t0 = time.monotonic()
-    code, out, err = run_cli("apply", plan, "--dsn", "host=127.0.0.1 port=1 user=x password=hunter2 dbname=x connect_timeout=3")
+    code, out, err = run_cli("apply", plan, "--dsn",
+                             "host=127.0.0.1 port=1 user=x password=hunter2 dbname=x connect_timeout=3")
     assert time.monotonic() - t0 < 15
     assert_one_line_error(code, out, err, 4, "cannot connect to")
     assert "hunter2" not in err and "password=***" in err
@@ -220,4 +221,5 @@ def test_mixed_case_table_in_another_schema(conn, dsn, tmp_path):
     code, out, err = run_cli("apply", plan, "--dsn", dsn)
     assert code == 0, err
     assert table_digest(conn, '"Sales"."Order Items"') == before
-    assert conn.execute("""SELECT relkind FROM pg_class WHERE oid = '"Sales"."Order Items"'::regclass""").fetchone()[0] == "p"
+    assert conn.execute(
+        """SELECT relkind FROM pg_class WHERE oid = '"Sales"."Order Items"'::regclass""").fetchone()[0] == "p"

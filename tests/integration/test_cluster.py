@@ -193,7 +193,8 @@ def test_private_cluster_stops_without_leftovers(tmp_path: Path) -> None:
         pid = int(pidfile.read_text().splitlines()[0])
         assert _scalar(c.primary_dsn(), "SELECT 1") == 1
     assert not base.exists()
-    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    assert (not Path(f"/proc/{pid}").exists()
+            or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0])
 
 
 def test_cluster_cli_start_runs_until_sigterm() -> None:

@@ -103,7 +103,8 @@ def fingerprint(conn: psycopg.Connection) -> dict:
 
 def view_reads_table(conn: psycopg.Connection, view: str, table_oid: int) -> bool:
     return conn.execute(
-        "SELECT count(*) > 0 FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass "
+        "SELECT count(*) > 0 FROM pg_depend d JOIN pg_rewrite r "
+        "ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass "
         "WHERE r.ev_class = %s::regclass AND d.refobjid = %s", (view, table_oid)).fetchone()[0]
 
 

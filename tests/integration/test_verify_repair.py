@@ -114,7 +114,8 @@ def test_recopy_does_not_deadlock_with_a_concurrent_writer(tampered, conn: psyco
     t.start()
     with psycopg.connect(dsn, autocommit=True) as watch, psycopg.connect(dsn, autocommit=True) as writer:
         wait_until(lambda: watch.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' AND application_name LIKE 'orchestrate:%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+            "AND application_name LIKE 'orchestrate:%'"
         ).fetchone()[0] == 1, timeout=60, message="the re-copy never reached its DELETE of the twin's range")
         try:
             writer.execute("SET deadlock_timeout = '200ms'")

@@ -60,7 +60,8 @@ def test_bounds_are_read_as_naive_utc():
         datetime(2026, 1, 1), datetime(2026, 2, 1), False)
     assert parse_partbound("FOR VALUES FROM ('2026-01-01') TO ('2026-01-02')")[:2] == (
         datetime(2026, 1, 1), datetime(2026, 1, 2))
-    assert parse_partbound("FOR VALUES FROM (MINVALUE) TO ('2026-01-01 00:00:00')") == (None, datetime(2026, 1, 1), False)
+    assert parse_partbound("FOR VALUES FROM (MINVALUE) TO ('2026-01-01 00:00:00')") == (
+        None, datetime(2026, 1, 1), False)
     assert parse_partbound("DEFAULT") == (None, None, True)
     assert parse_partbound("FOR VALUES IN (1, 2)") is None
     assert parse_bound("'2026-03-01 01:00:00+01'") == datetime(2026, 3, 1)

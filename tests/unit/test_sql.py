@@ -53,14 +53,16 @@ def test_sync_function_paths():
     # a change of key moves the row; else an UPDATE by (pk, key) that may touch nothing
     assert "(NEW.id, NEW.created_at) IS DISTINCT FROM (OLD.id, OLD.created_at)" in body
     assert "DELETE FROM public.orders_partitioned WHERE id = OLD.id AND created_at = OLD.created_at" in body
-    assert "UPDATE public.orders_partitioned SET note = NEW.note WHERE id = OLD.id AND created_at = OLD.created_at" in body
+    assert ("UPDATE public.orders_partitioned SET note = NEW.note "
+            "WHERE id = OLD.id AND created_at = OLD.created_at") in body
     assert "ON CONFLICT" not in body  # the insert path is a plain insert: divergence fails loudly
 
 
 def test_sync_function_nullable_key_branches():
     nullable = Shape(**{**SHAPE.__dict__, "key_nullable": True})
     body = sql.sync_function(QualifiedName("orchestrate", "capture_1"), TW, nullable)
-    assert "IF OLD.created_at IS NULL THEN DELETE FROM public.orders_partitioned WHERE id = OLD.id AND created_at IS NULL" in body
+    assert ("IF OLD.created_at IS NULL THEN DELETE FROM public.orders_partitioned "
+            "WHERE id = OLD.id AND created_at IS NULL") in body
 
 
 def test_backfill_copy_locks_source_rows_in_a_value_window():
@@ -77,7 +79,8 @@ def test_backfill_boundary_and_null_range():
     where, params = sql.range_predicate(SHAPE, None, None, True)
     assert where == "created_at IS NULL" and params == []
     b = sql.backfill_boundary(T, SHAPE, where, after=True, is_null=True)
-    assert b == "SELECT id::text FROM public.orders WHERE created_at IS NULL AND (id) > (%s::bigint) ORDER BY id OFFSET %s LIMIT 1"
+    assert b == ("SELECT id::text FROM public.orders WHERE created_at IS NULL AND (id) > (%s::bigint) "
+                 "ORDER BY id OFFSET %s LIMIT 1")
 
 
 def test_range_digest_hashes_every_column():
@@ -86,9 +89,11 @@ def test_range_digest_hashes_every_column():
 
 
 def test_rewrite_index_points_at_twin_and_adds_key():
-    d = "CREATE UNIQUE INDEX orders_email_key ON public.orders USING btree (lower(email), \"Tenant\") INCLUDE (x) WHERE (a > 0)"
+    d = ("CREATE UNIQUE INDEX orders_email_key ON public.orders USING btree (lower(email), \"Tenant\") "
+         "INCLUDE (x) WHERE (a > 0)")
     out = sql.rewrite_index(d, "CREATE UNIQUE INDEX orders_email_key ON public.orders USING ",
-                            "CREATE UNIQUE INDEX orders_email_key_twin ON public.orders_partitioned USING ", "created_at")
+                            "CREATE UNIQUE INDEX orders_email_key_twin ON public.orders_partitioned USING ",
+                            "created_at")
     assert out == ("CREATE UNIQUE INDEX orders_email_key_twin ON public.orders_partitioned USING btree "
                    "(lower(email), \"Tenant\", created_at) INCLUDE (x) WHERE (a > 0)")
     with pytest.raises(ValueError):

@@ -173,5 +173,6 @@ def test_metrics_text_format():
     assert text.endswith("\n")
     names = {line.split("{")[0] for line in lines if not line.startswith("#")}
     assert names == {"orchestrate_rows_copied_total", "orchestrate_ranges_done", "orchestrate_ranges_total",
-                     "orchestrate_batch_size", "orchestrate_workers", "orchestrate_replica_lag_seconds", "orchestrate_throttled",
+                     "orchestrate_batch_size", "orchestrate_workers", "orchestrate_replica_lag_seconds",
+                     "orchestrate_throttled",
                      "orchestrate_paused", "orchestrate_rows_per_second"}

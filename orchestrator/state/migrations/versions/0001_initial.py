@@ -40,7 +40,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "phases",
-        sa.Column("migration_id", sa.BigInteger, sa.ForeignKey(f"{S}.migrations.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("migration_id", sa.BigInteger, sa.ForeignKey(f"{S}.migrations.id", ondelete="CASCADE"),
+                  primary_key=True),
         sa.Column("name", sa.Text, primary_key=True),
         sa.Column("state", sa.Text, nullable=False, server_default="pending"),
         sa.Column("started_at", sa.DateTime(timezone=True)),
@@ -51,7 +52,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "ranges",
-        sa.Column("migration_id", sa.BigInteger, sa.ForeignKey(f"{S}.migrations.id", ondelete="CASCADE"), primary_key=True),
+        sa.Column("migration_id", sa.BigInteger, sa.ForeignKey(f"{S}.migrations.id", ondelete="CASCADE"),
+                  primary_key=True),
         sa.Column("idx", sa.Integer, primary_key=True),
         sa.Column("label", sa.Text, nullable=False),
         sa.Column("lo", sa.Text),
