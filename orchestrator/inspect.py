@@ -270,12 +270,12 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
                       CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
                                   WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
                       CASE WHEN polroles = '{0}' THEN 'PUBLIC'
-                           ELSE (SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles """
-            """WHERE oid = ANY (polroles)) END,
-                      CASE WHEN polqual IS NOT NULL THEN ' USING (' || pg_get_expr(polqual, polrelid) || ')' """
-            """ELSE '' END,
-                      CASE WHEN polwithcheck IS NOT NULL THEN ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) """
-            """|| ')' ELSE '' END)
+                           ELSE (SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles
+                                 WHERE oid = ANY (polroles)) END,
+                      CASE WHEN polqual IS NOT NULL
+                           THEN ' USING (' || pg_get_expr(polqual, polrelid) || ')' ELSE '' END,
+                      CASE WHEN polwithcheck IS NOT NULL
+                           THEN ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) || ')' ELSE '' END)
                FROM pg_policy WHERE polrelid = %s ORDER BY polname""",
             (oid,),
         )
