@@ -255,6 +255,9 @@ class Throttle(_Strict):
     critical_replica_lag_s: float | None = Field(None, description="Abort the run past this lag.")
     max_slot_retained_bytes: int | None = Field(None, ge=0, description="Pause when slots retain more WAL.")
     max_xact_age_s: float | None = Field(None, gt=0, description="Pause while a transaction is older than this.")
+    max_xmin_age: int | None = Field(
+        None, gt=0, description="Pause while the oldest xmin that holds back vacuum (a session's snapshot, a "
+        "replication slot, a prepared transaction) is more than this many transactions old.")
     query: str | None = Field(None, description="Operator's SQL: throttle while it returns true.")
     flag_file: str | None = Field(None, description="Throttle while this file exists.")
     replicas: list[str] = Field(default_factory=list, description="Replica DSNs to watch (plus --replica-dsn).")

@@ -28,6 +28,9 @@ Signals, each with the reason string that status, the progress line and the even
 - WAL retained by replication slots above ``max_slot_retained_bytes``.
 - a transaction older than ``max_xact_age_s`` in this database (our own sessions, whose
   application_name starts with ``orchestrate:``, are not counted).
+- an xmin horizon older than ``max_xmin_age`` transactions (:data:`XMIN_HORIZON`): a
+  snapshot, slot or prepared transaction that stops vacuum from cleaning up behind the
+  backfill, whose every batch consumes a transaction id.
 - the operator's ``query`` (throttle while it returns true; an error throttles too) and
   ``flag_file`` (throttle while the file exists).
 - ``paused by operator`` (``orchestrate pause``, applied through :mod:`orchestrator.control`).
@@ -63,6 +66,23 @@ CHECK_INTERVAL_S = 0.5
 HEARTBEAT_INTERVAL_S = 0.5
 FIRST_BACKOFF_S = 0.25
 CHECK_STATEMENT_TIMEOUT_MS = 5000
+# What holds back vacuum's horizon in this database, oldest first: a session's snapshot (a
+# walsender's too: hot_standby_feedback without a slot), a replication slot, a prepared
+# transaction. orchestrate's own sessions are short and not counted.
+XMIN_HORIZON = """
+SELECT who, age FROM (
+  SELECT 'pid ' || pid || coalesce(' (' || nullif(application_name, '') || ')', '') AS who,
+         age(backend_xmin) AS age
+    FROM pg_stat_activity
+   WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid()
+     AND (datname = current_database() OR backend_type = 'walsender')
+     AND coalesce(application_name, '') NOT LIKE 'orchestrate:%'
+  UNION ALL
+  SELECT 'replication slot ' || slot_name, greatest(age(xmin), age(catalog_xmin))
+    FROM pg_replication_slots WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL
+  UNION ALL
+  SELECT 'prepared transaction ' || gid, age(transaction) FROM pg_prepared_xacts WHERE database = current_database()
+) AS horizon ORDER BY age DESC NULLS LAST LIMIT 1"""
 TRIGGERS_NOTE = "the capture trigger still runs: writes keep reaching the twin"
 
 
@@ -296,6 +316,11 @@ class Throttler:
                     who = f" ({row[1]})" if row[1] else ""
                     reasons.append(("xact", f"transaction of pid {row[0]}{who} open for {row[2]:.0f}s > "
                                             f"{s.max_xact_age_s:g}s"))
+            if s.max_xmin_age is not None:
+                row = conn.execute(XMIN_HORIZON).fetchone()
+                if row and row[1] is not None and row[1] > s.max_xmin_age:
+                    reasons.append(("xmin", f"oldest xmin is {row[1]} transactions old ({row[0]}) > "
+                                            f"{s.max_xmin_age}: vacuum cannot clean up behind it"))
             if s.query:
                 try:
                     row = conn.execute(s.query).fetchone()

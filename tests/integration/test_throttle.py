@@ -224,6 +224,27 @@ def test_throttler_slot_retention_and_old_transactions(dsn, conn):
                      (slot,))
 
 
+
+def test_throttler_xmin_horizon(dsn, conn):
+    t = Throttler(Throttle(max_xmin_age=25, backoff_max_s=0.2), dsn, check_interval_s=0.05)
+    report = psycopg.connect(dsn, application_name="report", autocommit=True)
+    try:
+        assert not t.check(force=True).throttled, t.state.reason
+        report.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        report.execute("SELECT count(*) FROM pg_class")  # its snapshot now holds vacuum's horizon back
+        for _ in range(40):
+            conn.execute("SELECT txid_current()")  # each one a new transaction id
+        st = t.check(force=True)
+        assert st.throttled, st
+        assert st.reason.startswith("oldest xmin is ") and f"(pid {report.info.backend_pid} (report)) > 25" in \
+            st.reason, st.reason
+        report.execute("ROLLBACK")
+        assert not t.check(force=True).throttled, t.state.reason
+    finally:
+        report.close()
+        t.stop()
+
+
 WIDE_PAYLOAD = "(SELECT string_agg(md5(random()::text || g.g || k), '') FROM generate_series(1, 250) AS k)"
 
 
