@@ -87,7 +87,13 @@ def status_text(data: dict) -> str:
         lines.append(f"controls   {json.dumps(data['controls'])}")
     live = data.get("live") or {}
     if live:
-        lines.append(f"live       {json.dumps(live)}")
+        line = ProgressPrinter.format({**live, "throttle": live.get("throttle_reason") if live.get("throttled")
+                                       else None})
+        state = (f"apply running (pid {live.get('pid')})" if live.get("active") else "apply not running")
+        lines.append(f"live       {line}")
+        lines.append(f"           {state}; figures of {str(live.get('updated_at', '?'))[:19]}"
+                     + ("; paused: the capture trigger keeps writes flowing to the twin" if live.get("paused")
+                        else ""))
     lines.append("phases")
     for name, p in data["phases"].items():
         extra = ""

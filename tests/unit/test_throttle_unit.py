@@ -14,6 +14,7 @@ from orchestrator.errors import PlanError
 from orchestrator.metrics import render
 from orchestrator.phases.backfill import Pace
 from orchestrator.plan import Throttle
+from orchestrator.report import status_text
 from orchestrator.throttle import LagGate, Throttler, ThrottleState, backoff, dsn_label
 
 
@@ -176,3 +177,19 @@ def test_metrics_text_format():
                      "orchestrate_batch_size", "orchestrate_workers", "orchestrate_replica_lag_seconds",
                      "orchestrate_throttled",
                      "orchestrate_paused", "orchestrate_rows_per_second"}
+
+
+def test_status_text_shows_the_live_figures_as_a_progress_line():
+    data = {"table": "public.orders", "migration_id": 3, "status": "running", "phase": "backfill",
+            "ranges": {"copied": 4, "total": 9, "rows_copied": 1200, "verified": 0, "mismatched": 0},
+            "last_checkpoint": "2026-11-21T10:00:00", "controls": {"paused": True},
+            "live": {"phase": "backfill", "ranges_done": 4, "ranges_total": 9, "rows": 1200, "rows_per_s": 300,
+                     "eta_s": 20, "batch_size": 500, "workers": 2, "lag_s": 0.4, "throttled": True,
+                     "throttle_reason": "paused by operator", "paused": True, "active": True, "pid": 4242,
+                     "updated_at": "2026-11-21T10:00:01.5+00:00"},
+            "phases": {"backfill": {"state": "running", "duration_s": 4.0, "detail": {}}}}
+    text = status_text(data)
+    assert ("live       backfill | ranges 4/9 | rows 1200 | 300 rows/s | ETA 20s | batch 500 | 2 workers | "
+            "lag 0.4s | THROTTLED: paused by operator") in text, text
+    assert ("apply running (pid 4242); figures of 2026-11-21T10:00:01; paused: the capture trigger keeps writes "
+            "flowing to the twin") in text, text
