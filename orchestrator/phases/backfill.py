@@ -82,7 +82,12 @@ class Counters:
     rows: int = 0
     batches: int = 0
     ranges_done: int = 0
+    batches_redone: int = 0  # rolled back by a unique violation and redone with ON CONFLICT
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def redone(self) -> None:
+        with self.lock:
+            self.batches_redone += 1
 
     def add(self, rows: int, done: bool) -> None:
         with self.lock:
@@ -168,7 +173,6 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     batch, and while throttled) says this worker is to go: ``rng["cursor"]`` then holds the
     committed cursor, so the range can be handed to another worker and goes on from there.
     """
-    src, dst = ctx.plan.table_name, ctx.plan.twin
     where, wparams = sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
     cursor = rng["cursor"]
     sync = "on" if ctx.plan.backfill.synchronous_commit else "off"
@@ -176,38 +180,26 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
         _repair(conn, ctx, shape, rng, where, wparams, sync)
         counters.add(0, True)
         return True
+    guarded = False  # this batch must copy with ON CONFLICT DO NOTHING, whatever the probe says
     while not stop.is_set():
         if (leave is not None and leave()) or (throttle is not None and not throttle.wait(stop, leave)):
             rng["cursor"] = cursor
             return False
         t0 = time.monotonic()
-        size = pace.size
-        # Pipelined: two round trips per batch instead of six (BEGIN + SET + boundary, then
-        # copy-with-checkpoint + COMMIT). Round trips dominate small batches on a remote or
-        # busy server; see docs/benchmarks.md.
-        with conn.pipeline(), conn.cursor() as cur:
-            with conn.transaction():
-                # Safe: the checkpoint below commits in this same transaction (the same
-                # statement, even), so a server crash loses the batch and its checkpoint
-                # together and the batch is simply redone.
-                cur.execute(f"SET LOCAL synchronous_commit = {sync}")
-                after = cursor is not None
-                cparams = list(cursor) if after else []
-                cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
-                            [*wparams, *cparams, size - 1])
-                boundary = cur.fetchone()
-                final = boundary is None
-                copy = sql.backfill_copy(src, dst, shape, where, after, boundary is not None, rng["is_null"])
-                cur.execute(
-                    f"WITH copied AS ({copy} RETURNING 1) "
-                    "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + c.n, "
-                    "batches = batches + 1, state = %s, copied_at = now(), verify_state = 'pending' "
-                    "FROM (SELECT count(*) AS n FROM copied) AS c WHERE migration_id = %s AND idx = %s RETURNING c.n",
-                    [*wparams, *cparams, *(boundary or []),
-                     None if final else psycopg.types.json.Jsonb(list(boundary)),
-                     "copied" if final else "copying", ctx.mid, rng["idx"]],
-                )
-            row = cur.fetchone()
+        try:
+            row, boundary = _copy_batch(conn, ctx, shape, rng, where, wparams, cursor, pace.size, sync, guarded)
+        except psycopg.errors.UniqueViolation as e:
+            if guarded:
+                raise
+            # The trigger wrote a row into this window after the probe found it empty
+            # (a key moved in, say): nothing was committed; redo the batch with ON CONFLICT.
+            logger.debug("backfill: range {}: {}; batch redone with ON CONFLICT",
+                         rng["label"], str(e).splitlines()[0])
+            guarded = True
+            counters.redone()
+            continue
+        guarded = False
+        final = boundary is None
         n = int(row[0]) if row else 0
         elapsed = time.monotonic() - t0
         pace.observe(n, elapsed)
@@ -220,6 +212,42 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     rng["cursor"] = cursor
     return False
 
+
+def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
+                cursor: list | None, size: int, sync: str, guarded: bool) -> tuple[tuple | None, tuple | None]:
+    """One batch, one transaction: (the copy's row count row, the window's upper bound or None
+    for the range's last window).
+
+    Pipelined: two round trips instead of six (BEGIN + SET + probe + boundary, then
+    copy-with-checkpoint + COMMIT). Round trips dominate small batches on a remote or busy
+    server; see docs/benchmarks.md. The checkpoint commits in the copy's own statement, so
+    a crash loses the batch and its checkpoint together and the batch is simply redone.
+    """
+    src, dst = ctx.plan.table_name, ctx.plan.twin
+    after = cursor is not None
+    cparams = list(cursor) if after else []
+    with conn.pipeline(), conn.cursor() as cur, conn.cursor() as probe:
+        with conn.transaction():
+            cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+            if not guarded:
+                probe.execute(sql.twin_rows_after(dst, shape, where, after, rng["is_null"]), [*wparams, *cparams])
+            cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
+                        [*wparams, *cparams, size - 1])
+            boundary = cur.fetchone()
+            on_conflict = guarded or bool(probe.fetchone()[0])
+            final = boundary is None
+            copy = sql.backfill_copy(src, dst, shape, where, after, not final, rng["is_null"], on_conflict)
+            cur.execute(
+                f"WITH copied AS ({copy} RETURNING 1) "
+                "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + c.n, "
+                "batches = batches + 1, state = %s, copied_at = now(), verify_state = 'pending' "
+                "FROM (SELECT count(*) AS n FROM copied) AS c WHERE migration_id = %s AND idx = %s RETURNING c.n",
+                [*wparams, *cparams, *(boundary or []),
+                 None if final else psycopg.types.json.Jsonb(list(boundary)),
+                 "copied" if final else "copying", ctx.mid, rng["idx"]],
+            )
+        row = cur.fetchone()
+    return row, boundary
 
 def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
             sync: str) -> None:
@@ -297,7 +325,8 @@ class Backfill:
             ).fetchone()[0]
             if left:
                 raise OrchestrateError(f"backfill stopped with {left} ranges left; run apply again to resume")
-            ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, rows=counters.rows)
+            ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, rows=counters.rows,
+                                 batches_redone=counters.batches_redone)
 
     def _run_workers(self, ctx: Context, pending: list[dict], pace: Pace, counters: Counters, total: int) -> None:
         if not pending:

@@ -69,6 +69,8 @@ WRITES = {
     "delete": "DELETE FROM orders WHERE id = %s",
     "update": "UPDATE orders SET amount = amount + 1000, note = NULL, status = 'refunded' WHERE id = %s",
     "move_out": "UPDATE orders SET created_at = created_at - interval '3 days', amount = amount + 1 WHERE id = %s",
+    # Stays in the window: the trigger inserts the moved row into the twin's window.
+    "move_within": "UPDATE orders SET created_at = created_at + interval '1 second', amount = amount + 2 WHERE id = %s",
 }
 
 
@@ -116,15 +118,20 @@ def test_naive_copy_resurrects_or_loses_the_write(captured, dsn: str, conn: psyc
         assert len(twin) == 2 and before[0] in twin and live[0] in twin, twin
 
 
+@pytest.mark.parametrize("on_conflict", [True, False], ids=["on_conflict", "plain"])
 @pytest.mark.parametrize("write", list(WRITES))
 def test_backfill_batch_waits_for_the_write_and_copies_its_result(captured, dsn: str, conn: psycopg.Connection,
-                                                                   write: str) -> None:
-    """Our batch statement blocks on the uncommitted write's row lock and copies its outcome."""
+                                                                   write: str, on_conflict: bool) -> None:
+    """Our batch statement blocks on the uncommitted write's row lock and copies its outcome.
+
+    Without ON CONFLICT (the backfill's form for a window the twin held nothing of), a row the
+    write's trigger put into the window makes the batch fail with a unique violation: the
+    engine then redoes the batch with ON CONFLICT. Never a wrong row."""
     plan, shape = captured
     where, params = _window(shape)
     victim = _victim(conn, where, params)
     before = _rows(conn, "orders", victim)
-    stmt = sql.backfill_copy(plan.table_name, plan.twin, shape, where, False, False, False)
+    stmt = sql.backfill_copy(plan.table_name, plan.twin, shape, where, False, False, False, on_conflict)
     result: dict = {}
     with psycopg.connect(dsn, autocommit=True) as copier, psycopg.connect(dsn) as writer:
         copier.execute("SET TimeZone = 'UTC'")
@@ -153,6 +160,10 @@ def test_backfill_batch_waits_for_the_write_and_copies_its_result(captured, dsn:
         writer.commit()
         t.join(timeout=30)
         assert not t.is_alive(), "the batch did not finish after the write committed"
+    if write == "move_within" and not on_conflict:
+        assert isinstance(result.get("error"), psycopg.errors.UniqueViolation), result
+        assert conn.execute(f"SELECT count(*) FROM {TWIN} WHERE {where}", params).fetchone()[0] == 1  # the trigger's
+        return
     assert "error" not in result, result
     live, twin = _rows(conn, "orders", victim), _rows(conn, TWIN, victim)
     assert twin == live, (
@@ -164,4 +175,40 @@ def test_backfill_batch_waits_for_the_write_and_copies_its_result(captured, dsn:
         assert live == []
     # And the rest of the window was copied exactly, once.
     _twin_window_equals_live(conn, where, params)
-    assert result["rows"] == conn.execute(f"SELECT count(*) FROM orders WHERE {where}", params).fetchone()[0]
+    in_window = conn.execute(f"SELECT count(*) FROM orders WHERE {where}", params).fetchone()[0]
+    assert result["rows"] == in_window - (write == "move_within")  # the moved row: the trigger's copy stands
+
+
+def test_engine_redoes_a_batch_that_met_a_row_moved_into_its_window(captured, dsn: str, conn: psycopg.Connection,
+                                                                    tmp_path) -> None:
+    """Through apply: the probe finds the twin's window empty, a key move into the window is
+    uncommitted, the batch blocks on it, fails with a unique violation once it commits, and
+    is redone with ON CONFLICT; the twin then equals the table."""
+    import yaml
+
+    from helpers import apply_log, start_apply, stop
+
+    plan, shape = captured
+    where, params = _window(shape)
+    victim = _victim(conn, where, params)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"table": TABLE, "partition_by": {"column": "created_at", "interval": "1 month"},
+                                    "backfill": {"range": "1 day", "workers": 1}}))
+    with psycopg.connect(dsn) as writer:
+        writer.execute(WRITES["move_within"], (victim,))  # uncommitted: row lock held, twin row written
+        proc = start_apply(tmp_path, path, dsn, "--until", "backfill")
+        try:
+            wait_until(lambda: proc.poll() is not None or conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'orchestrate:backfill-%%' "
+                "AND %s = ANY (pg_blocking_pids(pid))", (writer.info.backend_pid,)).fetchone()[0] == 1,
+                timeout=60, message="the backfill never blocked on the moved row")
+            assert proc.poll() is None, apply_log(proc)
+            writer.commit()
+            assert proc.wait(120) == 0, apply_log(proc)
+        finally:
+            stop(proc)
+    _twin_window_equals_live(conn, where, params)
+    assert conn.execute(f"SELECT count(*) FROM {TWIN}").fetchone()[0] == \
+        conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]
+    detail = conn.execute("SELECT detail FROM orchestrate.phases WHERE name = 'backfill'").fetchone()[0]
+    assert detail["batches_redone"] == 1, detail
