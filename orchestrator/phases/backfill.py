@@ -110,9 +110,9 @@ class Crew:
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.controls = ctx.options.get("controls")
-        self.base = ctx.options.get("workers") or ctx.plan.backfill.workers
-        self.seen = getattr(self.controls, "workers", None)
         cli = ctx.options.get("workers")
+        self.base = cli or ctx.plan.backfill.workers  # what workers=default returns to
+        self.seen = getattr(self.controls, "workers", None)
         self.target = cli or self.seen or self.base
         self.active = 0
         self._lock = threading.Lock()

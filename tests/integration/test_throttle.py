@@ -61,6 +61,14 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
+def resume_and_finish(cluster, plan: Path, dsn: str, proc) -> None:
+    """Replay caught up again; bigger batches (fewer pauses after them) finish the run quickly."""
+    cluster.resume_replay()
+    code, _, err = run_cli("set", str(plan), "batch_size=5000", "--dsn", dsn)
+    assert code == 0, err
+    assert proc.wait(120) == 0, apply_log(proc)
+
+
 def test_replica_lag_stops_the_backfill_and_caught_up_replay_lets_it_finish(cluster, dsn, replica_dsn, conn, tmp_path):
     create_orders(conn, rows=20_000, days=5)
     plan = write_plan(tmp_path, backfill={**SLOW_BACKFILL, "batch_size": 200, "sleep_ratio": 8},
@@ -94,11 +102,7 @@ def test_replica_lag_stops_the_backfill_and_caught_up_replay_lets_it_finish(clus
         data = status_json(plan, dsn)
         assert "replica lag" in data["live"]["throttle_reason"], data["live"]
         assert data["phases"]["backfill"]["state"] == "running"
-        cluster.resume_replay()
-        # Finish quickly: bigger batches (fewer pauses after them) for the rest.
-        code, _, err = run_cli("set", str(plan), "batch_size=5000", "--dsn", dsn)
-        assert code == 0, err
-        assert proc.wait(120) == 0, apply_log(proc)
+        resume_and_finish(cluster, plan, dsn, proc)
     finally:
         cluster.resume_replay()
         if proc is not None:
@@ -291,10 +295,7 @@ def test_without_replica_dsns_pg_stat_replication_lag_throttles(cluster, dsn, co
         assert data["lag_s"] > 1.0 and data["lag_bytes"] > 0, data
         assert_stalled(conn)
         assert 0 < rows_copied(conn) < 20_000
-        cluster.resume_replay()
-        code, _, err = run_cli("set", str(plan), "batch_size=5000", "--dsn", dsn)
-        assert code == 0, err
-        assert proc.wait(120) == 0, apply_log(proc)
+        resume_and_finish(cluster, plan, dsn, proc)
     finally:
         cluster.resume_replay()
         stop(proc)
