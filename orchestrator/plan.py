@@ -184,6 +184,8 @@ class Verify(_Strict):
     """How the copy is proven."""
 
     mode: Literal["hash", "count"] = Field("hash", description="'hash': count and content hash per range.")
+    workers: int = Field(2, ge=1, le=32, description="Ranges compared at once, each in its own session; "
+                         "throttled like the backfill.")
 
 
 class Cutover(_Strict):
