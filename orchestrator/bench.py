@@ -63,7 +63,14 @@ TARGETS = {
     "cutover_lock_ms": 100.0,
     "latency_margin_ms": 100.0,
     "peak_rss_mb": 150.0,
+    "verify_vs_backfill": 3.0,
+    "cutover_lock_ms_1000_partitions": 30.0,
+    "cutover_partition_scaling": 4.0,
 }
+
+#: The cutover-scaling run: the same small table cut over with about 40 and about 1,000
+#: partitions (interval, expected partitions), so the hold is measured against the count alone.
+PARTITION_COUNTS = (("25 days", 40), ("1 day", 1000))
 
 PGBENCH_SCRIPT = """\\set id random(1, :maxid)
 \\set cust random(1, 100000)
@@ -189,10 +196,10 @@ class Bench:
                     conn.execute(s)
             return time.monotonic() - t0
 
-    def apply(self, dsn: str, label: str, *args: str) -> dict:
+    def apply(self, dsn: str, label: str, *args: str, plan_file: Path | None = None) -> dict:
         """`orchestrate apply` in a child process; returns its JSON outcome and records peak RSS."""
-        cmd = [sys.executable, "-m", "orchestrator", "--log-level", "WARNING", "apply", str(self.plan_file),
-               "--dsn", dsn, "-o", "json", *args]
+        cmd = [sys.executable, "-m", "orchestrator", "--log-level", "WARNING", "apply",
+               str(plan_file or self.plan_file), "--dsn", dsn, "-o", "json", *args]
         out_path = self.workdir / f"apply-{label}-{len(self.rss.get(label, []))}.out"
         with open(out_path, "w+b") as out, open(str(out_path) + ".err", "w+b") as err:
             t0 = time.monotonic()
@@ -381,6 +388,15 @@ class Bench:
                           "peak_rss_mb": round(max(self.rss["big"]), 1)})
             peak = max(s["peak_rss_mb"] for s in sizes)
             growth = round(sizes[1]["peak_rss_mb"] / sizes[0]["peak_rss_mb"], 3)
+            self.results["verify_speed"] = {
+                "backfill_seconds": round(b1["seconds"], 3), "verify_seconds": round(v["seconds"], 3),
+                "verify_workers": v["detail"].get("workers"),
+                "ratio": round(b1["seconds"] / v["seconds"], 2) if v["seconds"] else 0.0,
+                "target": TARGETS["verify_vs_backfill"],
+                "what": "the 1-worker backfill's seconds / verify's seconds (plan defaults), same table"}
+            vs = self.results["verify_speed"]
+            vs["pass"] = vs["ratio"] >= TARGETS["verify_vs_backfill"]
+            self.results["cutover_scaling"] = self.cutover_scaling(cl)
             self.results["verify_rss"] = {
                 "sizes": sizes, "peak_rss_mb": peak, "rss_growth": growth,
                 "flat": growth <= 1.10, "target_mb": TARGETS["peak_rss_mb"], "pass": peak < TARGETS["peak_rss_mb"],
@@ -390,6 +406,41 @@ class Bench:
         self.results["duration_s"] = round(time.monotonic() - started, 1)
         self.results["targets"] = self.targets()
         return self.results
+
+    def cutover_scaling(self, cl) -> dict:
+        """The ACCESS EXCLUSIVE hold of the same table's cutover at ~40 and ~1,000 partitions.
+
+        One table of 1,000 days; a plan per partition width; each migration runs to the end
+        and is rolled back before the next, so both swaps see the same rows and indexes."""
+        rows = 20_000 if self.quick else 100_000
+        dsn = cl.create_database("bench_parts")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            create_orders(conn, TABLE, rows=rows, days=1000)
+            start = conn.execute(f"SELECT min(created_at)::date::text FROM {TABLE}").fetchone()[0]
+        self.vacuum(dsn)
+        runs = []
+        for interval, expected in PARTITION_COUNTS:
+            data = {**self.plan_data,
+                    "partition_by": {"column": "created_at", "interval": interval, "premake": 1, "start": start,
+                                     "max_partitions": 1200},
+                    "backfill": {**self.plan_data["backfill"], "range": interval}}
+            plan_file = self.workdir / f"plan-{expected}.yaml"
+            plan_file.write_text(yaml.safe_dump(data, sort_keys=False))
+            self.apply(dsn, f"parts-{expected}", plan_file=plan_file)
+            parts = self.sql(dsn, f"SELECT count(*) FROM pg_inherits WHERE inhparent = '{TABLE}'::regclass",
+                             fetch=True)[0][0]
+            held = float(self.phase(dsn, "cutover")["detail"].get("lock_held_ms") or 0)
+            runs.append({"interval": interval, "partitions": parts, "lock_held_ms": round(held, 1)})
+            self.say(f"cutover at {parts} partitions: ACCESS EXCLUSIVE held {held:.1f} ms")
+            from orchestrator.runner import rollback
+
+            rollback(parse_plan(data, "bench plan"), dsn)
+        small, large = runs
+        ratio = round(large["lock_held_ms"] / small["lock_held_ms"], 2) if small["lock_held_ms"] else 0.0
+        return {"rows": rows, "runs": runs, "ratio": ratio, "target_ratio": TARGETS["cutover_partition_scaling"],
+                "target_ms": TARGETS["cutover_lock_ms_1000_partitions"],
+                "pass_ms": large["lock_held_ms"] < TARGETS["cutover_lock_ms_1000_partitions"],
+                "pass_ratio": ratio <= TARGETS["cutover_partition_scaling"]}
 
     def partman(self, dsn: str) -> dict:
         avail = self.sql(dsn, "SELECT default_version FROM pg_available_extensions WHERE name = 'pg_partman'",
@@ -514,6 +565,13 @@ class Bench:
              "target": f"< lock_timeout + 100 = {c['latency_target_ms']:.0f} ms", "pass": c["latency_pass"]},
             {"name": "orchestrator peak RSS (MB)", "value": v["peak_rss_mb"], "target": "< 150 MB",
              "pass": v["pass"]},
+            {"name": "verify speed: backfill seconds / verify seconds", "value": r["verify_speed"]["ratio"],
+             "target": ">= 3.00x", "pass": r["verify_speed"]["pass"]},
+            {"name": f"cutover hold at {r['cutover_scaling']['runs'][1]['partitions']} partitions (ms)",
+             "value": r["cutover_scaling"]["runs"][1]["lock_held_ms"], "target": "< 30 ms",
+             "pass": r["cutover_scaling"]["pass_ms"]},
+            {"name": "cutover hold, ~1,000 / ~40 partitions", "value": r["cutover_scaling"]["ratio"],
+             "target": "<= 4.00x", "pass": r["cutover_scaling"]["pass_ratio"]},
         ]
 
 
@@ -626,6 +684,27 @@ def render_markdown(r: dict) -> str:
         f"({_verdict(v['pass'])}). Rows never pass through Python: verify hashes ranges server side.",
         "",
     ]
+    vs, cs = r.get("verify_speed"), r.get("cutover_scaling")
+    if vs and cs:
+        lines += [
+            "## 5. Verify against the backfill, and the cutover against the partition count",
+            "",
+            f"Verify ({vs['verify_workers']} sessions, plan default) took {vs['verify_seconds']:.2f} s where the "
+            f"1-worker backfill of the same table took {vs['backfill_seconds']:.2f} s: **{vs['ratio']:.2f}x** "
+            f"({_verdict(vs['pass'])}, target {vs['target']:.2f}x).",
+            "",
+            "| Partitions | Interval | ACCESS EXCLUSIVE held |",
+            "|---:|---|---:|",
+        ]
+        for x in cs["runs"]:
+            lines.append(f"| {x['partitions']:,} | {x['interval']} | {x['lock_held_ms']:.1f} ms |")
+        lines += [
+            "",
+            f"The same {cs['rows']:,}-row table, cut over (then rolled back) once per partition width. "
+            f"Ratio {cs['ratio']:.2f}x ({_verdict(cs['pass_ratio'])}, target <= {cs['target_ratio']:.0f}x); "
+            f"hold at the larger count {_verdict(cs['pass_ms'])} (target < {cs['target_ms']:.0f} ms).",
+            "",
+        ]
     load = r.get("load") or {}
     if load and not load.get("quiet"):
         lines += ["## Caveat: a busy machine", "",

@@ -55,11 +55,24 @@ def test_bench_quick_writes_every_section(tmp_path):
     for s in v["sizes"]:
         assert s["verify_rows_per_s"] > 0 and s["peak_rss_mb"] > 10
 
-    assert len(data["targets"]) == 6
+    vs = data["verify_speed"]
+    assert vs["verify_seconds"] > 0
+    assert vs["ratio"] == pytest.approx(vs["backfill_seconds"] / vs["verify_seconds"], rel=0.02)
+    cs = data["cutover_scaling"]
+    # The two migrations really had about 40 and about 1,000 partitions (+ premake, default).
+    counts = [x["partitions"] for x in cs["runs"]]
+    assert 40 <= counts[0] <= 50 and 1000 <= counts[1] <= 1010, counts
+    assert all(x["lock_held_ms"] > 0 for x in cs["runs"])
+
+    assert len(data["targets"]) == 9
     assert all(_numeric(t["value"]) and isinstance(t["pass"], bool) for t in data["targets"])
 
     md = (out / "benchmarks.md").read_text()
-    for heading in ("## Targets", "## 1. Backfill", "## 2. Dual-write", "## 3. Cutover", "## 4. Verification"):
+    for heading in ("## Targets", "## 1. Backfill", "## 2. Dual-write", "## 3. Cutover", "## 4. Verification",
+                    "## 5. Verify against the backfill"):
         assert heading in md
     assert data["postgres"]["version"].split()[0] in md
-    assert "PASS" in md or "MISS" in md
+    # Every target is rendered with its verdict.
+    head = md.split("## 1. Backfill")[0].splitlines()
+    rows = [ln for ln in head if ln.endswith(("| PASS |", "| MISS |"))]
+    assert len(rows) == len(data["targets"]), rows
