@@ -243,7 +243,7 @@ def rollback(plan: Plan, dsn: str) -> Outcome:
         phases["prepare"].undo(ctx)
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
             for kind in ("capture", "reverse"):
-                for k in (kind, kind + "_truncate"):
+                for k in (kind, kind + "_truncate", kind + "_on"):
                     cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
             ctx.store.set_status(cur, m.id, "rolled_back")
         ctx.store.event(m.id, "rolled_back", f"rolled back from {m.status}/{m.phase}")

@@ -284,18 +284,35 @@ $orchestrate$"""
 
 
 def create_sync_triggers(table: QualifiedName, trigger: str, fn: QualifiedName,
-                         truncate_fn: QualifiedName) -> list[str]:
+                         truncate_fn: QualifiedName, switch: QualifiedName | None = None) -> list[str]:
     """Row trigger for I/U/D plus a statement trigger that mirrors TRUNCATE.
+
+    With ``switch`` (see :func:`sync_switch`), both fire only while that function returns
+    true: the trigger can be created long before it is needed and turned on in O(1).
 
     Warning: CREATE TRIGGER takes SHARE ROW EXCLUSIVE on the table: it waits for writers in
     flight and blocks new ones while it waits. Run it under a short lock_timeout with retries.
+    On a partitioned table it is cloned onto every partition: O(partitions).
     """
+    when = f"WHEN ({switch}()) " if switch is not None else ""
     return [
         f"CREATE TRIGGER {ident(trigger)} AFTER INSERT OR UPDATE OR DELETE ON {table} "
-        f"FOR EACH ROW EXECUTE FUNCTION {fn}()",
+        f"FOR EACH ROW {when}EXECUTE FUNCTION {fn}()",
         f"CREATE TRIGGER {ident(trigger + '_truncate')} AFTER TRUNCATE ON {table} "
-        f"FOR EACH STATEMENT EXECUTE FUNCTION {truncate_fn}()",
+        f"FOR EACH STATEMENT {when}EXECUTE FUNCTION {truncate_fn}()",
     ]
+
+
+def sync_switch(fn: QualifiedName, on: bool) -> str:
+    """The function a staged trigger's WHEN clause calls: true once the trigger is to fire.
+
+    A one-line STABLE SQL function with no SET clause is inlined into the WHEN clause when a
+    statement starts, so while it says false the trigger costs nothing per row (no call, no
+    queued event), and replacing it is one catalog row, whatever the number of partitions the
+    trigger was cloned onto. Its body names nothing, so search_path cannot reach it.
+    """
+    return (f"CREATE OR REPLACE FUNCTION {fn}() RETURNS boolean LANGUAGE sql STABLE PARALLEL SAFE "
+            f"AS $orchestrate$SELECT {'true' if on else 'false'}$orchestrate$")
 
 
 def drop_sync_triggers(table: QualifiedName, trigger: str) -> list[str]:

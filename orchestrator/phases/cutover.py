@@ -30,7 +30,7 @@ from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
 from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
-from orchestrator.phases.capture import drop_sync, install_sync
+from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, reverse_staged
 from orchestrator.phases.prepare import _twin_index_name, fmt, partition_bounds
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
@@ -46,8 +46,8 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
     done: list[str] = []
     # The owner first: OWNED BY needs the sequence and the table to have the same owner.
     cur.execute(f"ALTER TABLE {new} OWNER TO {ident(old.owner)}")
-    parts = _partitions(cur, new) if new_is_partitioned else []
-    for part in parts:
+    # Normally none: Cutover.prepare_partitions gave them their owner before the lock.
+    for part in _partitions(cur, new, not_owned_by=old.owner) if new_is_partitioned else []:
         cur.execute(f"ALTER TABLE {part} OWNER TO {ident(old.owner)}")
     for seq in old.sequences:
         if seq.identity:
@@ -94,7 +94,7 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
         cur.execute(f"ALTER TABLE {new} ENABLE ROW LEVEL SECURITY")
     if old.rls_forced:
         cur.execute(f"ALTER TABLE {new} FORCE ROW LEVEL SECURITY")
-    done += _carry_replica_identity(cur, old, new, retired, parts)
+    done += _carry_replica_identity(cur, old, new, retired, new_is_partitioned)
     done += _carry_publications(cur, old, new, retired)
     for trig in old.triggers:
         if trig.name in (FORWARD_TRIGGER, REVERSE_TRIGGER) or trig.name.startswith("orchestrate_"):
@@ -116,15 +116,17 @@ def trigger_state_sql(table: QualifiedName, name: str, enabled: str) -> str:
 
 
 def _carry_replica_identity(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retired: QualifiedName,
-                            parts: list[QualifiedName]) -> list[str]:
+                            partitioned: bool) -> list[str]:
     """REPLICA IDENTITY does not recurse to partitions: set it on the parent and on each one
     (with a publication, logical decoding of a partition's UPDATE uses the partition's)."""
     if old.replica_identity in ("f", "n"):
         mode = "FULL" if old.replica_identity == "f" else "NOTHING"
-        for t in [new, *parts]:
+        # Partitions set before the lock (Cutover.prepare_partitions) are skipped.
+        todo = _partitions(cur, new, replica_identity_not=old.replica_identity) if partitioned else []
+        for t in [new, *todo]:
             cur.execute(f"ALTER TABLE {t} REPLICA IDENTITY {mode}")
         return [f"replica identity {mode}"]
-    if old.replica_identity != "i" or not parts:
+    if old.replica_identity != "i" or not partitioned:
         return []  # 'd' is the default; swapping back, the heap table kept its own
     cur.execute("SELECT c.relname, i.indisprimary FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                 "WHERE i.indrelid = %s::regclass AND i.indisreplident", (str(retired),))
@@ -145,7 +147,7 @@ def _carry_replica_identity(cur: psycopg.Cursor, old: TableInfo, new: QualifiedN
     cur.execute(
         "SELECT n.nspname, t.relname, ic.relname FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid "
         "JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid "
-        "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE h.inhparent = %s", (found[0],))
+        "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE h.inhparent = %s AND NOT i.indisreplident", (found[0],))
     for schema, table, index in cur.fetchall():
         cur.execute(f"ALTER TABLE {QualifiedName(schema, table)} REPLICA IDENTITY USING INDEX {ident(index)}")
     return [f"replica identity index {row[0]}"]
@@ -175,11 +177,16 @@ def _carry_publications(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName,
     return out
 
 
-def _partitions(cur: psycopg.Cursor, parent: QualifiedName) -> list[QualifiedName]:
+def _partitions(cur: psycopg.Cursor, parent: QualifiedName, not_owned_by: str | None = None,
+                replica_identity_not: str | None = None) -> list[QualifiedName]:
+    """The partitions of ``parent``; only those whose owner is not ``not_owned_by``, or whose
+    replica identity (pg_class.relreplident) is not ``replica_identity_not``, when given."""
     cur.execute(
         "SELECT n.nspname, c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.inhparent = %s::regclass",
-        (str(parent),),
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.inhparent = %s::regclass "
+        "AND (%s::text IS NULL OR c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = %s)) "
+        "AND (%s::text IS NULL OR c.relreplident <> %s)",
+        (str(parent), not_owned_by, not_owned_by, replica_identity_not, replica_identity_not),
     )
     return [QualifiedName(r[0], r[1]) for r in cur.fetchall()]
 
@@ -189,11 +196,13 @@ def lock_both(cur: psycopg.Cursor, first: QualifiedName, second: QualifiedName,
     """Lock in the order writers take them (live table, then twin via the trigger): no deadlock.
 
     ``marks["first"]`` is set when the live table's lock is granted: from then on the
-    application waits on us, so that is where the held time starts."""
-    cur.execute(f"LOCK TABLE {first} IN ACCESS EXCLUSIVE MODE")
+    application waits on us, so that is where the held time starts. ONLY: every access to a
+    partitioned table goes through its parent's lock first, so the parent's ACCESS EXCLUSIVE
+    already keeps everyone out; locking each partition too costs O(partitions) under the lock."""
+    cur.execute(f"LOCK TABLE ONLY {first} IN ACCESS EXCLUSIVE MODE")
     if marks is not None:
         marks["first"] = time.monotonic()
-    cur.execute(f"LOCK TABLE {second} IN ACCESS EXCLUSIVE MODE")
+    cur.execute(f"LOCK TABLE ONLY {second} IN ACCESS EXCLUSIVE MODE")
 
 
 def record_attempt(ctx: Context, what: str):
@@ -546,6 +555,40 @@ class Cutover:
                                 backoff_max_s=ctx.plan.cutover.backoff_max_s)
         logger.info("cutover: storage parameters ({}) set on {} partitions", ", ".join(opts), len(parts))
 
+    def prepare_partitions(self, ctx: Context) -> None:
+        """Owner and replica identity onto the twin's partitions, before the lock.
+
+        Both are per-partition catalog work (11 ms at 41 partitions, 169 ms at 1,106 when
+        they were done under the swap's ACCESS EXCLUSIVE lock). Done here, a few partitions
+        per short transaction (each ALTER locks only its partition, which only the capture
+        trigger writes), the swap itself finds nothing left to do for them. Idempotent."""
+        info = ctx.info or inspect_table(ctx.conn, ctx.plan.table_name)
+        twin = ctx.plan.twin
+        cur = ctx.conn.cursor()
+        owner = _partitions(cur, twin, not_owned_by=info.owner)
+        ident_mode = {"f": "FULL", "n": "NOTHING"}.get(info.replica_identity)
+        replident = _partitions(cur, twin, replica_identity_not=info.replica_identity) if ident_mode else []
+        work = [f"ALTER TABLE {p} OWNER TO {ident(info.owner)}" for p in owner]
+        work += [f"ALTER TABLE {p} REPLICA IDENTITY {ident_mode}" for p in replident]
+
+        def chunk(stmts: list[str]):
+            def body(c: psycopg.Cursor) -> None:
+                for stmt in stmts:
+                    c.execute(stmt)
+            return body
+
+        for i in range(0, len(work), 50):
+            with_lock_retry(ctx.conn, chunk(work[i:i + 50]), what="prepare the partitions for the swap",
+                            lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
+                            backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        if info.replica_identity == "i":
+            # USING INDEX: the per-partition indexes are found as the swap finds them.
+            with_lock_retry(ctx.conn, lambda c: _carry_replica_identity(c, info, twin, ctx.plan.table_name, True),
+                            what="replica identity on the partitions", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
+                            attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        if work:
+            logger.info("cutover: {} partition(s) given their owner and replica identity before the lock", len(work))
+
     def ensure_partitions(self, ctx: Context) -> None:
         """Create partitions that became due while the migration ran (a long backfill can
         cross a month boundary); the twin's default partition must not start filling."""
@@ -572,6 +615,7 @@ class Cutover:
         ctx.refresh()
         self.wait_for_gates(ctx)
         self.carry_storage_parameters(ctx)
+        self.prepare_partitions(ctx)
         plan = ctx.plan
         t0 = time.monotonic()
         report = LockReport(ctx, "cutover", cancel=plan.cutover.cancel_blockers, tables=[plan.table_name, plan.twin])
@@ -602,7 +646,10 @@ class Cutover:
             cur.execute(f"ALTER TABLE {plan.table_name} RENAME TO {ident(plan.retired.name)}")
             cur.execute(f"ALTER TABLE {plan.twin} RENAME TO {ident(plan.table_name.name)}")
             done = carry_objects(cur, old, plan.table_name, plan.retired, new_is_partitioned=True)
-            install_sync(cur, ctx, plan.table_name, plan.retired, REVERSE_TRIGGER, "reverse")
+            if reverse_staged(cur, ctx, plan.table_name):
+                arm_reverse(cur, ctx, True)  # staged at prepare: one catalog row, not one per partition
+            else:
+                install_sync(cur, ctx, plan.table_name, plan.retired, REVERSE_TRIGGER, "reverse")
             ctx.store.set_status(cur, ctx.mid, "cut_over", "cutover")
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done
@@ -648,7 +695,12 @@ class Cutover:
             else:
                 current = inspect_table(ctx.conn, plan.table_name, allow_partitioned=True)
                 ctx.info = inspect_table(ctx.conn, plan.retired)
-            drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
+            if reverse_staged(cur, ctx, plan.table_name):
+                # Switched off, not dropped: dropping clones the DROP onto every partition
+                # under this lock; the trigger goes with the partitioned table afterwards.
+                arm_reverse(cur, ctx, False)
+            else:
+                drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
             cur.execute(f"ALTER TABLE {plan.table_name} RENAME TO {ident(plan.twin.name)}")
             cur.execute(f"ALTER TABLE {plan.retired} RENAME TO {ident(plan.table_name.name)}")
             # Triggers on the partitioned table are re-created on the heap with their current

@@ -18,7 +18,8 @@ from orchestrator import sql
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
 from orchestrator.inspect import KEY_TYPES, TableInfo, exists, has_index_on, inspect_table, key_bounds
-from orchestrator.phases import Context, Step
+from orchestrator.phases import REVERSE_TRIGGER, Context, Step
+from orchestrator.phases.capture import stage_reverse
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
 
@@ -228,6 +229,10 @@ class Prepare:
             if action.startswith("foreign key"):
                 lock = "SHARE ROW EXCLUSIVE on the referenced table (brief; lock_timeout + retry)"
             rows.append(Step(self.name, action, stmt, lock))
+        rows.append(Step(self.name, "reverse triggers staged on the twin, switched off until the cutover turns them "
+                         "on (so the swap does not clone a trigger onto every partition under its lock)",
+                         f"CREATE TRIGGER {REVERSE_TRIGGER} ... ON {ctx.plan.twin} FOR EACH ROW "
+                         f"WHEN (orchestrate.reverse_on_<id>()) ...", "ACCESS EXCLUSIVE on the new (empty) twin"))
         return rows
 
     def run(self, ctx: Context) -> None:
@@ -239,6 +244,7 @@ class Prepare:
         def body(cur: psycopg.Cursor) -> None:
             for _action, stmt in statements:
                 cur.execute(stmt)
+            stage_reverse(cur, ctx)
             ctx.store.set_facts(cur, ctx.mid, partitions=pf.partitions, warnings=pf.warnings,
                                 estimates=pf.estimates, table_oid=pf.info.oid)
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0,
