@@ -254,7 +254,7 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape) -> str:
     delete_old = by_old(f"DELETE FROM {dst}")
     update_old = by_old(f"UPDATE {dst} SET {sets}")
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$
+SET search_path = pg_catalog, pg_temp AS $orchestrate$
 BEGIN
   IF TG_OP = 'INSERT' THEN
     {insert}
@@ -275,7 +275,7 @@ $orchestrate$"""
 
 def truncate_function(fn: QualifiedName, dst: QualifiedName) -> str:
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$
+SET search_path = pg_catalog, pg_temp AS $orchestrate$
 BEGIN
   TRUNCATE {dst};
   RETURN NULL;
@@ -399,9 +399,10 @@ def backfill_copy(src: QualifiedName, dst: QualifiedName, shape: Shape, where: s
 def range_digest(table: QualifiedName, shape: Shape, where: str, mode: str) -> str:
     """Count and an order-independent content hash of every column of the rows in a range."""
     if mode == "count":
-        return f"SELECT count(*), 0::numeric FROM {table} WHERE {where}"
+        return f"SELECT pg_catalog.count(*), 0::numeric FROM {table} WHERE {where}"
     row = "ROW(" + column_list(list(shape.all_columns)) + ")::text"
     return (
-        f"SELECT count(*), coalesce(sum(hashtextextended({row}, 0)::numeric), 0) "
+        f"SELECT pg_catalog.count(*), coalesce(pg_catalog.sum(pg_catalog.hashtextextended({row}, 0::bigint)"
+        f"::numeric), 0::numeric) "
         f"FROM {table} WHERE {where}"
     )

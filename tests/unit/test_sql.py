@@ -85,7 +85,7 @@ def test_backfill_boundary_and_null_range():
 
 def test_range_digest_hashes_every_column():
     d = sql.range_digest(T, SHAPE, "true", "hash")
-    assert "hashtextextended(ROW(id, note, created_at, total)::text, 0)" in d
+    assert "pg_catalog.hashtextextended(ROW(id, note, created_at, total)::text, 0::bigint)" in d
 
 
 def test_rewrite_index_points_at_twin_and_adds_key():
