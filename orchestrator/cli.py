@@ -23,12 +23,14 @@ from orchestrator.state.store import PHASES
 
 def _setup_logging(level: str, fmt: str) -> None:
     logger.remove()
+    # diagnose/backtrace off: loguru's diagnose prints every local variable of a traceback
+    # frame, DSNs and passwords included.
     if fmt == "json":
-        logger.add(sys.stderr, level=level, serialize=True)
+        logger.add(sys.stderr, level=level, serialize=True, diagnose=False, backtrace=False)
     else:
         logger.add(sys.stderr, level=level,
                    format="<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}",
-                   colorize=None)
+                   colorize=None, diagnose=False, backtrace=False)
 
 
 def _emit(outcome, output: str, text_renderer=None) -> None:
@@ -64,9 +66,15 @@ def handled(fn):
     return wrapper
 
 
-def _dsn_required(dsn: str | None) -> str:
+def _dsn_required(dsn: str | None, plan=None) -> str:
+    """--dsn, else ORCHESTRATE_DSN, else the variable the plan names in ``dsn_env``."""
+    if not dsn and plan is not None and plan.dsn_env:
+        from orchestrator.plan import env_value
+
+        return env_value(plan.dsn_env, "dsn_env")
     if not dsn:
-        raise PlanError("no database given: pass --dsn or set ORCHESTRATE_DSN")
+        raise PlanError("no database given: pass --dsn or set ORCHESTRATE_DSN "
+                        "(or name a variable in the plan's dsn_env)")
     return dsn
 
 
@@ -99,6 +107,8 @@ def plan_cmd(plan_file: str, dsn: str | None, output: str) -> None:
     from orchestrator import report, runner
 
     plan = load_plan(plan_file)
+    if not dsn and plan.dsn_env:
+        dsn = _dsn_required(dsn, plan)
     _emit(runner.make_plan(plan, dsn), output, report.plan_text)
 
 
@@ -114,21 +124,23 @@ def plan_cmd(plan_file: str, dsn: str | None, output: str) -> None:
               help="Re-copy a range (by its label in status, or 'all' for the mismatched ones) before verifying.")
 @click.option("--workers", type=click.IntRange(1, 32), help="Backfill workers (overrides the plan).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve Prometheus metrics on this port.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Address the metrics endpoint listens on (0.0.0.0: every interface).")
 @output_option
 @handled
 def apply_cmd(plan_file: str, dsn: str | None, until: str | None, replica_dsns: tuple[str, ...],
               cutover: bool | None, recopy: tuple[str, ...], workers: int | None, metrics_port: int | None,
-              output: str) -> None:
+              metrics_host: str, output: str) -> None:
     """Run or resume the migration: prepare, capture, backfill, verify, cutover."""
     from orchestrator import report, runner
 
     plan = load_plan(plan_file)
-    dsn = _dsn_required(dsn)
+    dsn = _dsn_required(dsn, plan)
     # Taken verbatim: a keyword DSN ("host=... port=...") contains spaces, so nothing here
     # may split on them. More replicas: repeat the flag or list them under throttle.replicas.
     replicas = tuple(replica_dsns) or tuple(filter(None, [os.environ.get("ORCHESTRATE_REPLICA_DSN", "").strip()]))
     progress = report.ProgressPrinter()
-    options = {"workers": workers, "metrics_port": metrics_port}
+    options = {"workers": workers, "metrics_port": metrics_port, "metrics_host": metrics_host}
     try:
         outcome = runner.apply(plan, dsn, until=until, replica_dsns=replicas, cutover=cutover, recopy=recopy,
                                progress=progress, options=options)
@@ -147,7 +159,7 @@ def status_cmd(plan_file: str, dsn: str | None, output: str) -> None:
     from orchestrator import report, runner
 
     plan = load_plan(plan_file)
-    _emit(runner.status(plan, _dsn_required(dsn)), output, report.status_text)
+    _emit(runner.status(plan, _dsn_required(dsn, plan)), output, report.status_text)
 
 
 @cli.command("rollback")
@@ -160,7 +172,7 @@ def rollback_cmd(plan_file: str, dsn: str | None, output: str) -> None:
     from orchestrator import runner
 
     plan = load_plan(plan_file)
-    _emit(runner.rollback(plan, _dsn_required(dsn)), output)
+    _emit(runner.rollback(plan, _dsn_required(dsn, plan)), output)
 
 
 @cli.command("finalize")
@@ -174,7 +186,7 @@ def finalize_cmd(plan_file: str, dsn: str | None, yes: bool, output: str) -> Non
     from orchestrator import runner
 
     plan = load_plan(plan_file)
-    dsn = _dsn_required(dsn)
+    dsn = _dsn_required(dsn, plan)
     if not yes:
         if not sys.stdin.isatty():
             raise PlanError("finalize drops the retired table and ends any chance of rollback: pass --yes to confirm")

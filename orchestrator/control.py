@@ -299,7 +299,7 @@ def steering(ctx) -> Iterator[None]:
         ctx.options["live"] = live
         port = ctx.options.get("metrics_port")
         if port:
-            server = MetricsServer(port, live)
+            server = MetricsServer(port, live, host=ctx.options.get("metrics_host") or "127.0.0.1")
             server.start()
             stack.callback(server.stop)
         live.start()
@@ -317,7 +317,7 @@ def _set_controls(plan_file: str, dsn: str | None, settings: dict) -> tuple[str,
     from orchestrator.plan import load_plan
 
     plan = load_plan(plan_file)
-    conn = connect(_dsn_required(dsn), "control")
+    conn = connect(_dsn_required(dsn, plan), "control")
     try:
         ensure_schema(conn)
         store = Store(conn)

@@ -9,7 +9,6 @@ unreachable server fails in seconds, and ``lock_timeout`` set per statement by
 from __future__ import annotations
 
 import random
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,35 +27,55 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5
 
 
+# Backend pids of the sessions this process opened: how the throttle and the cutover's
+# blocker checks leave our own sessions out. application_name is no proof: anyone can set it.
+OWN_PIDS: set[int] = set()
+
+
 def redact(dsn: str) -> str:
-    """The DSN without its password, for messages and logs."""
+    """The DSN without its password, for messages and logs.
+
+    A DSN libpq cannot parse is not shown at all: where its password starts and ends is
+    exactly what cannot be known then."""
     try:
         parts = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
-        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", re.sub(r"password=\S+", "password=***", dsn))
+        return "<unparsable DSN, not shown>"
     if "password" in parts:
         parts["password"] = "***"
     return make_conninfo(**parts)
+
+
+def own_pids() -> list[int]:
+    """This process's sessions' backend pids (a list, for ``pid <> ALL(%s)``)."""
+    return sorted(OWN_PIDS)
 
 
 def connect(dsn: str, role: str = "main", autocommit: bool = True) -> psycopg.Connection:
     """Open a session for one role (main, worker-N, lock, verify, ...)."""
     try:
         params = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError as e:
-        raise ConnectionFailed(f"invalid DSN: {str(e).splitlines()[0]}") from None
+    except psycopg.ProgrammingError:
+        # libpq's message quotes the token it choked on, which may be the password.
+        raise ConnectionFailed("invalid DSN: not a libpq keyword string or URL "
+                               "(not shown: it may hold a password)") from None
     params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
     params["application_name"] = f"orchestrate:{role}"
     try:
         conn = psycopg.connect(**params, autocommit=autocommit)
     except psycopg.OperationalError as e:
         first = (str(e).strip().splitlines() or ["connection failed"])[-1]
+        if params.get("password"):  # never echo it, whatever the server or libpq put in the message
+            first = first.replace(str(params["password"]), "***")
         raise ConnectionFailed(f"cannot connect to {redact(dsn)}: {first}") from None
     # UTC so that partition bounds and range literals mean the same thing everywhere;
     # no statement_timeout by default: backfill batches are bounded by their size.
     with conn.cursor() as cur:
         cur.execute("SET TimeZone = 'UTC'")
-        cur.execute("SET search_path = pg_catalog, public")
+        # Nothing the table owner (or anyone) creates in public can shadow a built-in; pg_temp
+        # last so a temporary table never shadows ours (functions are never looked up there).
+        cur.execute("SET search_path = pg_catalog, pg_temp")
+    OWN_PIDS.add(conn.info.backend_pid)
     if not autocommit:
         conn.commit()
     return conn

@@ -29,7 +29,8 @@ updated_at          server time of this snapshot (a stale one means the apply is
 ==================  ===========================================================================
 
 With ``apply --metrics-port N``, :class:`MetricsServer` serves the same figures at
-``http://<host>:N/metrics`` in the Prometheus text format (all interfaces; no dependency):
+``http://127.0.0.1:N/metrics`` in the Prometheus text format (loopback only unless
+``--metrics-host`` says otherwise; no dependency):
 orchestrate_rows_copied_total, orchestrate_ranges_done, orchestrate_ranges_total,
 orchestrate_batch_size, orchestrate_workers, orchestrate_replica_lag_seconds,
 orchestrate_throttled, orchestrate_paused, orchestrate_rows_per_second; each labelled ``table="schema.name"``.
@@ -198,7 +199,7 @@ def _num(v) -> str:
 class MetricsServer:
     """A tiny HTTP server thread: GET /metrics (or /) -> the live figures."""
 
-    def __init__(self, port: int, live: LiveFigures, host: str = ""):
+    def __init__(self, port: int, live: LiveFigures, host: str = "127.0.0.1"):
         self.port = port
         self.live = live
         live_ref = live

@@ -11,13 +11,14 @@ from __future__ import annotations
 import calendar
 import hashlib
 import json
+import os
 import re
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from orchestrator.errors import PlanError
 from orchestrator.sql import MAX_IDENT, QualifiedName, parse_qualified
@@ -232,9 +233,12 @@ class Cutover(_Strict):
 
     @field_validator("lock_timeout", "backoff_max", "gate_timeout", "max_blocker_age")
     @classmethod
-    def _dur(cls, v: str) -> str:
+    def _dur(cls, v: str, info: ValidationInfo) -> str:
         if parse_duration(v) <= 0:
             raise ValueError("must be positive")
+        if info.field_name == "lock_timeout" and parse_duration(v) < 0.001:
+            # PostgreSQL counts lock_timeout in whole milliseconds: less would become 0, no timeout.
+            raise ValueError("must be at least 1ms (PostgreSQL would read it as 0: no timeout at all)")
         return v
 
     @property
@@ -280,8 +284,23 @@ class Throttle(_Strict):
     query: str | None = Field(None, description="Operator's SQL: throttle while it returns true.")
     flag_file: str | None = Field(None, description="Throttle while this file exists.")
     replicas: list[str] = Field(default_factory=list, description="Replica DSNs to watch (plus --replica-dsn).")
+    replicas_env: list[str] = Field(
+        default_factory=list, description="Names of environment variables that each hold a replica DSN "
+        "(so the plan holds no password).")
     backoff_max_s: float = Field(30.0, gt=0)
     heartbeat: bool = Field(True, description="Write a heartbeat row so lag is exact on an idle primary.")
+
+    @field_validator("replicas_env")
+    @classmethod
+    def _env_names(cls, v: list[str]) -> list[str]:
+        for name in v:
+            _env_name(name)
+        return v
+
+    @property
+    def all_replicas(self) -> list[str]:
+        """throttle.replicas plus the DSNs held by the variables named in replicas_env."""
+        return [*self.replicas, *(env_value(name, "throttle.replicas_env") for name in self.replicas_env)]
 
 
 class Retention(_Strict):
@@ -301,6 +320,9 @@ class Plan(_Strict):
 
     version: Literal[1] = 1
     table: str = Field(description="schema.table of the live heap table (PostgreSQL quoting rules).")
+    dsn_env: str | None = Field(
+        None, description="Name of an environment variable holding the DSN, used when neither --dsn nor "
+        "ORCHESTRATE_DSN is given (so the plan holds no password).")
     partition_by: PartitionBy
     backfill: Backfill = Backfill()
     verify: Verify = Verify()
@@ -315,6 +337,19 @@ class Plan(_Strict):
     def _table(cls, v: str) -> str:
         parse_qualified(v)
         return v
+
+    @field_validator("dsn_env")
+    @classmethod
+    def _dsn_env(cls, v: str | None) -> str | None:
+        return None if v is None else _env_name(v)
+
+    def for_state(self) -> dict:
+        """The plan as recorded in the state schema: replica DSNs without their passwords."""
+        from orchestrator.db import redact
+
+        data = self.model_dump(mode="json")
+        data["throttle"]["replicas"] = [redact(d) for d in self.throttle.replicas]
+        return data
 
     @model_validator(mode="after")
     def _names(self) -> Plan:
@@ -354,6 +389,23 @@ class Plan(_Strict):
             "names": [str(self.twin), str(self.retired), str(self.default_partition)],
         }
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _env_name(name: str) -> str:
+    if not _ENV_NAME.match(name):
+        raise ValueError(f"{name!r} is not an environment variable name")
+    return name
+
+
+def env_value(name: str, field: str) -> str:
+    """The value of the environment variable ``name`` named by the plan's ``field``."""
+    value = os.environ.get(name, "").strip()
+    if not value:
+        raise PlanError(f"environment variable {name} (named by {field} in the plan) is not set")
+    return value
 
 
 def _first_error(e: ValidationError) -> str:

@@ -18,13 +18,15 @@ import psycopg
 from loguru import logger
 
 from orchestrator.db import close_quietly, connect, is_connection_error, with_lock_retry
-from orchestrator.errors import ConnectionFailed, OrchestrateError, StateConflict
+from orchestrator.errors import ConnectionFailed, OrchestrateError, PreflightError, StateConflict
 from orchestrator.inspect import resolve
+from orchestrator.owner import EXECUTOR, MONITOR_HINT, sees_all_sessions
 from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
 from orchestrator.phases.capture import drop_sync
 from orchestrator.phases.prepare import Preflight, describe_names, preflight
 from orchestrator.plan import Plan
-from orchestrator.state.store import PHASES, MigrationLock, Store, ensure_schema
+from orchestrator.sql import ident
+from orchestrator.state.store import PHASES, MigrationLock, Store, check_state_schema, ensure_schema
 
 
 @dataclass
@@ -43,15 +45,20 @@ def session(plan: Plan, dsn: str, *, lock: bool = True, role: str = "main", stat
     lock_conn = None
     held = None
     try:
-        if state:
+        # Only an existing state schema is upgraded here; apply creates it after preflight.
+        has_state = state and _state_tables(conn)
+        if has_state:
             ensure_schema(conn)
         if lock:
             lock_conn = connect(dsn, f"{role}-lock")
             held = MigrationLock(lock_conn, str(plan.table_name))
             held.acquire()
         store = Store(conn)
-        yield Context(plan=plan, dsn=dsn, conn=conn, store=store,
-                      migration=store.live(str(plan.table_name)) if state else None)
+        ctx = Context(plan=plan, dsn=dsn, conn=conn, store=store,
+                      migration=store.live(str(plan.table_name)) if has_state else None)
+        if held is not None:
+            ctx.options["lock"] = held
+        yield ctx
     except psycopg.OperationalError as e:
         if is_connection_error(e):
             raise ConnectionFailed(f"lost the database connection: {str(e).strip().splitlines()[0]}") from None
@@ -75,10 +82,8 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
     try:
         store = Store(conn)
         ctx = Context(plan=plan, dsn=dsn, conn=conn, store=store, migration=None)
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL")
-            if cur.fetchone()[0]:
-                ctx.migration = store.live(str(plan.table_name))
+        if _state_tables(conn):
+            ctx.migration = store.live(str(plan.table_name))
         if ctx.migration is not None:
             data["in_progress"] = {"id": ctx.migration.id, "status": ctx.migration.status,
                                    "phase": ctx.migration.phase}
@@ -97,7 +102,7 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         data["validated_against_database"] = True
         data["server_version"] = pf.server_version
         data["estimates"] = pf.estimates
-        data["warnings"] = pf.warnings
+        data["warnings"] = pf.warnings + privilege_warnings(ctx, pf.info)
         data["names"] = describe_names(ctx)
         data["partitions"] = [{"name": plan.partition_name(__import__("datetime").datetime.fromisoformat(lo)).name,
                                "from": lo, "to": hi} for lo, hi in pf.partitions]
@@ -125,22 +130,30 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
 
     from orchestrator.control import steering
 
-    with session(plan, dsn) as ctx, ExitStack() as running:
+    # The state schema is created only once preflight passed: a refused apply leaves nothing.
+    with session(plan, dsn, state=False) as ctx, ExitStack() as running:
         ctx.replica_dsns = replica_dsns
         ctx.progress = progress
         ctx.now = now
         ctx.options.update(options or {})
         table = str(plan.table_name)
-        m = ctx.migration
+        m = ctx.store.live(table) if _state_tables(ctx.conn) else None
         if m is None:
-            last = ctx.store.latest(table)
+            last = ctx.store.latest(table) if _state_tables(ctx.conn) else None
             if last is not None and last.status == "finalized" and last.plan_hash == plan.shape_hash():
                 return Outcome(f"{table} was already migrated and finalized; nothing to do",
                                {"status": "finalized", "migration_id": last.id})
-            m = ctx.store.create(table, plan.shape_hash(), plan.model_dump(mode="json"))
+            # Every check that can refuse runs before anything is recorded; prepare reuses it.
+            pf = ctx.options["preflight"] = preflight(ctx)
+            pf.warnings += privilege_warnings(ctx, pf.info)  # refuses what apply could not do
+            ensure_schema(ctx.conn)
+            m = ctx.store.create(table, plan.shape_hash(), plan.for_state())
             ctx.migration = m
             logger.info("migration {} started for {}", m.id, table)
-        elif m.plan_hash != plan.shape_hash():
+        else:
+            ensure_schema(ctx.conn)  # an upgrade, if this version's schema is newer
+            ctx.migration = m
+        if m.plan_hash != plan.shape_hash():
             raise StateConflict(
                 f"the plan changed since migration {m.id} started (shape {plan.shape_hash()} != {m.plan_hash}); "
                 "restore the original plan or roll back first"
@@ -171,7 +184,57 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                        {"status": "cut_over", "migration_id": m.id})
 
 
+def _state_tables(conn: psycopg.Connection) -> bool:
+    """Does the state schema hold our tables? Refuses (exit 8) a schema others control."""
+    if not check_state_schema(conn):
+        return False
+    return conn.execute("SELECT pg_catalog.to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0]
+
+
+def _check_lock(ctx: Context, phase: str) -> None:
+    """Stop if the advisory lock is gone (its session terminated or timed out): a second
+    apply could have started, and two runners must never act on one table."""
+    held = ctx.options.get("lock")
+    if held is not None and not held.held():
+        raise ConnectionFailed(f"lost the migration lock of {ctx.plan.table_name} (its session ended); "
+                               f"stopped before {phase}. Run apply again to resume")
+
+
+def privilege_warnings(ctx: Context, info) -> list[str]:
+    """What the running role lacks for a whole migration (README "Security model"): the
+    monitoring grant (warned: those checks fail closed), CREATE where apply creates things
+    (refused: PreflightError, exit 3)."""
+    out = []
+    conn = ctx.conn
+    if not sees_all_sessions(conn):
+        out.append(f"no pg_monitor: the cutover's blocker gate refuses (exit 8) and throttle.max_xact_age_s / "
+                   f"max_xmin_age hold the backfill; {MONITOR_HINT}")
+    row = conn.execute(
+        "SELECT r.rolsuper, pg_catalog.has_database_privilege(current_user, pg_catalog.current_database(), 'CREATE'), "
+        "pg_catalog.has_schema_privilege(current_user, %s::text, 'CREATE'), "
+        "pg_catalog.has_schema_privilege(%s::name, %s::text, 'CREATE'), "
+        "pg_catalog.to_regnamespace('orchestrate') IS NOT NULL "
+        "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+        (ctx.plan.table_name.schema, info.owner, ctx.plan.table_name.schema)).fetchone()
+    superuser, create_db, create_schema, owner_create, has_state = row
+    if superuser:
+        return out
+    if not has_state and not create_db:
+        raise PreflightError(f"the role running orchestrate ({conn.info.user}) cannot create the state schema "
+                             "orchestrate: GRANT CREATE ON DATABASE to it (or create the schema as that role)")
+    if not create_schema:
+        raise PreflightError(f"the role running orchestrate ({conn.info.user}) cannot create the twin in schema "
+                             f"{ctx.plan.table_name.schema}: GRANT CREATE ON SCHEMA {ident(ctx.plan.table_name.schema)}"
+                             " to it")
+    if not owner_create and conn.info.user != info.owner:
+        raise PreflightError(f"the table owner {info.owner} has no CREATE on schema {ctx.plan.table_name.schema}: "
+                             "a non-superuser can only give it the twin if it does. Run as the owner, or GRANT "
+                             f"CREATE ON SCHEMA {ident(ctx.plan.table_name.schema)} TO {ident(info.owner)}")
+    return out
+
+
 def _run_phase(ctx: Context, phase) -> None:
+    _check_lock(ctx, phase.name)
     logger.info("phase {}: starting", phase.name)
     ctx.store.phase_started(ctx.mid, phase.name)
     t0 = time.monotonic()
@@ -245,6 +308,7 @@ def rollback(plan: Plan, dsn: str) -> Outcome:
             for kind in ("capture", "reverse"):
                 for k in (kind, kind + "_truncate", kind + "_on"):
                     cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
             ctx.store.set_status(cur, m.id, "rolled_back")
         ctx.store.event(m.id, "rolled_back", f"rolled back from {m.status}/{m.phase}")
         return Outcome(f"{table} rolled back (was {m.status}, phase {m.phase}); the original table is live",
@@ -257,7 +321,7 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
         m = ctx.migration
         table = str(plan.table_name)
         if m is None:
-            last = ctx.store.latest(table)
+            last = ctx.store.latest(table) if _state_tables(ctx.conn) else None
             if last is not None and last.status == "finalized":
                 return Outcome(f"{table} is already finalized; nothing to do", {"status": "finalized"})
             raise StateConflict(f"no migration of {table} to finalize")
@@ -268,6 +332,7 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
             drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
             if resolve(cur, plan.retired) is not None:
                 cur.execute(f"DROP TABLE {plan.retired}")
+            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
             ctx.store.set_status(cur, m.id, "finalized")
 
         with_lock_retry(ctx.conn, body, what="finalize", lock_timeout_s=plan.cutover.lock_timeout_s,
@@ -281,11 +346,9 @@ def status(plan: Plan, dsn: str) -> Outcome:
     """Phase, per-range progress, last checkpoint, phase states and durations."""
     conn = connect(dsn, "status")
     try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL")
-            if not cur.fetchone()[0]:
-                return Outcome(f"no migration recorded for {plan.table_name}",
-                               {"status": "none", "table": str(plan.table_name)})
+        if not _state_tables(conn):
+            return Outcome(f"no migration recorded for {plan.table_name}",
+                           {"status": "none", "table": str(plan.table_name)})
         store = Store(conn)
         table = str(plan.table_name)
         m = store.live(table) or store.latest(table)

@@ -286,7 +286,7 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: 
         delete_old += f"\n      IF NOT FOUND THEN {probe_insert(old_vals)} {delete_old} END IF;"
         update_old += f"\n      IF NOT FOUND THEN {probe_insert(new_vals)} END IF;"
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$
+SET search_path = pg_catalog, pg_temp AS $orchestrate$
 BEGIN
   IF TG_OP = 'INSERT' THEN
     {insert}
@@ -307,7 +307,7 @@ $orchestrate$"""
 
 def truncate_function(fn: QualifiedName, dst: QualifiedName) -> str:
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$
+SET search_path = pg_catalog, pg_temp AS $orchestrate$
 BEGIN
   TRUNCATE {dst};
   RETURN NULL;

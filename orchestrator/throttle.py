@@ -27,7 +27,8 @@ Signals, each with the reason string that status, the progress line and the even
   be read throttles the run; so do failing checks on the primary.
 - WAL retained by replication slots above ``max_slot_retained_bytes``.
 - a transaction older than ``max_xact_age_s`` in this database (our own sessions, whose
-  application_name starts with ``orchestrate:``, are not counted).
+  backend pids this process opened, are not counted; without pg_monitor these checks fail
+  closed: throttled, with the missing grant as the reason).
 - an xmin horizon older than ``max_xmin_age`` transactions (:data:`XMIN_HORIZON`): a
   snapshot, slot or prepared transaction that stops vacuum from cleaning up behind the
   backfill, whose every batch consumes a transaction id.
@@ -56,9 +57,10 @@ import psycopg
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator.db import Ticker, connect
+from orchestrator.db import Ticker, connect, own_pids
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, ThrottleAbort
+from orchestrator.owner import MONITOR_HINT, sees_all_sessions
 from orchestrator.plan import Throttle
 from orchestrator.state.store import Store
 
@@ -76,7 +78,7 @@ SELECT who, age FROM (
     FROM pg_stat_activity
    WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid()
      AND (datname = current_database() OR backend_type = 'walsender')
-     AND coalesce(application_name, '') NOT LIKE 'orchestrate:%'
+     AND pid <> ALL (%s::int[])
   UNION ALL
   SELECT 'replication slot ' || slot_name, greatest(age(xmin), age(catalog_xmin))
     FROM pg_replication_slots WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL
@@ -159,7 +161,7 @@ class Throttler:
         self.plan_settings = settings
         self.settings = settings  # with the operator's changes (configure)
         self.dsn = dsn
-        self.replicas = tuple(dict.fromkeys([*settings.replicas, *replicas]))
+        self.replicas = tuple(dict.fromkeys([*settings.all_replicas, *replicas]))
         self.mid = mid
         self.check_interval_s = check_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s
@@ -303,21 +305,26 @@ class Throttler:
                 if row and row[1] > s.max_slot_retained_bytes:
                     reasons.append(("slot", f"slot {row[0]} retains {row[1]} bytes of WAL > "
                                             f"{s.max_slot_retained_bytes}"))
-            if s.max_xact_age_s is not None:
+            blind = (s.max_xact_age_s is not None or s.max_xmin_age is not None) and not self._sees_all(conn)
+            if blind:
+                # Other roles' transactions read as NULL without pg_read_all_stats: fail closed.
+                reasons.append(("blind", "max_xact_age_s / max_xmin_age cannot see other roles' transactions: "
+                                         + MONITOR_HINT))
+            if s.max_xact_age_s is not None and not blind:
                 row = conn.execute(
                     "SELECT pid, coalesce(application_name, ''), "
                     "extract(epoch FROM clock_timestamp() - xact_start)::float8 "
                     "FROM pg_stat_activity WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() "
                     "AND datname = current_database() AND backend_type = 'client backend' "
-                    "AND coalesce(application_name, '') NOT LIKE 'orchestrate:%' "
-                    "ORDER BY xact_start LIMIT 1"
+                    "AND pid <> ALL (%s::int[]) "
+                    "ORDER BY xact_start LIMIT 1", (own_pids(),)
                 ).fetchone()
                 if row and row[2] > s.max_xact_age_s:
                     who = f" ({row[1]})" if row[1] else ""
                     reasons.append(("xact", f"transaction of pid {row[0]}{who} open for {row[2]:.0f}s > "
                                             f"{s.max_xact_age_s:g}s"))
-            if s.max_xmin_age is not None:
-                row = conn.execute(XMIN_HORIZON).fetchone()
+            if s.max_xmin_age is not None and not blind:
+                row = conn.execute(XMIN_HORIZON, (own_pids(),)).fetchone()
                 if row and row[1] is not None and row[1] > s.max_xmin_age:
                     reasons.append(("xmin", f"oldest xmin is {row[1]} transactions old ({row[0]}) > "
                                             f"{s.max_xmin_age}: vacuum cannot clean up behind it"))
@@ -380,6 +387,10 @@ class Throttler:
             conn.execute("SET default_transaction_read_only = on")  # merely observes
             self._conn = conn
         return self._conn
+
+    @staticmethod
+    def _sees_all(conn: psycopg.Connection) -> bool:
+        return sees_all_sessions(conn)
 
     @staticmethod
     def _primary_replication_lag(conn: psycopg.Connection) -> tuple[float, int | None]:

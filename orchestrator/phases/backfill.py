@@ -22,7 +22,7 @@ from queue import Empty, Queue
 import psycopg
 from loguru import logger
 
-from orchestrator import sql
+from orchestrator import owner, sql
 from orchestrator.db import connect, is_connection_error
 from orchestrator.errors import ConnectionFailed, OrchestrateError
 from orchestrator.inspect import key_bounds
@@ -387,13 +387,15 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
             on_conflict = guarded or bool(probe.fetchone()[0])
             final = boundary is None
             copy = sql.backfill_copy(src, dst, shape, where, after, not final, rng["is_null"], on_conflict)
+            # The copy runs as the table owner (orchestrator.owner): the twin's CHECKs, defaults
+            # and triggers are the owner's code. The checkpoint is our own write, same statement.
+            stmt = owner.render(cur, copy, [*wparams, *cparams, *(boundary or [])])
             cur.execute(
-                f"WITH copied AS ({copy} RETURNING 1) "
+                f"WITH c AS (SELECT {owner.call(ctx.function(owner.EXECUTOR))} AS n) "
                 "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + c.n, "
-                "batches = batches + 1, state = %s, copied_at = now(), verify_state = 'pending' "
-                "FROM (SELECT count(*) AS n FROM copied) AS c WHERE migration_id = %s AND idx = %s RETURNING c.n",
-                [*wparams, *cparams, *(boundary or []),
-                 None if final else psycopg.types.json.Jsonb(list(boundary)),
+                "batches = batches + 1, state = %s, copied_at = pg_catalog.now(), verify_state = 'pending' "
+                "FROM c WHERE migration_id = %s AND idx = %s RETURNING c.n",
+                [stmt, None if final else psycopg.types.json.Jsonb(list(boundary)),
                  "copied" if final else "copying", ctx.mid, rng["idx"]],
             )
         row = cur.fetchone()
@@ -433,11 +435,13 @@ def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
         # Lock the live rows first, in the writers' order (live row, then its twin row via
         # the trigger): deleting the twin's rows first deadlocks with any writer of the range.
         cur.execute(f"SELECT 1 FROM {ctx.plan.table_name} WHERE {where} FOR SHARE", wparams)
-        cur.execute(f"DELETE FROM {ctx.plan.twin} WHERE {where}", wparams)
-        removed = cur.rowcount
-        cur.execute(sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False, rng["is_null"]),
-                    wparams)
-        n = cur.rowcount
+        run_as_owner = owner.as_owner_sql(ctx.function(owner.EXECUTOR))
+        cur.execute(run_as_owner, [owner.render(cur, f"DELETE FROM {ctx.plan.twin} WHERE {where}", wparams)])
+        removed = cur.fetchone()[0]
+        cur.execute(run_as_owner, [owner.render(
+            cur, sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False, rng["is_null"]),
+            wparams)])
+        n = cur.fetchone()[0]
         cur.execute(
             "UPDATE orchestrate.ranges SET cursor = NULL, rows_copied = %s, batches = batches + 1, state = 'copied', "
             "copied_at = now(), verify_state = 'pending', verify_detail = NULL WHERE migration_id = %s AND idx = %s",

@@ -3,8 +3,9 @@
 The trigger runs in the writer's transaction, so in every snapshot the twin holds the
 latest version of every row it holds: verification can then compare both tables in one
 REPEATABLE READ snapshot, and cutover needs no drain. The function is SECURITY DEFINER
-(owned by the role running orchestrate) so application roles need no privilege on the
-twin; its search_path is pinned and every name in it is schema-qualified.
+owned by the table's owner (orchestrator.owner), so application roles need no privilege on
+the twin and nothing the owner controls runs with more than the owner's rights; its
+search_path is pinned and every name in it is schema-qualified.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import psycopg
 
 from orchestrator import sql
 from orchestrator.db import with_lock_retry
+from orchestrator.owner import give_to_owner
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 
 
@@ -31,9 +33,11 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
     # primary key when dst is the retired heap table (the reverse trigger).
     cur.execute(sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key))
     cur.execute(sql.truncate_function(tfn, dst))
+    # Owned by the table's owner, SECURITY DEFINER: the owner's code this reaches (CHECKs,
+    # defaults, triggers on dst) runs as the owner, never as the role running orchestrate.
+    owner = ctx.info.owner if ctx.info is not None else ctx.facts["owner"]
     for f in (fn, tfn):
-        cur.execute(f"ALTER FUNCTION {f}() SECURITY DEFINER")
-        cur.execute(f"REVOKE ALL ON FUNCTION {f}() FROM PUBLIC")
+        give_to_owner(cur, f"{f}()", owner)
     for stmt in sql.drop_sync_triggers(src, trigger) + sql.create_sync_triggers(src, trigger, fn, tfn, switch):
         cur.execute(stmt)
 

@@ -25,10 +25,11 @@ import psycopg
 from loguru import logger
 
 from orchestrator import sql
-from orchestrator.db import LockAttempt, with_lock_retry
+from orchestrator.db import LockAttempt, own_pids, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
 from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
+from orchestrator.owner import MONITOR_HINT, sees_all_sessions
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, reverse_staged
 from orchestrator.phases.prepare import _twin_index_name, fmt, partition_bounds
@@ -46,7 +47,8 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
     done: list[str] = []
     # The owner first: OWNED BY needs the sequence and the table to have the same owner.
     cur.execute(f"ALTER TABLE {new} OWNER TO {ident(old.owner)}")
-    # Normally none: Cutover.prepare_partitions gave them their owner before the lock.
+    # Normally none: prepare made the partitions the owner's and Cutover.prepare_partitions
+    # caught any added since; only a straggler costs a statement here, under the lock.
     for part in _partitions(cur, new, not_owned_by=old.owner) if new_is_partitioned else []:
         cur.execute(f"ALTER TABLE {part} OWNER TO {ident(old.owner)}")
     for seq in old.sequences:
@@ -57,12 +59,15 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
     for col in old.columns:
         if col.identity:
             # The new table's identity sequence must continue where the old one stands.
-            cur.execute("SELECT pg_get_serial_sequence(%s, %s), pg_get_serial_sequence(%s, %s)",
+            cur.execute("SELECT pg_catalog.pg_get_serial_sequence(%s::text, %s::text), "
+                        "pg_catalog.pg_get_serial_sequence(%s::text, %s::text)",
                         (str(retired), col.name, str(new), col.name))
             old_seq, new_seq = cur.fetchone()
             cur.execute(f"SELECT last_value, is_called FROM {old_seq}")
             last, called = cur.fetchone()
-            cur.execute("SELECT setval(%s, %s, %s)", (new_seq, last, called))
+            # Qualified, arguments cast: no setval(text, smallint, boolean) elsewhere can match.
+            cur.execute("SELECT pg_catalog.setval(%s::pg_catalog.regclass, %s::bigint, %s::boolean)",
+                        (new_seq, last, called))
             done.append(f"identity {col.name} continues at {last}")
     for grantee, priv, grantable in old.acl:
         who = "PUBLIC" if grantee == "PUBLIC" else ident(grantee)
@@ -217,7 +222,8 @@ READ_ONLY_MODES = frozenset({"AccessShareLock"})
 
 def lock_holders(conn: psycopg.Connection, tables: list[QualifiedName]) -> list[dict]:
     """Client sessions in a transaction holding a granted lock on any of ``tables``, oldest
-    transaction first. orchestrate's own sessions (application_name orchestrate:...) are left out."""
+    transaction first. This process's own sessions are left out, known by backend pid
+    (application_name proves nothing: anyone can set it)."""
     oids = [r[0] for r in conn.execute(
         "SELECT to_regclass(t)::oid FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NOT NULL",
         ([str(t) for t in tables],)).fetchall()]
@@ -232,9 +238,9 @@ def lock_holders(conn: psycopg.Connection, tables: list[QualifiedName]) -> list[
            WHERE l.locktype = 'relation' AND l.granted AND l.relation = ANY (%s::oid[])
              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
              AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
-             AND a.xact_start IS NOT NULL AND coalesce(a.application_name, '') NOT LIKE 'orchestrate:%%'
+             AND a.xact_start IS NOT NULL AND a.pid <> ALL (%s::int[])
            GROUP BY 1, 2, 3, 4, 5 ORDER BY 4 DESC""",
-        (oids,),
+        (oids, own_pids()),
     ).fetchall()
     return [{"pid": r[0], "application_name": r[1], "state": r[2], "age_s": round(float(r[3]), 3), "query": r[4],
              "modes": sorted(r[5]), "tables": sorted(r[6])} for r in rows]
@@ -365,7 +371,7 @@ class LagProbe:
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
-        self.replicas = tuple(dict.fromkeys([*ctx.plan.throttle.replicas, *ctx.replica_dsns]))
+        self.replicas = tuple(dict.fromkeys([*ctx.plan.throttle.all_replicas, *ctx.replica_dsns]))
         self.conns: dict[str, psycopg.Connection] = {}
 
     @property
@@ -445,6 +451,10 @@ def cutover_gates(ctx: Context, probe: LagProbe | None = None) -> list[dict]:
     have = parts[-1][1] if parts else None
     add(GATE_PARTITIONS, bool(have and have >= need), f"up to {have}, need {need}", False)
     limit = plan.cutover.max_blocker_age_s
+    if not sees_all_sessions(ctx.conn):
+        # Without pg_read_all_stats other roles' xact_start reads NULL: the gate would pass blind.
+        add(GATE_BLOCKERS, False, f"cannot see other roles' transactions: {MONITOR_HINT}", False)
+        return out
     old = [h for h in lock_holders(ctx.conn, [plan.table_name, plan.twin]) if h["age_s"] > limit]
     add(GATE_BLOCKERS, not old,
         (f"{_describe(old[0])}" + (f" (and {len(old) - 1} more)" if len(old) > 1 else "") +
@@ -599,10 +609,14 @@ class Cutover:
             return
         shape = ctx.shape()
 
+        owner = ctx.facts.get("owner") or (ctx.info.owner if ctx.info else None)
+
         def body(cur: psycopg.Cursor) -> None:
             for lo, hi in missing:
-                cur.execute(sql.create_partition(ctx.plan.partition_name(datetime.fromisoformat(lo)), ctx.plan.twin,
-                                                 lo, hi, shape.key_type))
+                part = ctx.plan.partition_name(datetime.fromisoformat(lo))
+                cur.execute(sql.create_partition(part, ctx.plan.twin, lo, hi, shape.key_type))
+                if owner:  # the owner's before any row reaches it, like prepare's partitions
+                    cur.execute(f"ALTER TABLE {part} OWNER TO {ident(owner)}")
             ctx.store.set_facts(cur, ctx.mid, partitions=[list(p) for p in parts] + [list(b) for b in missing])
 
         with_lock_retry(ctx.conn, body, what="create due partitions", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,

@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import psycopg
+from loguru import logger
 
 from orchestrator import sql
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
 from orchestrator.inspect import KEY_TYPES, TableInfo, exists, has_index_on, inspect_table, key_bounds
+from orchestrator.owner import EXECUTOR, acting_mode, install_executor
 from orchestrator.phases import REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import stage_reverse
 from orchestrator.plan import utc_now
@@ -85,6 +87,17 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     if version < 14:
         raise PreflightError(f"PostgreSQL {version} is not supported: orchestrate needs 14 or later")
     info = inspect_table(conn, plan.table_name)
+    with conn.cursor() as cur:
+        acting_mode(cur, info.owner)  # refuses (exit 3) a role that cannot act as the owner
+        if info.rls_forced:
+            cur.execute("SELECT rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = %s", (info.owner,))
+            if not cur.fetchone()[0]:
+                # The copies run as the owner; FORCE makes the owner's own policies filter them.
+                raise PreflightError(
+                    f"table {info.name} has FORCE ROW LEVEL SECURITY and its owner {info.owner} lacks BYPASSRLS: "
+                    "copied as the owner, the policies would hide rows. ALTER ROLE "
+                    f"{ident(info.owner)} BYPASSRLS for the migration, or ALTER TABLE {info.name} "
+                    "NO FORCE ROW LEVEL SECURITY")
     key = plan.partition_by.column
     col = info.column(key)
     if col is None:
@@ -188,8 +201,26 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
     plan, info = ctx.plan, pf.info
     shape = ctx.shape(info)
     twin = plan.twin
-    out = [("create the partitioned twin", sql.create_twin(info.name, twin, shape.key)),
-           ("its primary key, extended with the partition key", sql.twin_primary_key(twin, shape))]
+    out = [("create the partitioned twin", sql.create_twin(info.name, twin, shape.key))]
+    for lo, hi in pf.partitions:
+        part = plan.partition_name(datetime.fromisoformat(lo))
+        out.append((f"partition {part.name}", sql.create_partition(part, twin, lo, hi, shape.key_type)))
+    out.append(("default partition for NULL and out-of-range keys",
+                sql.create_default_partition(plan.default_partition, twin)))
+    with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+        mode = acting_mode(cur, info.owner)
+    if mode != "owner":
+        # The owner's from the start, before any index is built or row written: PostgreSQL's
+        # own index builds, VACUUM and ANALYZE then run the owner's expressions as the owner,
+        # and the cutover has no per-partition ALTER OWNER to do under its lock.
+        owner = ident(info.owner)
+        out.append((f"owner of the twin and its partitions: {info.owner}", f"ALTER TABLE {twin} OWNER TO {owner}"))
+        for lo, _hi in pf.partitions:
+            part = plan.partition_name(datetime.fromisoformat(lo))
+            out.append((f"owner of {part.name}: {info.owner}", f"ALTER TABLE {part} OWNER TO {owner}"))
+        out.append((f"owner of {plan.default_partition.name}: {info.owner}",
+                    f"ALTER TABLE {plan.default_partition} OWNER TO {owner}"))
+    out.append(("its primary key, extended with the partition key", sql.twin_primary_key(twin, shape)))
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
         cur.execute("SET LOCAL search_path = pg_catalog")
         for idx in info.indexes:
@@ -203,14 +234,18 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
             new_prefix = f"CREATE {unique}INDEX {new_name} ON {twin} USING "
             add_key = shape.key if idx.unique and shape.key not in idx.columns else None
             out.append((f"index like {idx.name}", sql.rewrite_index(idx.definition, prefix, new_prefix, add_key)))
-    for lo, hi in pf.partitions:
-        part = plan.partition_name(datetime.fromisoformat(lo))
-        out.append((f"partition {part.name}", sql.create_partition(part, twin, lo, hi, shape.key_type)))
-    out.append(("default partition for NULL and out-of-range keys",
-                sql.create_default_partition(plan.default_partition, twin)))
     for fk in info.outgoing_fks:
         out.append((f"foreign key {fk.name}", f"ALTER TABLE {twin} ADD CONSTRAINT {ident(fk.name)} {fk.definition}"))
     return out
+
+
+def created_oids(cur: psycopg.Cursor, ctx: Context) -> dict:
+    """The oids of what prepare made (twin, partitions, functions): rollback drops by these."""
+    twin = cur.execute("SELECT %s::regclass::oid", (str(ctx.plan.twin),)).fetchone()[0]
+    parts = [r[0] for r in cur.execute("SELECT inhrelid::oid FROM pg_catalog.pg_inherits WHERE inhparent = %s",
+                                       (twin,)).fetchall()]
+    fn = cur.execute("SELECT %s::regprocedure::oid", (f"{ctx.function(EXECUTOR)}(text)",)).fetchone()[0]
+    return {"twin": int(twin), "partitions": [int(p) for p in parts], "functions": {EXECUTOR: int(fn)}}
 
 
 def _twin_index_name(name: str) -> str:
@@ -236,7 +271,7 @@ class Prepare:
         return rows
 
     def run(self, ctx: Context) -> None:
-        pf = preflight(ctx)
+        pf = ctx.options.pop("preflight", None) or preflight(ctx)
         ctx.info = pf.info
         statements = twin_ddl(ctx, pf)
         t0 = time.monotonic()
@@ -244,9 +279,11 @@ class Prepare:
         def body(cur: psycopg.Cursor) -> None:
             for _action, stmt in statements:
                 cur.execute(stmt)
+            install_executor(cur, ctx.function(EXECUTOR), pf.info.owner)
             stage_reverse(cur, ctx)
             ctx.store.set_facts(cur, ctx.mid, partitions=pf.partitions, warnings=pf.warnings,
-                                estimates=pf.estimates, table_oid=pf.info.oid)
+                                estimates=pf.estimates, table_oid=pf.info.oid, owner=pf.info.owner,
+                                created=created_oids(cur, ctx))
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0,
                                  partitions=len(pf.partitions) + 1, rows_to_default=pf.rows_to_default)
 
@@ -258,8 +295,21 @@ class Prepare:
             ctx.store.event(ctx.mid, "warning", w)
 
     def undo(self, ctx: Context) -> None:
+        """Drop the twin, only if it is the table this migration created (by its recorded oid):
+        a same-named table somebody else made is left alone, with a warning."""
+        recorded = (ctx.facts.get("created") or {}).get("twin")
+
         def body(cur: psycopg.Cursor) -> None:
-            cur.execute(f"DROP TABLE IF EXISTS {ctx.plan.twin} CASCADE")
+            found = cur.execute("SELECT pg_catalog.to_regclass(%s)::oid", (str(ctx.plan.twin),)).fetchone()[0]
+            if found is None:
+                return
+            if recorded is None or int(found) != int(recorded):
+                msg = (f"rollback: {ctx.plan.twin} is not the table this migration created "
+                       f"(oid {found}, recorded {recorded}); left in place")
+                logger.warning(msg)
+                ctx.store.event(ctx.mid, "warning", msg)
+                return
+            cur.execute(f"DROP TABLE {ctx.plan.twin} CASCADE")
 
         with_lock_retry(ctx.conn, body, what="drop the twin", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
                         attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)

@@ -16,7 +16,7 @@ import psycopg
 from loguru import logger
 from psycopg.rows import dict_row
 
-from orchestrator.errors import Busy
+from orchestrator.errors import Busy, StateConflict
 
 SCHEMA = "orchestrate"
 PHASES = ("prepare", "capture", "backfill", "verify", "cutover")
@@ -25,8 +25,60 @@ HEAD = "0001"
 LOCK_NAMESPACE = 0x6F726368
 
 
+# Why each condition: whoever owns the schema, one of its tables, or may create in it can
+# put a trigger, rule or view there that runs with our rights when we write our state.
+STATE_SCHEMA_PROBLEMS = """
+SELECT 'the schema orchestrate is owned by ' || pg_catalog.pg_get_userbyid(n.nspowner)
+  FROM pg_catalog.pg_namespace n WHERE n.nspname = 'orchestrate' AND n.nspowner <> r.oid
+UNION ALL
+SELECT 'role ' || pg_catalog.pg_get_userbyid(a.grantee) || ' may create objects in the schema orchestrate'
+  FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+ WHERE n.nspname = 'orchestrate' AND a.privilege_type = 'CREATE' AND a.grantee <> r.oid
+UNION ALL
+SELECT 'orchestrate.' || c.relname || ' is owned by ' || pg_catalog.pg_get_userbyid(c.relowner)
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'orchestrate' AND c.relowner <> r.oid
+UNION ALL
+SELECT 'orchestrate.' || c.relname || ' is a view'
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'orchestrate' AND c.relkind IN ('v', 'm')
+UNION ALL
+SELECT 'orchestrate.' || c.relname || ' has the trigger ' || t.tgname
+  FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'orchestrate' AND NOT t.tgisinternal
+UNION ALL
+SELECT 'orchestrate.' || c.relname || ' has the rule ' || w.rulename
+  FROM pg_catalog.pg_rewrite w JOIN pg_catalog.pg_class c ON c.oid = w.ev_class
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'orchestrate' AND w.rulename <> '_RETURN'
+UNION ALL
+SELECT 'orchestrate.' || c.relname || ' has a row-level security policy'
+  FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'orchestrate' AND c.relrowsecurity
+"""
+
+
+def check_state_schema(conn: psycopg.Connection) -> bool:
+    """Refuse a state schema another role controls (StateConflict, exit 8); True when it exists.
+
+    Run before every read or write of the state: the schema, its tables and the right to
+    create in it must all be the running role's, with no trigger, rule or policy on them.
+    """
+    with conn.cursor() as cur:
+        cur.execute(f"WITH r AS (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user) "
+                    f"SELECT problem FROM r, LATERAL ({STATE_SCHEMA_PROBLEMS}) AS p(problem) LIMIT 1")
+        row = cur.fetchone()
+        if row:
+            raise StateConflict(f"refusing to use the state schema: {row[0]}; it must belong to the role running "
+                                f"orchestrate ({conn.info.user}) alone. Nothing was changed")
+        cur.execute("SELECT pg_catalog.to_regnamespace('orchestrate') IS NOT NULL")
+        return bool(cur.fetchone()[0])
+
+
 def ensure_schema(conn: psycopg.Connection) -> None:
     """Create or upgrade the state schema with alembic (no-op when already at head)."""
+    check_state_schema(conn)
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass('orchestrate.alembic_version') IS NOT NULL")
         if cur.fetchone()[0]:
@@ -43,11 +95,14 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     # same parameters (never through a URL, so the password is never rendered).
     info = conn.info.get_parameters()
     password = conn.info.password
-    engine = create_engine(
-        "postgresql+psycopg://",
-        creator=lambda: psycopg.connect(**info, **({"password": password} if password else {})),
-        poolclass=StaticPool,
-    )
+
+    def creator() -> psycopg.Connection:
+        c = psycopg.connect(**info, **({"password": password} if password else {}))
+        # The defaults alembic writes (now(), ...) bind to functions by search_path at CREATE.
+        c.execute("SET search_path = pg_catalog, pg_temp")
+        return c
+
+    engine = create_engine("postgresql+psycopg://", creator=creator, poolclass=StaticPool)
     cfg = Config(str(Path(__file__).with_name("alembic.ini")))
     cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     try:
@@ -56,6 +111,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
             command.upgrade(cfg, "head")
     finally:
         engine.dispose()
+    check_state_schema(conn)
     logger.debug("state schema at {}", HEAD)
 
 
@@ -246,6 +302,8 @@ class MigrationLock:
         self.table = table
 
     def acquire(self) -> None:
+        # A lock session killed by idle_session_timeout would free the lock unnoticed.
+        self.conn.execute("SET idle_session_timeout = 0")
         row = self.conn.execute(
             "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, self.table)
         ).fetchone()
@@ -259,6 +317,18 @@ class MigrationLock:
             ).fetchone()
             who = f" (pid {holder[0]}, {holder[1]}, since {holder[3]:%Y-%m-%d %H:%M:%S})" if holder else ""
             raise Busy(f"another orchestrate run is acting on {self.table}{who}; wait for it or stop it")
+
+    def held(self) -> bool:
+        """Is the lock still ours? False when its session is gone (terminated, timed out)."""
+        try:
+            row = self.conn.execute(
+                "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_catalog.pg_backend_pid() AND classid = %s::oid "
+                "AND objid = pg_catalog.hashtext(%s)::oid AND objsubid = 2",
+                (LOCK_NAMESPACE, self.table)).fetchone()
+        except psycopg.Error:
+            return False
+        return bool(row and row[0])
 
     def release(self) -> None:
         try:

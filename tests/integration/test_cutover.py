@@ -25,6 +25,7 @@ import yaml
 
 from helpers import run_cli, wait_until
 from orchestrator import runner
+from orchestrator.db import OWN_PIDS
 from orchestrator.errors import LockNotAcquired, StateConflict
 from orchestrator.plan import Plan, parse_plan
 from orchestrator.sample import create_orders
@@ -219,6 +220,7 @@ def test_cancel_blockers_spares_writers_and_cancels_readers(orders: psycopg.Conn
         writer = Blocker(dsn, "INSERT INTO public.orders (customer_id, amount, created_at) VALUES (1, 1, now())",
                          app="app-writer").start(conn)
         own = Blocker(dsn, "LOCK TABLE public.orders IN ACCESS SHARE MODE", app="orchestrate:test").start(conn)
+        OWN_PIDS.add(own.pid)  # ours by backend pid (the name alone proves nothing)
         with pytest.raises(LockNotAcquired):
             runner.apply(plan, dsn, cutover=True)
         assert writer.alive() and own.alive()
@@ -228,6 +230,7 @@ def test_cancel_blockers_spares_writers_and_cancels_readers(orders: psycopg.Conn
         assert not events(conn, "blocker_cancelled")
         writer.release()
         own.release()
+        OWN_PIDS.discard(own.pid)
         assert writer.error is None and own.error is None
         # 2. Two readers: one idle in transaction (terminated), one running a long query (cancelled).
         idle = Blocker(dsn, "SELECT id FROM public.orders LIMIT 1", app="app-idle-reader").start(conn)

@@ -14,6 +14,8 @@ connection = context.config.attributes["connection"]
 # Two orchestrate processes may start at once: serialise the schema upgrade.
 connection.execute(text("SELECT pg_advisory_xact_lock(hashtext('orchestrate:schema'))"))
 connection.execute(text(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}"))
+# Nobody else may use or create in it: owner-owned functions orchestrate calls live here.
+connection.execute(text(f"REVOKE ALL ON SCHEMA {SCHEMA} FROM PUBLIC"))
 context.configure(
     connection=connection,
     version_table="alembic_version",

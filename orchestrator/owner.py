@@ -1,0 +1,125 @@
+"""Acting as the table's owner: the boundary for every write into the owner's tables.
+
+Code the table owner controls (CHECK functions, defaults, generated columns, index
+expressions, triggers and rules on the owner's tables, RLS policies) runs with the rights
+of whoever writes those tables. So orchestrate never writes them as itself: the sync
+trigger functions and one executor function per migration (``orchestrate.as_owner_<id>``)
+are SECURITY DEFINER functions owned by the table owner. Inside a SECURITY DEFINER
+function PostgreSQL refuses SET ROLE / RESET ROLE / SET SESSION AUTHORIZATION, so owner
+code reached from there cannot climb back to the running role (unlike ``SET ROLE owner``,
+which the owner's code could simply RESET).
+
+The functions live in the state schema, which the owner has no USAGE on: an owner cannot
+look them up by name, so cannot ALTER them (SECURITY INVOKER, a new body). The executor
+also checks ``current_user`` itself before it runs anything.
+
+Three ways to run (README "Security model"): as the owner itself (nothing is borrowed),
+as a superuser (ALTER FUNCTION ... OWNER TO owner), or as a non-superuser member of the
+owner role (the owner gets CREATE on the state schema for the ALTER only, revoked in the
+same transaction, so it is never visible to the owner).
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from orchestrator.errors import PreflightError
+from orchestrator.sql import QualifiedName, ident, literal
+
+EXECUTOR = "as_owner"
+MONITOR_HINT = "the role running orchestrate needs pg_monitor (or pg_read_all_stats): GRANT pg_monitor TO it"
+
+
+def sees_all_sessions(conn: psycopg.Connection) -> bool:
+    """Can this session see every role's xact_start and backend_xmin (superuser, or
+    pg_read_all_stats, which pg_monitor includes)? Checks that need them fail closed if not."""
+    return bool(conn.execute(
+        "SELECT r.rolsuper OR pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') "
+        "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user").fetchone()[0])
+
+
+def acting_mode(cur: psycopg.Cursor, owner: str) -> str:
+    """'owner', 'superuser' or 'member': how this session can act as ``owner``.
+
+    Raises PreflightError (exit 3) when it cannot act as the owner at all."""
+    cur.execute(
+        "SELECT current_user = %s::name, r.rolsuper, pg_catalog.pg_has_role(current_user, %s::name, 'MEMBER') "
+        "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
+        (owner, owner))
+    is_owner, is_super, member = cur.fetchone()
+    if is_owner:
+        return "owner"
+    if is_super:
+        return "superuser"
+    if member:
+        return "member"
+    raise PreflightError(
+        f"the role running orchestrate ({_current(cur)}) is neither the table's owner ({owner}), a member of it, "
+        "nor a superuser: it cannot create the twin and the functions as the owner. Run as the owner "
+        f"(or GRANT {ident(owner)} TO {ident(_current(cur))})")
+
+
+def _current(cur: psycopg.Cursor) -> str:
+    return cur.execute("SELECT current_user::text").fetchone()[0]
+
+
+def give_to_owner(cur: psycopg.Cursor, signature: str, owner: str, *, executable_by_us: bool = False) -> None:
+    """Make the function ``signature`` (e.g. ``orchestrate.capture_7()``) the owner's,
+    SECURITY DEFINER, not executable by PUBLIC (triggers need no EXECUTE to fire).
+
+    Warning: in 'member' mode this grants the owner CREATE on the state schema for one
+    statement; call it inside the transaction that created the function, so the grant
+    never commits."""
+    mode = acting_mode(cur, owner)
+    cur.execute(f"ALTER FUNCTION {signature} SECURITY DEFINER")
+    if mode == "superuser":
+        cur.execute(f"ALTER FUNCTION {signature} OWNER TO {ident(owner)}")
+    elif mode == "member":
+        # A non-superuser may give an object away only to a role with CREATE on its schema.
+        cur.execute(f"GRANT CREATE ON SCHEMA orchestrate TO {ident(owner)}")
+        cur.execute(f"ALTER FUNCTION {signature} OWNER TO {ident(owner)}")
+        cur.execute(f"REVOKE CREATE ON SCHEMA orchestrate FROM {ident(owner)}")
+    cur.execute(f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
+    if executable_by_us and mode != "owner":
+        cur.execute(f"GRANT EXECUTE ON FUNCTION {signature} TO CURRENT_USER")
+
+
+def executor_function(fn: QualifiedName, owner: str) -> str:
+    """``fn(q text) RETURNS bigint``: EXECUTE one statement as the owner, return its row count.
+
+    ``row_security = off``: a query the owner's RLS policies would filter (FORCE ROW LEVEL
+    SECURITY) raises instead of silently copying fewer rows."""
+    return f"""CREATE OR REPLACE FUNCTION {fn}(q text) RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET row_security = off AS $orchestrate$
+DECLARE n bigint;
+BEGIN
+  IF current_user OPERATOR(pg_catalog.<>) {literal(owner)}::pg_catalog.name THEN
+    RAISE EXCEPTION 'orchestrate: % runs as %, not as the table owner', {literal(str(fn))}, current_user;
+  END IF;
+  EXECUTE q;
+  GET DIAGNOSTICS n = ROW_COUNT;
+  RETURN n;
+END
+$orchestrate$"""
+
+
+def install_executor(cur: psycopg.Cursor, fn: QualifiedName, owner: str) -> None:
+    """Create the executor, owned by the table owner, callable by the running role only."""
+    cur.execute(executor_function(fn, owner))
+    give_to_owner(cur, f"{fn}(text)", owner, executable_by_us=True)
+
+
+def render(cur: psycopg.Cursor, query: str, params: list | tuple) -> str:
+    """The statement with its parameters inlined as quoted literals (psycopg's own quoting),
+    for the executor, which takes one text argument."""
+    return psycopg.ClientCursor(cur.connection).mogrify(query, params)
+
+
+def call(fn: QualifiedName) -> str:
+    """The executor call as an expression (param: the rendered statement)."""
+    return f"{fn}(%s::text)"
+
+
+def as_owner_sql(fn: QualifiedName) -> str:
+    """The query that runs one rendered statement through the executor; returns its row count."""
+    return f"SELECT {call(fn)}"
