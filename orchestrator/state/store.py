@@ -45,7 +45,9 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     password = conn.info.password
     engine = create_engine(
         "postgresql+psycopg://",
-        creator=lambda: psycopg.connect(**info, **({"password": password} if password else {})),
+        # No server-side prepared statements: through a pooler they outlive this session.
+        creator=lambda: psycopg.connect(**info, **({"password": password} if password else {}),
+                                        prepare_threshold=None),
         poolclass=StaticPool,
     )
     cfg = Config(str(Path(__file__).with_name("alembic.ini")))
