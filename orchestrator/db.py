@@ -173,9 +173,9 @@ def check_endpoint(conn: psycopg.Connection, params: dict, dsn: str) -> None:
     why = _multiplexed(conn, params, dsn)
     if why:
         raise BadEndpoint(
-            f"{conn.info.host}:{conn.info.port} is a connection pooler in transaction mode ({why}): orchestrate "
-            "needs session state (settings, its advisory lock); connect directly to PostgreSQL or through a "
-            "session-mode pool"
+            f"refusing {conn.info.host}:{conn.info.port}: a connection pooler in transaction or statement mode "
+            f"({why}); orchestrate needs server sessions of its own (its settings, its advisory lock): connect "
+            "directly to PostgreSQL or through a session-mode pool"
         )
     with _checked_lock:
         _checked.add(key)

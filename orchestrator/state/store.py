@@ -240,7 +240,10 @@ class MigrationLock:
     """Session-level advisory lock: one orchestrate process acts on a table at a time.
 
     Held on its own connection for the life of the command; a crash of the process ends
-    the session and so frees the lock, which is what makes `apply` safe to re-run.
+    the session and so frees the lock, which is what makes `apply` safe to re-run. Through a
+    session-mode pool it holds just as well: the server session is ours until our client
+    disconnects (then our DISCARD ALL, or the pool's server_reset_query after a crash, frees
+    it). Through a transaction-mode pool it would mean nothing: db.connect refuses those.
     """
 
     def __init__(self, conn: psycopg.Connection, table: str):

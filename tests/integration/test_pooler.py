@@ -1,7 +1,8 @@
 """orchestrate and the application behind PgBouncer (Debian's package), started by the tests.
 
 Three poolers in front of the session cluster's primary, all on loopback:
-  tx_pooler        transaction mode: orchestrate must refuse it, cleanly, before it records anything;
+  tx_pooler        transaction mode: orchestrate must refuse it, cleanly, before it records anything
+                   (stmt_pooler, statement mode, too);
   session_pooler   session mode with ``server_reset_query = ''``: a pool that hands a server session
                    to the next client exactly as the last one left it, so whatever orchestrate left
                    behind (a setting, a prepared statement, a lock) the next client would see;
@@ -58,6 +59,12 @@ def session_pooler(cluster: LocalCluster) -> Iterator[LocalPooler]:
 
 
 @pytest.fixture(scope="session")
+def stmt_pooler(cluster: LocalCluster) -> Iterator[LocalPooler]:
+    """PgBouncer in statement mode (no multi-statement transactions at all)."""
+    yield from _pooler(cluster, "statement")
+
+
+@pytest.fixture(scope="session")
 def ignoring_pooler(cluster: LocalCluster) -> Iterator[LocalPooler]:
     """Session mode, resets nothing, and accepts libpq ``options`` only to ignore them."""
     yield from _pooler(cluster, "session", server_reset_query="", ignore_startup_parameters="options")
@@ -108,9 +115,10 @@ def catalog(conn: psycopg.Connection) -> dict:
 # ------------------------------------------------------------------ detection, settings
 
 
-def test_connect_tells_the_endpoints_apart(cluster, dsn, dbname, tx_pooler, session_pooler, ignoring_pooler):
+def test_connect_tells_the_endpoints_apart(cluster, dsn, dbname, tx_pooler, session_pooler, ignoring_pooler,
+                                           stmt_pooler):
     """Direct: settings are connection parameters. Session pools (refusing or ignoring ``options``):
-    settings in force all the same. Transaction pool: refused, one line, exit code 2."""
+    settings in force all the same. Transaction and statement pools: refused, one line, exit code 2."""
     want = ("pg_catalog, pg_temp", "UTC", "5s", "on")
     show = ("SELECT current_setting('search_path'), current_setting('TimeZone'), "
             "current_setting('statement_timeout'), current_setting('default_transaction_read_only')")
@@ -120,6 +128,10 @@ def test_connect_tells_the_endpoints_apart(cluster, dsn, dbname, tx_pooler, sess
         assert not conn.pooled
         # Connection parameters (source 'client'), not a SET that could outlive the session.
         assert conn.execute("SELECT count(*) FROM pg_settings WHERE source = 'session'").fetchone()[0] == 0
+    # The user's own options are kept beside ours.
+    with db.connect(f"{dsn} options='-c work_mem=7MB'", "t") as conn:
+        assert conn.execute("SELECT current_setting('work_mem'), current_setting('search_path')").fetchone() == \
+            ("7MB", "pg_catalog, pg_temp")
     for pooler in (session_pooler, ignoring_pooler):
         with db.connect(pooler.dsn(dbname), "t", settings=settings) as conn:
             assert conn.execute(show).fetchone() == want, pooler
@@ -127,7 +139,9 @@ def test_connect_tells_the_endpoints_apart(cluster, dsn, dbname, tx_pooler, sess
     with pytest.raises(BadEndpoint) as refused:
         db.connect(tx_pooler.dsn(dbname), "t")
     assert refused.value.exit_code == 2
-    assert "transaction mode" in str(refused.value) and "session-mode pool" in str(refused.value)
+    assert "transaction or statement mode" in str(refused.value) and "session-mode pool" in str(refused.value)
+    with pytest.raises(BadEndpoint, match="statement pooling"):
+        db.connect(stmt_pooler.dsn(dbname), "t")
 
 
 def test_probe_finds_a_busy_transaction_pool(cluster, dsn, dbname, tx_pooler):
@@ -182,7 +196,7 @@ def test_every_verb_refuses_a_transaction_pool_and_leaves_nothing(conn, dbname, 
         lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
         assert code == 2, f"{verb} exited {code}\nstdout:\n{out}\nstderr:\n{err[-2000:]}"
         assert "Traceback" not in err and len(lines) == 1, err[-2000:]
-        assert "transaction mode" in lines[0] and "connect directly" in lines[0], lines[0]
+        assert "transaction or statement mode" in lines[0] and "connect directly" in lines[0], lines[0]
         assert catalog(conn) == before, f"{verb} left something behind"
 
 
