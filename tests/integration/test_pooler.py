@@ -109,6 +109,9 @@ def catalog(conn: psycopg.Connection) -> dict:
         "triggers": q("SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal"),
         "advisory_locks": q("SELECT objid FROM pg_locks WHERE locktype = 'advisory'"),
         "orders": q("SELECT count(*), sum(hashtext(o::text)) FROM public.orders o"),
+        "state": {t: q(f"SELECT to_jsonb(x)::text FROM orchestrate.{t} x")
+                  for t in ("migrations", "phases", "ranges", "events", "controls", "heartbeat")
+                  if conn.execute("SELECT to_regclass(%s)", (f"orchestrate.{t}",)).fetchone()[0]},
     }
 
 
@@ -184,20 +187,31 @@ def test_no_server_side_prepared_statements(dsn, dbname, session_pooler):
 # ------------------------------------------------------------------ transaction pool: refused
 
 
-def test_every_verb_refuses_a_transaction_pool_and_leaves_nothing(conn, dbname, tx_pooler, tmp_path):
+def test_every_verb_refuses_a_transaction_pool_and_leaves_nothing(conn, dsn, dbname, tx_pooler, tmp_path):
     create_orders(conn, "public.orders", rows=2_000, days=30, end=END, seed=3)
     plan = write_plan(tmp_path)
     before = catalog(conn)
     pooled = tx_pooler.dsn(dbname)
     verbs = [("apply",), ("rollback",), ("finalize", "--yes"), ("maintain",), ("set", "batch_size=100"),
              ("pause",), ("resume",), ("plan",), ("status",)]
-    for verb, *extra in verbs:
-        code, out, err = run_cli(verb, str(plan), *extra, "--dsn", pooled)
-        lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
-        assert code == 2, f"{verb} exited {code}\nstdout:\n{out}\nstderr:\n{err[-2000:]}"
-        assert "Traceback" not in err and len(lines) == 1, err[-2000:]
-        assert "transaction or statement mode" in lines[0] and "connect directly" in lines[0], lines[0]
-        assert catalog(conn) == before, f"{verb} left something behind"
+
+    def refused_by_all() -> None:
+        for verb, *extra in verbs:
+            code, out, err = run_cli(verb, str(plan), *extra, "--dsn", pooled)
+            lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+            assert code == 2, f"{verb} exited {code}\nstdout:\n{out}\nstderr:\n{err[-2000:]}"
+            assert "Traceback" not in err and len(lines) == 1, err[-2000:]
+            assert "transaction or statement mode" in lines[0] and "connect directly" in lines[0], lines[0]
+            assert catalog(conn) == before, f"{verb} left something behind"
+
+    refused_by_all()  # nothing recorded yet: no state schema appears
+    assert "state" in before and not before["state"]
+    # A migration recorded and under way (run directly): its state is left exactly as it was.
+    code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--until", "capture")
+    assert code == 0, err[-2000:]
+    before = catalog(conn)
+    assert before["state"]["migrations"]
+    refused_by_all()
 
 
 # ------------------------------------------------------------------ session pool: works, leaks nothing
