@@ -1,13 +1,17 @@
 """Connections: the only place that sets session settings, timeouts and retries.
 
-Every orchestrator session runs in UTC (partition bounds are rendered as UTC), with an
-``application_name`` that says which role the session plays, a connect timeout so an
-unreachable server fails in seconds, and ``lock_timeout`` set per statement by
-:func:`with_lock_retry`, the only retry loop for lock waits in the codebase.
+Every orchestrator session runs in UTC (partition bounds are rendered as UTC) with
+``search_path = pg_catalog, pg_temp``, an ``application_name`` that says which role the
+session plays, a connect timeout so an unreachable server fails in seconds, and
+``lock_timeout`` set per transaction by :func:`with_lock_retry`, the only retry loop for
+lock waits in the codebase. Session settings are connection parameters (:func:`connect`),
+never a ``SET`` that could outlive our use of a pooled server session; an endpoint that
+multiplexes transactions (a transaction-mode pooler) is refused (:func:`check_endpoint`).
 """
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -21,7 +25,7 @@ from loguru import logger
 from psycopg import errors as pgerr
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from orchestrator.errors import ConnectionFailed, LockNotAcquired
+from orchestrator.errors import BadEndpoint, ConnectionFailed, LockNotAcquired
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5
@@ -46,13 +50,53 @@ def redact(dsn: str) -> str:
     return make_conninfo(**parts)
 
 
+#: Settings every orchestrate session runs with: UTC so that partition bounds and range
+#: literals mean the same thing everywhere; a search_path no table owner can plant objects
+#: in (everything is schema-qualified). No statement_timeout: batches are bounded by size.
+BASE_SETTINGS: dict[str, str] = {"TimeZone": "UTC", "search_path": "pg_catalog, pg_temp"}
+#: Rounds of the transaction-pooling probe (see check_endpoint).
+PROBE_ROUNDS = 3
+_checked: set[tuple] = set()
+_checked_lock = threading.Lock()
+
+
+class Session(psycopg.Connection):
+    """A connection of ours. ``pooled`` when the endpoint took our settings only as ``SET``
+    (a session-mode pool that passes no ``options`` on): close() then discards every piece of
+    session state before the server session goes back to the pool."""
+
+    pooled = False
+
+    def close(self) -> None:
+        if self.pooled and not self.closed and not self.broken:
+            # Only from idle: a pool drops a server session whose client left mid-transaction.
+            if self.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                try:
+                    self.autocommit = True
+                    self.execute("DISCARD ALL")  # RESET ALL, DEALLOCATE ALL, advisory unlock all, ...
+                except psycopg.Error:
+                    pass
+        super().close()
+
+
 def own_pids() -> list[int]:
     """This process's sessions' backend pids (a list, for ``pid <> ALL(%s)``)."""
     return sorted(OWN_PIDS)
 
 
-def connect(dsn: str, role: str = "main", autocommit: bool = True) -> psycopg.Connection:
-    """Open a session for one role (main, worker-N, lock, verify, ...)."""
+def connect(dsn: str, role: str = "main", autocommit: bool = True,
+            settings: dict[str, object] | None = None) -> psycopg.Connection:
+    """Open a session for one role (main, worker-N, lock, verify, ...) with its settings.
+
+    ``settings`` (on top of BASE_SETTINGS) are connection parameters (libpq ``options``), so
+    they live and die with this session's own server backend and never reach a connection
+    someone else uses. Server-side prepared statements are off: through a pooler they
+    outlive our use of a server session and collide with the next client's. An endpoint
+    that multiplexes transactions (a pooler in transaction or statement mode) is refused
+    with BadEndpoint before anything is done (see check_endpoint). A session-mode pool that
+    refuses or ignores ``options`` gets the settings with ``SET`` instead: safe there because
+    the server session is ours alone until we disconnect, and Session.close() discards them.
+    """
     try:
         params = conninfo_to_dict(dsn)
     except psycopg.ProgrammingError:
@@ -61,24 +105,127 @@ def connect(dsn: str, role: str = "main", autocommit: bool = True) -> psycopg.Co
                                "(not shown: it may hold a password)") from None
     params.setdefault("connect_timeout", CONNECT_TIMEOUT_S)
     params["application_name"] = f"orchestrate:{role}"
+    wanted = {**BASE_SETTINGS, **{k: str(v) for k, v in (settings or {}).items()}}
+    # Any options of the user's own (DSN or PGOPTIONS) are kept; ours come later and win.
+    theirs = str(params.pop("options", None) or os.environ.get("PGOPTIONS", "")).strip()
+    plain = {**params, **({"options": theirs} if theirs else {})}
     try:
-        conn = psycopg.connect(**params, autocommit=autocommit)
+        conn = _open(dsn, {**params, "options": f"{theirs} {_options(wanted)}".strip()}, autocommit)
+    except ConnectionFailed as e:
+        if "unsupported startup parameter" not in str(e):
+            raise
+        conn = _open(dsn, plain, autocommit)  # a pooler that refuses options (PgBouncer's default)
+    try:
+        check_endpoint(conn, plain, dsn)
+        if not _took_options(conn, wanted):
+            for name, value in wanted.items():
+                conn.execute("SELECT pg_catalog.set_config(%s, %s, false)", (name, value))
+            conn.pooled = True
+        if not autocommit:
+            conn.commit()
+        OWN_PIDS.add(conn.info.backend_pid)  # our sessions are known by pid, never by a name anyone can set
+    except psycopg.Error as e:
+        close_quietly(conn)
+        raise ConnectionFailed(f"cannot set up a session on {redact(dsn)}: {str(e).strip().splitlines()[0]}") \
+            from None
+    except BaseException:
+        close_quietly(conn)
+        raise
+    return conn
+
+
+def _open(dsn: str, params: dict, autocommit: bool) -> Session:
+    try:
+        return Session.connect(**params, autocommit=autocommit, prepare_threshold=None)
     except psycopg.OperationalError as e:
         first = (str(e).strip().splitlines() or ["connection failed"])[-1]
         if params.get("password"):  # never echo it, whatever the server or libpq put in the message
             first = first.replace(str(params["password"]), "***")
         raise ConnectionFailed(f"cannot connect to {redact(dsn)}: {first}") from None
-    # UTC so that partition bounds and range literals mean the same thing everywhere;
-    # no statement_timeout by default: backfill batches are bounded by their size.
-    with conn.cursor() as cur:
-        cur.execute("SET TimeZone = 'UTC'")
-        # Nothing the table owner (or anyone) creates in public can shadow a built-in; pg_temp
-        # last so a temporary table never shadows ours (functions are never looked up there).
-        cur.execute("SET search_path = pg_catalog, pg_temp")
-    OWN_PIDS.add(conn.info.backend_pid)
-    if not autocommit:
+
+
+def _options(settings: dict[str, str]) -> str:
+    """libpq ``options`` for ``settings``: ``-c name=value``, spaces and backslashes escaped."""
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace(" ", "\\ ")
+
+    return " ".join(f"-c {name}={esc(value)}" for name, value in settings.items())
+
+
+def _took_options(conn: psycopg.Connection, wanted: dict[str, str]) -> bool:
+    """True when every setting came from the startup packet (source 'client'). A pooler that
+    accepts ``options`` but drops them (ignore_startup_parameters) leaves them at the server's
+    defaults; one that re-SETs them itself shows 'session'. Either way: not ours to rely on."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_catalog.pg_settings WHERE lower(name) = ANY(%s) AND source = 'client'",
+        ([n.lower() for n in wanted],),
+    ).fetchone()
+    if not conn.autocommit:
         conn.commit()
-    return conn
+    return row is not None and row[0] == len(wanted)
+
+
+def check_endpoint(conn: psycopg.Connection, params: dict, dsn: str) -> None:
+    """Refuse (BadEndpoint) an endpoint that does not give each client its own server session.
+
+    orchestrate needs session state to stay put: its settings, the per-table advisory lock
+    (a session lock), and statements that must run on the session that holds those. A pooler
+    in transaction (or statement) mode hands each transaction of one client to whichever
+    server session is free, and that session to other clients in between.
+
+    The probe, read-only and leaving nothing behind: on ``conn``, ``pg_backend_pid()`` in a
+    transaction of its own; then a second client connection opens a transaction and reads its
+    backend pid while holding it; then ``conn`` reads its pid again. A direct connection or a
+    session pool gives ``conn`` one backend throughout and the second client another. Seeing
+    the second client on ``conn``'s backend (a transaction pool hands out the server session
+    just released: PgBouncer reuses the most recent one), or ``conn`` on a new backend while
+    the other client holds one (a busy pool), proves multiplexing; neither can happen
+    without it, so the probe has no false positives. A few rounds make a miss in a busy pool
+    improbable. Checked once per endpoint and process.
+    """
+    key = (conn.info.host, conn.info.port, conn.info.dbname, conn.info.user)
+    with _checked_lock:
+        if key in _checked:
+            return
+    why = _multiplexed(conn, params, dsn)
+    if why:
+        raise BadEndpoint(
+            f"refusing {conn.info.host}:{conn.info.port}: a connection pooler in transaction or statement mode "
+            f"({why}); orchestrate needs server sessions of its own (its settings, its advisory lock): connect "
+            "directly to PostgreSQL or through a session-mode pool"
+        )
+    with _checked_lock:
+        _checked.add(key)
+
+
+def _multiplexed(conn: psycopg.Connection, params: dict, dsn: str) -> str | None:
+    """Why ``conn``'s endpoint multiplexes transactions over server sessions, or None."""
+    def pid(c: psycopg.Connection) -> int:
+        value = c.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()[0]
+        if not c.autocommit:
+            c.commit()
+        return int(value)
+
+    other = _open(dsn, {**params, "application_name": f"{params.get('application_name', 'orchestrate')}-probe"},
+                  autocommit=True)
+    try:
+        for _ in range(PROBE_ROUNDS):
+            mine = pid(conn)
+            try:
+                with other.transaction():
+                    theirs = pid(other)
+                    if theirs == mine:
+                        return f"two client connections were served by one server session, pid {mine}"
+                    again = pid(conn)
+            except psycopg.Error as e:
+                if "statement pooling" in str(e):
+                    return "it refuses transaction blocks: statement pooling"
+                raise
+            if again != mine:
+                return f"one client connection moved from server session {mine} to {again} between transactions"
+        return None
+    finally:
+        close_quietly(other)
 
 
 def close_quietly(conn: psycopg.Connection | None) -> None:

@@ -27,6 +27,16 @@ class PlanError(OrchestrateError):
     exit_code = 2
 
 
+class BadEndpoint(OrchestrateError):
+    """The DSN points at an endpoint orchestrate cannot work through (a transaction-mode pooler).
+
+    Exit 2, like other bad input: the fix is a different --dsn, nothing was done, and running
+    again unchanged can never succeed.
+    """
+
+    exit_code = 2
+
+
 class PreflightError(OrchestrateError):
     """The live table cannot be migrated as planned (shape, type, references)."""
 
@@ -78,7 +88,7 @@ class Interrupted(OrchestrateError):
 EXIT_CODES = {
     0: "success (or nothing to do)",
     1: "internal error (a bug: please report it with the log)",
-    2: "bad plan or bad command-line input",
+    2: "bad plan or bad command-line input (also a --dsn that points at a transaction-mode pooler)",
     3: "preflight refused: the table cannot be migrated as planned",
     4: "database unreachable or connection lost (resumable)",
     5: "another orchestrate run holds this table's migration lock",

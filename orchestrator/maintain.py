@@ -86,7 +86,7 @@ import psycopg
 from loguru import logger
 from psycopg import errors as pgerr
 
-from orchestrator.db import with_lock_retry
+from orchestrator.db import close_quietly, connect, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.plan import Plan, load_plan, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
@@ -409,8 +409,8 @@ def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[Q
 
 
 class _Pass:
-    def __init__(self, plan: Plan, conn: psycopg.Connection, now: datetime):
-        self.plan, self.conn, self.now = plan, conn, now
+    def __init__(self, plan: Plan, conn: psycopg.Connection, now: datetime, dsn: str | None = None):
+        self.plan, self.conn, self.now, self.dsn = plan, conn, now, dsn
         c = plan.cutover
         self.lock_args = {"lock_timeout_s": c.lock_timeout_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
         self.result: dict[str, Any] = {
@@ -591,12 +591,15 @@ class _Pass:
     def _detach_concurrently(self, f: Facts, p: Part) -> None:
         """DETACH .. CONCURRENTLY: outside any transaction block, one attempt under lock_timeout."""
         ms = int(self.lock_args["lock_timeout_s"] * 1000)
-        self.conn.execute(f"SET lock_timeout = '{ms}ms'")
+        # Its own session, lock_timeout a connection parameter of it: no SET LOCAL outside a
+        # transaction block, and no session-level SET on the main session.
+        assert self.dsn is not None, "a pass that detaches is built with its DSN"
+        conn = connect(self.dsn, "maintain-detach", settings={"lock_timeout": f"{ms}ms"})
         t0 = time.monotonic()
         try:
-            self.conn.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {p.name} CONCURRENTLY")
+            conn.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {p.name} CONCURRENTLY")
         finally:
-            self.conn.execute("RESET lock_timeout")
+            close_quietly(conn)
         # CONCURRENTLY holds SHARE UPDATE EXCLUSIVE only: writers are never blocked.
         self.result["lock_held_ms"][f"detach {p.name.name} (concurrently, SHARE UPDATE EXCLUSIVE)"] = round(
             (time.monotonic() - t0) * 1000, 1)
@@ -662,7 +665,7 @@ def maintain_pass(plan: Plan, dsn: str, now: datetime | None = None, dry_run: bo
             p.result.update(dry_run=True, preview=preview, default_rows=preview["default_rows"],
                             default_ranges=preview["default_ranges"])
             return p.result
-        p = _Pass(plan, conn, now)
+        p = _Pass(plan, conn, now, dsn)
         f = table_facts(conn, plan)
         for part in [x for x in f.parts if x.detach_pending]:  # an interrupted DETACH CONCURRENTLY
             p._locked(f"finalize detach {part.name.name}", lambda cur, n=part.name: cur.execute(

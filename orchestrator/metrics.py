@@ -153,8 +153,7 @@ class LiveFigures:
         snap["active"] = active
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = connect(self.dsn, "live")
-                self._conn.execute("SET lock_timeout = 1000")
+                self._conn = connect(self.dsn, "live", settings={"lock_timeout": 1000})
             self._conn.execute(
                 "UPDATE orchestrate.migrations SET facts = jsonb_set(facts, '{live}', "
                 "%s::jsonb || jsonb_build_object('phase', phase, 'updated_at', now())) WHERE id = %s",

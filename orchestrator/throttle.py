@@ -382,9 +382,9 @@ class Throttler:
     # --- sessions and queries -------------------------------------------------------------
     def _primary(self) -> psycopg.Connection:
         if self._conn is None or self._conn.closed:
-            conn = connect(self.dsn, "throttle")
-            conn.execute(f"SET statement_timeout = {CHECK_STATEMENT_TIMEOUT_MS}")
-            conn.execute("SET default_transaction_read_only = on")  # merely observes
+            # Merely observes: read-only, and no check may hang the run.
+            conn = connect(self.dsn, "throttle", settings={"statement_timeout": CHECK_STATEMENT_TIMEOUT_MS,
+                                                           "default_transaction_read_only": "on"})
             self._conn = conn
         return self._conn
 
@@ -403,8 +403,7 @@ class Throttler:
     def _replica_lag(self, dsn: str) -> float:
         conn = self._replica_conns.get(dsn)
         if conn is None or conn.closed:
-            conn = connect(dsn, "throttle-replica")
-            conn.execute(f"SET statement_timeout = {CHECK_STATEMENT_TIMEOUT_MS}")
+            conn = connect(dsn, "throttle-replica", settings={"statement_timeout": CHECK_STATEMENT_TIMEOUT_MS})
             self._replica_conns[dsn] = conn
         # Received but not replayed: the age of the last replayed commit (the heartbeat commits
         # every beat, so on a primary that is otherwise idle this is still exact to a beat).
@@ -433,10 +432,9 @@ class Throttler:
 
     def _writer_conn(self) -> psycopg.Connection:
         if self._writer is None or self._writer.closed:
-            conn = connect(self.dsn, "throttle-writer")
             # A paused or slow synchronous standby must not hold up the heartbeat itself.
-            conn.execute("SET synchronous_commit = local")
-            conn.execute("SET lock_timeout = 2000")
+            conn = connect(self.dsn, "throttle-writer", settings={"synchronous_commit": "local",
+                                                                  "lock_timeout": 2000})
             self._writer = conn
         return self._writer
 

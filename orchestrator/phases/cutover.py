@@ -395,8 +395,7 @@ class LagProbe:
             try:
                 conn = self.conns.get(dsn)
                 if conn is None or conn.closed:
-                    conn = self.conns[dsn] = connect(dsn, "gate-replica")
-                    conn.execute("SET statement_timeout = 5000")
+                    conn = self.conns[dsn] = connect(dsn, "gate-replica", settings={"statement_timeout": 5000})
                 lag = float(conn.execute(self.SQL_REPLICA).fetchone()[0])
             except (psycopg.Error, OrchestrateError) as e:
                 _close(self.conns.pop(dsn, None))

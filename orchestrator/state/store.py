@@ -14,8 +14,10 @@ from typing import Any
 
 import psycopg
 from loguru import logger
+from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
 
+from orchestrator.db import connect
 from orchestrator.errors import Busy, StateConflict
 
 SCHEMA = "orchestrate"
@@ -97,10 +99,11 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     password = conn.info.password
 
     def creator() -> psycopg.Connection:
-        c = psycopg.connect(**info, **({"password": password} if password else {}))
-        # The defaults alembic writes (now(), ...) bind to functions by search_path at CREATE.
-        c.execute("SET search_path = pg_catalog, pg_temp")
-        return c
+        # One of our own sessions (orchestrator.db.connect): search_path pinned, as the
+        # defaults alembic writes (now(), ...) bind to functions by search_path at CREATE; no
+        # server-side prepared statements, and no setting left on a pooled server session.
+        return connect(make_conninfo(**info, **({"password": password} if password else {})), "schema",
+                       autocommit=False)
 
     engine = create_engine("postgresql+psycopg://", creator=creator, poolclass=StaticPool)
     cfg = Config(str(Path(__file__).with_name("alembic.ini")))
@@ -294,7 +297,10 @@ class MigrationLock:
     """Session-level advisory lock: one orchestrate process acts on a table at a time.
 
     Held on its own connection for the life of the command; a crash of the process ends
-    the session and so frees the lock, which is what makes `apply` safe to re-run.
+    the session and so frees the lock, which is what makes `apply` safe to re-run. Through a
+    session-mode pool it holds just as well: the server session is ours until our client
+    disconnects (then our DISCARD ALL, or the pool's server_reset_query after a crash, frees
+    it). Through a transaction-mode pool it would mean nothing: db.connect refuses those.
     """
 
     def __init__(self, conn: psycopg.Connection, table: str):
