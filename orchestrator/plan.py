@@ -290,6 +290,8 @@ class Plan(_Strict):
     throttle: Throttle = Throttle()
     retention: Retention = Retention()
     maintenance: Maintenance = Maintenance()
+    guard_ddl: bool = Field(False, description="While migrated, refuse ALTER TABLE / CREATE INDEX / DROP on the "
+                            "table with an event trigger (needs a superuser; `plan` says when it cannot).")
 
     @field_validator("table")
     @classmethod

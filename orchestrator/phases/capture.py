@@ -13,7 +13,7 @@ import time
 
 import psycopg
 
-from orchestrator import sql
+from orchestrator import drift, sql
 from orchestrator.db import with_lock_retry
 from orchestrator.phases import FORWARD_TRIGGER, Context, Step
 
@@ -40,6 +40,9 @@ def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigg
     if cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is not None:
         for stmt in sql.drop_sync_triggers(table, trigger):
             cur.execute(stmt)
+        drift.drop_column_guard(cur, table, trigger)
+    if kind == "capture" and ctx.migration is not None:
+        drift.drop_ddl_guard(cur, ctx.mid)
     for k in (kind, kind + "_truncate"):
         cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
 
@@ -65,6 +68,11 @@ class Capture:
 
         def body(cur: psycopg.Cursor) -> None:
             install_sync(cur, ctx, ctx.plan.table_name, ctx.plan.twin, FORWARD_TRIGGER, "capture")
+            # DROP COLUMN / ALTER TYPE of a captured column is refused by PostgreSQL from now on,
+            # instead of breaking every write in the trigger (see orchestrator/drift.py).
+            drift.install_column_guard(cur, ctx.plan.table_name, FORWARD_TRIGGER, ctx.shape().columns)
+            if ctx.plan.guard_ddl and drift.can_guard_ddl(ctx.conn)[0]:
+                drift.install_ddl_guard(cur, ctx.mid, ctx.info.oid, ctx.plan.table_name)
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0)
 
         with_lock_retry(ctx.conn, body, what="install the capture trigger",

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import psycopg
 from loguru import logger
 
-from orchestrator import sql
+from orchestrator import drift, sql
 from orchestrator.db import LockAttempt, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
@@ -590,6 +590,12 @@ class Cutover:
             old = inspected if unchanged else inspect_table(ctx.conn, plan.table_name)
             if old.oid != ctx.facts.get("table_oid"):
                 raise StateConflict(f"{plan.table_name} is not the table this migration started on")
+            # Never swap in a twin whose columns differ from the table's (an ALTER that landed
+            # after the last check): roll back this attempt; the runner carries it and retries.
+            differs = drift.columns_differ(cur, plan.table_name, plan.twin)
+            if differs:
+                logger.warning("cutover: the table's columns changed ({}); carrying it first", differs)
+                raise drift.ShapeChanged(differs)
             ctx.info = old
             # What the rollback after cutover needs to restore that the catalog will not say.
             ctx.store.set_facts(cur, ctx.mid, cutover_objects={
@@ -603,6 +609,7 @@ class Cutover:
             cur.execute(f"ALTER TABLE {plan.twin} RENAME TO {ident(plan.table_name.name)}")
             done = carry_objects(cur, old, plan.table_name, plan.retired, new_is_partitioned=True)
             install_sync(cur, ctx, plan.table_name, plan.retired, REVERSE_TRIGGER, "reverse")
+            drift.install_column_guard(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns)
             ctx.store.set_status(cur, ctx.mid, "cut_over", "cutover")
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done

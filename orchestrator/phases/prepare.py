@@ -14,7 +14,7 @@ from datetime import datetime
 
 import psycopg
 
-from orchestrator import sql
+from orchestrator import drift, sql
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
 from orchestrator.inspect import KEY_TYPES, TableInfo, exists, has_index_on, inspect_table, key_bounds
@@ -240,7 +240,8 @@ class Prepare:
             for _action, stmt in statements:
                 cur.execute(stmt)
             ctx.store.set_facts(cur, ctx.mid, partitions=pf.partitions, warnings=pf.warnings,
-                                estimates=pf.estimates, table_oid=pf.info.oid)
+                                estimates=pf.estimates, table_oid=pf.info.oid,
+                                shape=drift.snapshot(ctx.conn, pf.info, ctx.plan.partition_by.column))
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0,
                                  partitions=len(pf.partitions) + 1, rows_to_default=pf.rows_to_default)
 
