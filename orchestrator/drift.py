@@ -43,8 +43,6 @@ from orchestrator.errors import StateConflict
 from orchestrator.inspect import TableInfo, inspect_table
 from orchestrator.sql import QualifiedName, ident
 
-GUARD_FUNCTION = QualifiedName("orchestrate", "column_guard")
-
 
 class DriftRefused(StateConflict):
     """The application changed the table in a way the twin cannot follow (exit 8)."""
@@ -171,24 +169,28 @@ def _not_valid(definition: str) -> str:
 # --- the sentinel: DROP COLUMN / ALTER TYPE refused by PostgreSQL's own dependency check -----
 
 
-def install_column_guard(cur: psycopg.Cursor, table: QualifiedName, trigger: str, columns: list[str]) -> None:
+def install_column_guard(cur: psycopg.Cursor, table: QualifiedName, trigger: str, columns: list[str],
+                         fn: QualifiedName) -> None:
     """A trigger that never fires (WHEN (false)) but names every captured column in
     ``UPDATE OF``: PostgreSQL records a dependency on each, so a plain DROP COLUMN or ALTER
     COLUMN TYPE of one of them is refused in the application's own DDL statement, instead
     of every later write failing in the sync trigger. Costs nothing per row.
 
     Warning: DROP/CREATE TRIGGER lock the table (ACCESS EXCLUSIVE); call under the lock."""
-    cur.execute(f"""CREATE OR REPLACE FUNCTION {GUARD_FUNCTION}() RETURNS trigger LANGUAGE plpgsql
+    cur.execute(f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog AS $orchestrate$ BEGIN RETURN NULL; END $orchestrate$""")
     name = ident(trigger + "_columns")
     cur.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
     if columns:
         cur.execute(f"CREATE TRIGGER {name} AFTER UPDATE OF {sql.column_list(columns)} ON {table} "
-                    f"FOR EACH ROW WHEN (false) EXECUTE FUNCTION {GUARD_FUNCTION}()")
+                    f"FOR EACH ROW WHEN (false) EXECUTE FUNCTION {fn}()")
 
 
-def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName, trigger: str) -> None:
-    cur.execute(f"DROP TRIGGER IF EXISTS {ident(trigger + '_columns')} ON {table}")
+def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName | None, trigger: str, fn: QualifiedName) -> None:
+    """Idempotent; ``table`` None when it no longer exists."""
+    if table is not None:
+        cur.execute(f"DROP TRIGGER IF EXISTS {ident(trigger + '_columns')} ON {table}")
+    cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
 
 
 # --- the opt-in guard: an event trigger (superuser) -------------------------------------------
@@ -373,14 +375,22 @@ def carry(ctx) -> None:
         added = False
         for ch in changes:
             texts.append(ch.text)
-            if ch.kind in ("add_index", "validate_check"):
+            if ch.kind == "add_index":
                 later.append(ch)
-                if ch.kind == "validate_check":
-                    shape["checks"][ch.name] = old["checks"][ch.name]
                 continue
-            if ch.kind == "add_check" and not ch.detail["definition"].endswith(" NOT VALID"):
-                shape["checks"][ch.name] = ch.detail["definition"] + " NOT VALID"
+            if ch.kind in ("add_check", "validate_check"):
+                definition = ch.detail["definition"]
+                if definition.endswith(" NOT VALID"):
+                    # Legacy rows may violate it, and a CHECK applies to every row the backfill
+                    # inserts: added NOT VALID just before the cutover (fidelity.add_not_valid_checks).
+                    continue
+                # Added NOT VALID under the lock (no scan), validated after it; recorded NOT
+                # VALID until then.
+                shape["checks"][ch.name] = definition + " NOT VALID"
+                cur.execute(f"ALTER TABLE {plan.twin} DROP CONSTRAINT IF EXISTS {ident(ch.name)}, "
+                            f"ADD CONSTRAINT {ident(ch.name)} {definition} NOT VALID")
                 later.append(Change("validate_check", ch.name, ch.detail, ch.text))
+                continue
             for stmt in twin_ddl(plan.twin, ch, plan.partition_by.column):
                 cur.execute(stmt)
             added = added or ch.kind == "add_column"
@@ -388,7 +398,8 @@ def carry(ctx) -> None:
         m = ctx.migration
         if m.done("capture"):
             install_sync(cur, ctx, plan.table_name, plan.twin, FORWARD_TRIGGER, "capture")
-            install_column_guard(cur, plan.table_name, FORWARD_TRIGGER, info.writable_columns)
+            install_column_guard(cur, plan.table_name, FORWARD_TRIGGER, info.writable_columns,
+                                 ctx.function("columns"))
         ctx.store.set_facts(cur, ctx.mid, shape=shape)
         if added and m.done("capture"):
             _schedule_recopy(cur, ctx)
@@ -460,8 +471,10 @@ def _schedule_recopy(cur: psycopg.Cursor, ctx) -> None:
     ranges = cur.execute("SELECT count(*) FROM orchestrate.ranges WHERE migration_id = %s", (ctx.mid,)).fetchone()
     if not ranges[0]:
         return  # not planned yet: the backfill copies every range with the new column
-    cur.execute("UPDATE orchestrate.ranges SET state = 'repair', verify_state = 'pending' WHERE migration_id = %s "
-                "AND state <> 'pending'", (ctx.mid,))
+    # Pending ranges too: the trigger may have inserted rows there, and the copy's ON CONFLICT
+    # DO NOTHING would keep their stale version.
+    cur.execute("UPDATE orchestrate.ranges SET state = 'repair', cursor = NULL, verify_state = 'pending' "
+                "WHERE migration_id = %s", (ctx.mid,))
     for p in (Backfill.name, "verify"):
         ctx.store.phase_reset(cur, ctx.mid, p)
 

@@ -282,7 +282,7 @@ def table_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
         kname, ktype = cur.fetchone()
         if kname != key:
             raise PreflightError(f"{parent} is partitioned by {ident(kname)}, the plan says {ident(key)}")
-        if ktype not in _KEY_TYPES:
+        if re.sub(r"\(\d+\)", "", ktype) not in _KEY_TYPES:  # timestamp(3) is a time key too
             raise PreflightError(
                 f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
         cur.execute(

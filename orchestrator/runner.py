@@ -99,6 +99,8 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         data["server_version"] = pf.server_version
         data["estimates"] = pf.estimates
         data["warnings"] = pf.warnings
+        if plan.guard_ddl and not drift.can_guard_ddl(conn)[0]:
+            data["warnings"].append(drift.can_guard_ddl(conn)[1])
         data["names"] = describe_names(ctx)
         data["partitions"] = [{"name": plan.partition_name(__import__("datetime").datetime.fromisoformat(lo)).name,
                                "from": lo, "to": hi} for lo, hi in pf.partitions]

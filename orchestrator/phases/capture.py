@@ -37,10 +37,11 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
 
 def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigger: str, kind: str) -> None:
     """Warning: takes ACCESS EXCLUSIVE on table (DROP TRIGGER); call inside with_lock_retry."""
-    if cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is not None:
+    exists = cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is not None
+    if exists:
         for stmt in sql.drop_sync_triggers(table, trigger):
             cur.execute(stmt)
-        drift.drop_column_guard(cur, table, trigger)
+    drift.drop_column_guard(cur, table if exists else None, trigger, ctx.function("columns"))
     if kind == "capture" and ctx.migration is not None:
         drift.drop_ddl_guard(cur, ctx.mid)
     for k in (kind, kind + "_truncate"):
@@ -70,7 +71,8 @@ class Capture:
             install_sync(cur, ctx, ctx.plan.table_name, ctx.plan.twin, FORWARD_TRIGGER, "capture")
             # DROP COLUMN / ALTER TYPE of a captured column is refused by PostgreSQL from now on,
             # instead of breaking every write in the trigger (see orchestrator/drift.py).
-            drift.install_column_guard(cur, ctx.plan.table_name, FORWARD_TRIGGER, ctx.shape().columns)
+            drift.install_column_guard(cur, ctx.plan.table_name, FORWARD_TRIGGER, ctx.shape().columns,
+                                       ctx.function("columns"))
             if ctx.plan.guard_ddl and drift.can_guard_ddl(ctx.conn)[0]:
                 drift.install_ddl_guard(cur, ctx.mid, ctx.info.oid, ctx.plan.table_name)
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0)
@@ -78,6 +80,8 @@ class Capture:
         with_lock_retry(ctx.conn, body, what="install the capture trigger",
                         lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
                         backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        if ctx.plan.guard_ddl and not drift.can_guard_ddl(ctx.conn)[0]:
+            ctx.store.event(ctx.mid, "warning", drift.can_guard_ddl(ctx.conn)[1])
 
     def undo(self, ctx: Context) -> None:
         def body(cur: psycopg.Cursor) -> None:

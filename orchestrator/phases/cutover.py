@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import psycopg
 from loguru import logger
 
-from orchestrator import drift, sql
+from orchestrator import drift, fidelity, sql
 from orchestrator.db import LockAttempt, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
@@ -572,6 +572,7 @@ class Cutover:
         ctx.refresh()
         self.wait_for_gates(ctx)
         self.carry_storage_parameters(ctx)
+        fidelity.add_not_valid_checks(ctx)
         plan = ctx.plan
         t0 = time.monotonic()
         report = LockReport(ctx, "cutover", cancel=plan.cutover.cancel_blockers, tables=[plan.table_name, plan.twin])
@@ -609,7 +610,8 @@ class Cutover:
             cur.execute(f"ALTER TABLE {plan.twin} RENAME TO {ident(plan.table_name.name)}")
             done = carry_objects(cur, old, plan.table_name, plan.retired, new_is_partitioned=True)
             install_sync(cur, ctx, plan.table_name, plan.retired, REVERSE_TRIGGER, "reverse")
-            drift.install_column_guard(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns)
+            drift.install_column_guard(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns,
+                                       ctx.function("columns"))
             ctx.store.set_status(cur, ctx.mid, "cut_over", "cutover")
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done

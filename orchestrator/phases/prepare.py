@@ -14,10 +14,10 @@ from datetime import datetime
 
 import psycopg
 
-from orchestrator import drift, sql
+from orchestrator import drift, fidelity, sql
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
-from orchestrator.inspect import KEY_TYPES, TableInfo, exists, has_index_on, inspect_table, key_bounds
+from orchestrator.inspect import KEY_TYPES, TableInfo, base_type, exists, has_index_on, inspect_table, key_bounds
 from orchestrator.phases import Context, Step
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
@@ -88,7 +88,7 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     col = info.column(key)
     if col is None:
         raise PreflightError(f"column {ident(key)} does not exist in {info.name}")
-    if col.type not in KEY_TYPES:
+    if base_type(col.type) not in KEY_TYPES:
         raise PreflightError(
             f"column {ident(key)} of {info.name} is of type {col.type}; the partition key must be "
             "timestamp, timestamptz or date"
@@ -102,7 +102,7 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     if col.not_null is False and version < 15:
         raise PreflightError(
             f"a nullable key column needs PostgreSQL 15 (UNIQUE NULLS NOT DISTINCT); {ident(key)} is nullable")
-    warnings: list[str] = []
+    warnings: list[str] = fidelity.check(conn, info, version)
     with conn.cursor() as cur:
         cur.execute(
             "SELECT count(*) FROM pg_inherits WHERE inhrelid = %s OR inhparent = %s", (info.oid, info.oid)
@@ -189,10 +189,18 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
     twin = plan.twin
     out = [("create the partitioned twin", sql.create_twin(info.name, twin, shape.key)),
            ("its primary key, extended with the partition key", sql.twin_primary_key(twin, shape))]
+    out += fidelity.not_valid_checks(info, twin)
+    version = ctx.conn.info.server_version // 10000
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
         cur.execute("SET LOCAL search_path = pg_catalog")
+        deferrable = fidelity.deferrable_uniques(cur, info.oid)
         for idx in info.indexes:
             if idx.primary:
+                continue
+            if idx.constraint in deferrable:
+                add_key = shape.key if shape.key not in idx.columns else None
+                out.append((f"unique constraint like {idx.constraint} (DEFERRABLE kept)", fidelity.unique_constraint(
+                    twin, _twin_index_name(idx.name), deferrable[idx.constraint], add_key)))
                 continue
             cur.execute("SELECT quote_ident(%s), %s::regclass::text", (idx.name, info.oid))
             qname, qtable = cur.fetchone()
@@ -208,13 +216,14 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
     out.append(("default partition for NULL and out-of-range keys",
                 sql.create_default_partition(plan.default_partition, twin)))
     for fk in info.outgoing_fks:
+        if fidelity.skip_foreign_key(fk.definition, version):
+            continue  # warned at preflight (fidelity.check)
         out.append((f"foreign key {fk.name}", f"ALTER TABLE {twin} ADD CONSTRAINT {ident(fk.name)} {fk.definition}"))
     return out
 
 
 def _twin_index_name(name: str) -> str:
-    suffix = "_twin"
-    return name[: sql.MAX_IDENT - len(suffix)] + suffix
+    return sql.fit_name(name, "_twin")
 
 
 class Prepare:
