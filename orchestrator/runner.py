@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import psycopg
 from loguru import logger
 
-from orchestrator import drift
+from orchestrator import drift, horizon
 from orchestrator.db import close_quietly, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, StateConflict
 from orchestrator.inspect import resolve
@@ -170,6 +170,7 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                 ctx.info = None
                 phases = ordered()
                 continue
+            horizon.extend(ctx)  # partitions that became due while the migration ran
             if phase.name == "cutover":
                 postpone = plan.cutover.postpone if cutover is None else not cutover
                 if postpone:

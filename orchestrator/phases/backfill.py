@@ -24,6 +24,7 @@ from orchestrator import sql
 from orchestrator.db import connect, is_connection_error
 from orchestrator.drift import ShapeChanged, Watch
 from orchestrator.errors import ConnectionFailed, OrchestrateError
+from orchestrator.horizon import Tick
 from orchestrator.inspect import key_bounds
 from orchestrator.phases import Context, Step
 from orchestrator.phases.prepare import fmt
@@ -390,6 +391,7 @@ class Backfill:
 
         next_progress = 0.0
         watch = Watch(ctx)  # the application's DDL while we copy (see orchestrator/drift.py)
+        tick = Tick(ctx)  # partitions due while a long backfill runs (see orchestrator/horizon.py)
         drifted = False
         try:
             while True:
@@ -397,6 +399,7 @@ class Backfill:
                     drifted = True
                     stop.set()  # workers finish their batch; the runner carries the change and resumes
                 crew.follow_controls()
+                tick()
                 # A new worker starts with a range in hand: never one that would find nothing to do.
                 while not stop.is_set() and crew.join():
                     try:

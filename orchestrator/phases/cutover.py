@@ -24,14 +24,14 @@ from datetime import datetime, timezone
 import psycopg
 from loguru import logger
 
-from orchestrator import drift, fidelity, sql
+from orchestrator import drift, fidelity, horizon, sql
 from orchestrator.db import LockAttempt, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
 from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import drop_sync, install_sync
-from orchestrator.phases.prepare import _twin_index_name, fmt, partition_bounds
+from orchestrator.phases.prepare import _twin_index_name, fmt
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
 
@@ -548,22 +548,9 @@ class Cutover:
 
     def ensure_partitions(self, ctx: Context) -> None:
         """Create partitions that became due while the migration ran (a long backfill can
-        cross a month boundary); the twin's default partition must not start filling."""
-        parts = [tuple(p) for p in ctx.facts.get("partitions") or []]
-        wanted = partition_bounds(ctx, datetime.fromisoformat(parts[0][0]) if parts else None)
-        missing = [b for b in wanted if parts and b[0] >= parts[-1][1]]
-        if not missing:
-            return
-        shape = ctx.shape()
-
-        def body(cur: psycopg.Cursor) -> None:
-            for lo, hi in missing:
-                cur.execute(sql.create_partition(ctx.plan.partition_name(datetime.fromisoformat(lo)), ctx.plan.twin,
-                                                 lo, hi, shape.key_type))
-            ctx.store.set_facts(cur, ctx.mid, partitions=[list(p) for p in parts] + [list(b) for b in missing])
-
-        with_lock_retry(ctx.conn, body, what="create due partitions", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
-                        attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        cross a month boundary), moving the rows the twin's default partition took for them
+        (see orchestrator/horizon.py): the partition gate can then always be met."""
+        horizon.extend(ctx)
         ctx.refresh()
 
     def run(self, ctx: Context) -> None:
