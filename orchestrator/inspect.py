@@ -6,6 +6,7 @@ Everything the phases need to know about the table is gathered once into a
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -106,6 +107,11 @@ class TableInfo:
     estimated_rows: int
     total_bytes: int
     column_acl: list[tuple[str, str, str]] = field(default_factory=list)  # (column, grantee, privilege)
+    # column -> its type's btree equality operator, schema-qualified (OPERATOR(public.=)), for
+    # columns whose type lives outside pg_catalog (citext, ltree): functions pinned to
+    # search_path pg_catalog would not find it, or would find a cast to text's instead.
+    # '' when the type has no default btree operator class.
+    eq_ops: dict[str, str] = field(default_factory=dict)
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)
@@ -286,22 +292,47 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
             (oid,),
         )
         publications = [r[0] for r in cur.fetchall()]
+        cur.execute(
+            """SELECT a.attname,
+                      (SELECT format('OPERATOR(%%s.=)', quote_ident(o.oprnamespace::regnamespace::text))
+                       FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod AND am.amname = 'btree'
+                       JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily AND ao.amopstrategy = 3
+                            AND ao.amoplefttype = oc.opcintype AND ao.amoprighttype = oc.opcintype
+                       JOIN pg_operator o ON o.oid = ao.amopopr
+                       WHERE oc.opcdefault AND oc.opcintype = t.oid)
+               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+               WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
+                 AND t.typnamespace <> 'pg_catalog'::regnamespace""",
+            (oid,),
+        )
+        eq_ops = {r[0]: r[1] or "" for r in cur.fetchall()}
     return TableInfo(
         name=name, oid=oid, relkind=relkind, owner=owner, comment=comment, acl=acl, columns=columns,
         primary_key=pk, indexes=indexes, checks=checks, outgoing_fks=outgoing, incoming_fks=incoming,
         dependents=dependents, triggers=triggers, sequences=sequences, replica_identity=replident,
         replica_identity_index=replident_index, rls_enabled=rls, rls_forced=rls_forced, policies=policies,
         publications=publications, reloptions=list(reloptions), estimated_rows=int(reltuples),
-        total_bytes=int(total_bytes), column_acl=column_acl,
+        total_bytes=int(total_bytes), column_acl=column_acl, eq_ops=eq_ops,
     )
 
 
 def key_bounds(conn: psycopg.Connection, table: QualifiedName, key: str) -> tuple[datetime | None, datetime | None]:
-    """min and max of the key (two index probes when the key is indexed)."""
+    """min and max of the finite keys (two index probes when the key is indexed).
+
+    'infinity' / '-infinity' keys are left out: no partition can hold them (they go to the
+    default partition with NULLs and far-out keys) and Python's datetime cannot either."""
+    k = ident(key)
     with conn.cursor() as cur:
-        cur.execute(f"SELECT min({ident(key)})::timestamp, max({ident(key)})::timestamp FROM {table}")
+        cur.execute(f"SELECT (SELECT {k}::timestamp FROM {table} WHERE {k} IS NOT NULL AND isfinite({k}) "
+                    f"ORDER BY {k} LIMIT 1), (SELECT {k}::timestamp FROM {table} WHERE {k} IS NOT NULL AND "
+                    f"isfinite({k}) ORDER BY {k} DESC LIMIT 1)")
         lo, hi = cur.fetchone()
     return lo, hi
+
+
+def base_type(type_name: str) -> str:
+    """A format_type() name without its typmod: 'timestamp(3) with time zone' -> 'timestamp with time zone'."""
+    return re.sub(r"\(\d+\)", "", type_name)
 
 
 def has_index_on(info: TableInfo, column: str) -> bool:

@@ -282,7 +282,7 @@ def table_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
         kname, ktype = cur.fetchone()
         if kname != key:
             raise PreflightError(f"{parent} is partitioned by {ident(kname)}, the plan says {ident(key)}")
-        if ktype not in _KEY_TYPES:
+        if re.sub(r"\(\d+\)", "", ktype) not in _KEY_TYPES:  # timestamp(3) is a time key too
             raise PreflightError(
                 f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
         cur.execute(
@@ -449,8 +449,11 @@ class _Pass:
         check = _constraint_name(name.name)
         k = ident(f.key)
 
+        like = _sibling(conn, f)
+
         def stage(cur: psycopg.Cursor) -> None:
             _create_like(cur, name, f.parent)
+            _like_sibling(cur, name, like)
             cur.execute(f"ALTER TABLE {name} ALTER COLUMN {k} SET NOT NULL, "
                         f"ADD CONSTRAINT {ident(check)} CHECK ({_range_sql(f, lo, hi)})")
             cur.execute(f"COMMENT ON TABLE {name} IS {literal(STAGING_COMMENT)}")
@@ -496,6 +499,7 @@ class _Pass:
                         f"({bound_literal(fmt(lo), f.key_type)}) TO ({bound_literal(fmt(hi), f.key_type)})")
             cur.execute(f"ALTER TABLE {name} DROP CONSTRAINT {ident(check)}")
             cur.execute(f"COMMENT ON TABLE {name} IS NULL")
+            _replica_identity_index_like_sibling(cur, name, like)
             return moved
 
         # SHARE, not just the SHARE UPDATE EXCLUSIVE that ATTACH needs: an INSERT that got the
@@ -611,6 +615,56 @@ class _Pass:
             (name.schema, name.name),
         ).fetchone()
         return bool(row and row[0])
+
+
+@dataclass
+class Sibling:
+    """What a new partition copies from the table and its newest partition: the owner (a
+    partition made by the role running maintain would otherwise be that role's, and the
+    owner's next ALTER TABLE would fail), storage parameters and replica identity (which
+    the cutover gave every partition, and which do not come with LIKE or ATTACH)."""
+
+    owner: str
+    reloptions: list[str]
+    replident: str
+    replident_parent_index: int | None  # the parent's index the sibling's replica identity index belongs to
+
+
+def _sibling(conn: psycopg.Connection, f: Facts) -> Sibling:
+    owner = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s", (f.oid,)).fetchone()[0]
+    ranged = [p for p in f.parts if not p.is_default and not p.detach_pending]
+    if not ranged:
+        return Sibling(owner, [], "d", None)
+    newest = max(ranged, key=lambda p: p.lo or datetime.min)
+    row = conn.execute(
+        "SELECT coalesce(c.reloptions, '{}'), c.relreplident::text, "
+        "  (SELECT h.inhparent FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indexrelid "
+        "   WHERE i.indrelid = c.oid AND i.indisreplident) "
+        "FROM pg_class c WHERE c.oid = %s::regclass", (str(newest.name),)).fetchone()
+    return Sibling(owner, list(row[0]), row[1], row[2])
+
+
+def _like_sibling(cur: psycopg.Cursor, name: QualifiedName, like: Sibling) -> None:
+    """Owner, storage parameters, replica identity FULL/NOTHING onto the staging table (it
+    is not attached yet: no lock on live data)."""
+    cur.execute(f"ALTER TABLE {name} OWNER TO {ident(like.owner)}")
+    if like.reloptions:
+        cur.execute(f"ALTER TABLE {name} SET ({', '.join(like.reloptions)})")
+    if like.replident in ("f", "n"):
+        cur.execute(f"ALTER TABLE {name} REPLICA IDENTITY {'FULL' if like.replident == 'f' else 'NOTHING'}")
+
+
+def _replica_identity_index_like_sibling(cur: psycopg.Cursor, name: QualifiedName, like: Sibling) -> None:
+    """REPLICA IDENTITY USING INDEX: the new partition's index attached to the same parent
+    index (known only once ATTACH matched them). The partition was attached in this very
+    transaction: nobody else can hold a lock on it yet."""
+    if like.replident != "i" or like.replident_parent_index is None:
+        return
+    row = cur.execute("SELECT c.relname FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid "
+                      "JOIN pg_class c ON c.oid = i.indexrelid WHERE h.inhparent = %s AND i.indrelid = %s::regclass",
+                      (like.replident_parent_index, str(name))).fetchone()
+    if row is not None:
+        cur.execute(f"ALTER TABLE {name} REPLICA IDENTITY USING INDEX {ident(row[0])}")
 
 
 def _constraint_name(table: str) -> str:

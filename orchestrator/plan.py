@@ -21,7 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from orchestrator.errors import PlanError
-from orchestrator.sql import MAX_IDENT, QualifiedName, parse_qualified
+from orchestrator.sql import MAX_IDENT, QualifiedName, fit_name, parse_qualified
 
 _INTERVAL = re.compile(r"^\s*(\d+)\s*(day|week|month|year)s?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|second|seconds|min|minute|minutes)?\s*$", re.IGNORECASE)
@@ -331,6 +331,8 @@ class Plan(_Strict):
     throttle: Throttle = Throttle()
     retention: Retention = Retention()
     maintenance: Maintenance = Maintenance()
+    guard_ddl: bool = Field(False, description="While migrated, refuse ALTER TABLE / CREATE INDEX / DROP on the "
+                            "table with an event trigger (needs a superuser; `plan` says when it cannot).")
 
     @field_validator("table")
     @classmethod
@@ -367,18 +369,19 @@ class Plan(_Strict):
 
     @property
     def twin(self) -> QualifiedName:
-        return self.table_name.with_name(self.names.twin or f"{self.table_name.name}_partitioned")
+        return self.table_name.with_name(self.names.twin or fit_name(self.table_name.name, "_partitioned"))
 
     @property
     def retired(self) -> QualifiedName:
-        return self.table_name.with_name(self.names.retired or f"{self.table_name.name}_retired")
+        return self.table_name.with_name(self.names.retired or fit_name(self.table_name.name, "_retired"))
 
     @property
     def default_partition(self) -> QualifiedName:
-        return self.table_name.with_name(self.names.default_partition or f"{self.table_name.name}_default")
+        return self.table_name.with_name(self.names.default_partition or fit_name(self.table_name.name, "_default"))
 
     def partition_name(self, start: datetime) -> QualifiedName:
-        return self.table_name.with_name(f"{self.table_name.name}_{self.partition_by.interval_value.suffix(start)}")
+        suffix = "_" + self.partition_by.interval_value.suffix(start)
+        return self.table_name.with_name(fit_name(self.table_name.name, suffix))
 
     def shape_hash(self) -> str:
         """Hash of the fields that fix what the migration builds; resuming needs the same."""

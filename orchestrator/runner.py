@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import psycopg
 from loguru import logger
 
+from orchestrator import drift, horizon
 from orchestrator.db import close_quietly, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, PreflightError, StateConflict
 from orchestrator.inspect import resolve
@@ -103,6 +104,8 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         data["server_version"] = pf.server_version
         data["estimates"] = pf.estimates
         data["warnings"] = pf.warnings + privilege_warnings(ctx, pf.info)
+        if plan.guard_ddl and not drift.can_guard_ddl(conn)[0]:
+            data["warnings"].append(drift.can_guard_ddl(conn)[1])
         data["names"] = describe_names(ctx)
         data["partitions"] = [{"name": plan.partition_name(__import__("datetime").datetime.fromisoformat(lo)).name,
                                "from": lo, "to": hi} for lo, hi in pf.partitions]
@@ -167,16 +170,39 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
             _mark_recopy(ctx, recopy)
         ctx.refresh()
         started = time.monotonic()
-        for phase in ordered():
+        rounds = 0
+        phases = ordered()
+        while phases:
+            phase = phases.pop(0)
             ctx.refresh()
             if ctx.migration.done(phase.name):
                 continue
+            # The application may have changed the table since the last look (DDL drift):
+            # carry it to the twin first; a carried column re-opens backfill and verify.
+            if drift.check(ctx):
+                ctx.info = None
+                phases = ordered()
+                continue
+            horizon.extend(ctx)  # partitions that became due while the migration ran
             if phase.name == "cutover":
                 postpone = plan.cutover.postpone if cutover is None else not cutover
                 if postpone:
                     return Outcome(f"{table}: verified and ready; cutover postponed (run `apply --cutover`)",
                                    {"status": "ready", "migration_id": m.id})
-            _run_phase(ctx, phase)
+            try:
+                _run_phase(ctx, phase)
+            except drift.ShapeChanged as e:
+                rounds += 1
+                if rounds > 20:
+                    raise drift.DriftRefused(f"{table} keeps changing while it is being migrated ({e}); "
+                                             "run apply again once the schema changes are deployed") from None
+                if not drift.check(ctx):
+                    raise drift.DriftRefused(f"{phase.name}: the twin's columns differ from the table's ({e}) "
+                                             "and the difference is not a change orchestrate can carry; "
+                                             "nothing was cut over") from None
+                ctx.info = None
+                phases = ordered()
+                continue
             if until == phase.name:
                 return Outcome(f"{table}: stopped after {phase.name} as asked (--until)",
                                {"status": "running", "phase": phase.name, "migration_id": m.id})
@@ -247,6 +273,11 @@ def _run_phase(ctx: Context, phase) -> None:
         raise
     except psycopg.Error as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not is_connection_error(e) and _drifted(ctx):
+            # The phase failed because the application changed the table under it (a column
+            # it reads is gone, say): not a bug; the runner carries the change and goes on.
+            logger.warning("phase {}: {}; the table's shape changed, carrying it", phase.name, msg)
+            raise drift.ShapeChanged(msg) from None
         _record_failure(ctx, phase.name, t0, msg)
         if is_connection_error(e):
             raise ConnectionFailed(
@@ -256,6 +287,13 @@ def _run_phase(ctx: Context, phase) -> None:
         _record_failure(ctx, phase.name, t0, "interrupted")
         raise
     logger.info("phase {}: done in {:.1f}s", phase.name, time.monotonic() - t0)
+
+
+def _drifted(ctx: Context) -> bool:
+    try:
+        return drift.moved(ctx)
+    except psycopg.Error:
+        return False
 
 
 def _record_failure(ctx: Context, phase: str, t0: float, message: str) -> None:

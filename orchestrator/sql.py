@@ -38,6 +38,20 @@ def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def fit_name(base: str, suffix: str) -> str:
+    """``base + suffix`` within PostgreSQL's 63 bytes, unique per base: when too long, the base
+    is cut and a hash of the whole base is put before the suffix, so two long names that
+    share their first 50 bytes never truncate to the same identifier."""
+    name = base + suffix
+    if len(name.encode()) <= MAX_IDENT:
+        return name
+    import hashlib
+
+    h = "_" + hashlib.sha1(base.encode()).hexdigest()[:8]
+    room = MAX_IDENT - len(h.encode()) - len(suffix.encode())
+    return base.encode()[:room].decode(errors="ignore") + h + suffix
+
+
 def literal(value: str) -> str:
     """Quote a string literal (standard_conforming_strings on, E'' never used)."""
     if "\x00" in value:
@@ -117,6 +131,12 @@ class Shape:
     key_type: str  # format_type of the key
     key_nullable: bool
     pk_types: tuple[str, ...] = ()
+    eq_ops: tuple[tuple[str, str], ...] = ()  # (column, qualified equality operator) for extension types
+
+    def eq(self, column: str) -> str:
+        """The equality operator to match ``column`` with: ``=``, or the type's own btree
+        operator schema-qualified (search_path is pinned to pg_catalog in our functions)."""
+        return dict(self.eq_ops).get(column) or "="
 
     @property
     def order_columns(self) -> tuple[str, ...]:
@@ -140,7 +160,7 @@ def bound_literal(value: str | None, key_type: str) -> str:
         return "MAXVALUE"
     if key_type == "date":
         return literal(value[:10])
-    if key_type.startswith("timestamp with time zone"):
+    if re.sub(r"\(\d+\)", "", key_type).startswith("timestamp with time zone"):  # timestamp(3) too
         return literal(value + "+00")
     return literal(value)
 
@@ -210,13 +230,26 @@ def _key_match(shape: Shape, rec: str) -> str:
     The key is part of the match so the planner prunes to one partition. A NULL key needs
     IS NULL (= never matches NULL); the caller branches on it so both forms stay indexable.
     """
-    return " AND ".join(f"{ident(c)} = {rec}.{ident(c)}" for c in shape.twin_key)
+    return " AND ".join(f"{ident(c)} {shape.eq(c)} {rec}.{ident(c)}" for c in shape.twin_key)
 
 
 def _key_match_null(shape: Shape, rec: str) -> str:
-    parts = [f"{ident(c)} = {rec}.{ident(c)}" for c in shape.pk if c != shape.key]
+    parts = [f"{ident(c)} {shape.eq(c)} {rec}.{ident(c)}" for c in shape.pk if c != shape.key]
     parts.append(f"{ident(shape.key)} IS NULL")
     return " AND ".join(parts)
+
+
+def _key_changed(shape: Shape) -> str:
+    """Did this UPDATE change (pk, key)? A row IS DISTINCT FROM resolves ``=`` through the
+    search_path; a key of an extension type (ltree, citext) needs its own operator, named."""
+    if not any(shape.eq(c) != "=" for c in shape.twin_key):
+        return ("(" + ", ".join(f"NEW.{ident(c)}" for c in shape.twin_key) + ") IS DISTINCT FROM ("
+                + ", ".join(f"OLD.{ident(c)}" for c in shape.twin_key) + ")")
+    def one(c: str) -> str:
+        n, o = f"NEW.{ident(c)}", f"OLD.{ident(c)}"
+        return f"NOT coalesce({n} {shape.eq(c)} {o}, ({n} IS NULL) = ({o} IS NULL))"
+
+    return "(" + " OR ".join(one(c) for c in shape.twin_key) + ")"
 
 
 def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: tuple[str, ...] | None = None,
@@ -257,10 +290,7 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: 
     sets = ", ".join(f"{ident(c)} = NEW.{ident(c)}" for c in shape.columns if c not in shape.twin_key)
     if not sets:  # every column is part of the key: an update that keeps the key is a no-op
         sets = f"{ident(shape.key)} = NEW.{ident(shape.key)}"
-    changed = (
-        "(" + ", ".join(f"NEW.{ident(c)}" for c in shape.twin_key) + ") IS DISTINCT FROM ("
-        + ", ".join(f"OLD.{ident(c)}" for c in shape.twin_key) + ")"
-    )
+    changed = _key_changed(shape)
     arbiter = column_list(list(dst_key or shape.twin_key))
 
     def by_old(stmt: str) -> str:

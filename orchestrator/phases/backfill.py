@@ -24,7 +24,9 @@ from loguru import logger
 
 from orchestrator import owner, sql
 from orchestrator.db import connect, is_connection_error
+from orchestrator.drift import ShapeChanged, Watch
 from orchestrator.errors import ConnectionFailed, OrchestrateError
+from orchestrator.horizon import Tick
 from orchestrator.inspect import key_bounds
 from orchestrator.phases import Context, Step
 from orchestrator.phases.prepare import fmt
@@ -566,9 +568,16 @@ class Backfill:
                           "workers": crew.target})
 
         next_progress = 0.0
+        watch = Watch(ctx)  # the application's DDL while we copy (see orchestrator/drift.py)
+        tick = Tick(ctx)  # partitions due while a long backfill runs (see orchestrator/horizon.py)
+        drifted = False
         try:
             while True:
+                if not stop.is_set() and watch():
+                    drifted = True
+                    stop.set()  # workers finish their batch; the runner carries the change and resumes
                 crew.follow_controls()
+                tick()
                 # A new worker starts with a range in hand: never one that would find nothing to do.
                 while not stop.is_set() and crew.join():
                     try:
@@ -595,6 +604,8 @@ class Backfill:
             for t in threads:
                 t.join(timeout=10)
             raise
+        if drifted:
+            raise ShapeChanged("the table's shape changed during the backfill")
         if errors:
             e = errors[0]
             if is_connection_error(e):

@@ -14,7 +14,7 @@ import time
 
 import psycopg
 
-from orchestrator import sql
+from orchestrator import drift, sql
 from orchestrator.db import with_lock_retry
 from orchestrator.owner import give_to_owner
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
@@ -54,6 +54,8 @@ def stage_reverse(cur: psycopg.Cursor, ctx: Context) -> None:
     switch = ctx.function("reverse_on")
     cur.execute(sql.sync_switch(switch, False))
     install_sync(cur, ctx, ctx.plan.twin, ctx.plan.retired, REVERSE_TRIGGER, "reverse", switch)
+    drift.install_column_guard(cur, ctx.plan.twin, REVERSE_TRIGGER, list(ctx.shape().columns),
+                               ctx.function("columns"))
 
 
 def reverse_staged(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName) -> bool:
@@ -71,15 +73,20 @@ def arm_reverse(cur: psycopg.Cursor, ctx: Context, on: bool) -> None:
     Turning on also renders the reverse function again from the table as it is now, so a
     column carried to the twin since prepare is mirrored too."""
     if on:
-        cur.execute(sql.sync_function(ctx.function("reverse"), ctx.plan.retired, ctx.shape()))
+        shape = ctx.shape()
+        cur.execute(sql.sync_function(ctx.function("reverse"), ctx.plan.retired, shape, dst_key=shape.pk))
     cur.execute(sql.sync_switch(ctx.function("reverse_on"), on))
 
 
 def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigger: str, kind: str) -> None:
     """Warning: takes ACCESS EXCLUSIVE on table (DROP TRIGGER); call inside with_lock_retry."""
-    if cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is not None:
+    exists = cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is not None
+    if exists:
         for stmt in sql.drop_sync_triggers(table, trigger):
             cur.execute(stmt)
+    drift.drop_column_guard(cur, table if exists else None, trigger, ctx.function("columns"))
+    if kind == "capture" and ctx.migration is not None:
+        drift.drop_ddl_guard(cur, ctx.mid)
     for k in (kind, kind + "_truncate", kind + "_on"):
         cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
 
@@ -105,11 +112,19 @@ class Capture:
 
         def body(cur: psycopg.Cursor) -> None:
             install_sync(cur, ctx, ctx.plan.table_name, ctx.plan.twin, FORWARD_TRIGGER, "capture")
+            # DROP COLUMN / ALTER TYPE of a captured column is refused by PostgreSQL from now on,
+            # instead of breaking every write in the trigger (see orchestrator/drift.py).
+            drift.install_column_guard(cur, ctx.plan.table_name, FORWARD_TRIGGER, ctx.shape().columns,
+                                       ctx.function("columns"))
+            if ctx.plan.guard_ddl and drift.can_guard_ddl(ctx.conn)[0]:
+                drift.install_ddl_guard(cur, ctx.mid, ctx.info.oid, ctx.plan.table_name)
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0)
 
         with_lock_retry(ctx.conn, body, what="install the capture trigger",
                         lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
                         backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        if ctx.plan.guard_ddl and not drift.can_guard_ddl(ctx.conn)[0]:
+            ctx.store.event(ctx.mid, "warning", drift.can_guard_ddl(ctx.conn)[1])
 
     def undo(self, ctx: Context) -> None:
         def body(cur: psycopg.Cursor) -> None:

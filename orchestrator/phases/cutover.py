@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import psycopg
 from loguru import logger
 
-from orchestrator import sql
+from orchestrator import drift, fidelity, horizon, sql
 from orchestrator.db import LockAttempt, own_pids, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
@@ -32,7 +32,7 @@ from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.owner import MONITOR_HINT, sees_all_sessions
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, reverse_staged
-from orchestrator.phases.prepare import _twin_index_name, fmt, partition_bounds
+from orchestrator.phases.prepare import _twin_index_name, fmt
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
 
@@ -600,26 +600,9 @@ class Cutover:
 
     def ensure_partitions(self, ctx: Context) -> None:
         """Create partitions that became due while the migration ran (a long backfill can
-        cross a month boundary); the twin's default partition must not start filling."""
-        parts = [tuple(p) for p in ctx.facts.get("partitions") or []]
-        wanted = partition_bounds(ctx, datetime.fromisoformat(parts[0][0]) if parts else None)
-        missing = [b for b in wanted if parts and b[0] >= parts[-1][1]]
-        if not missing:
-            return
-        shape = ctx.shape()
-
-        owner = ctx.facts.get("owner") or (ctx.info.owner if ctx.info else None)
-
-        def body(cur: psycopg.Cursor) -> None:
-            for lo, hi in missing:
-                part = ctx.plan.partition_name(datetime.fromisoformat(lo))
-                cur.execute(sql.create_partition(part, ctx.plan.twin, lo, hi, shape.key_type))
-                if owner:  # the owner's before any row reaches it, like prepare's partitions
-                    cur.execute(f"ALTER TABLE {part} OWNER TO {ident(owner)}")
-            ctx.store.set_facts(cur, ctx.mid, partitions=[list(p) for p in parts] + [list(b) for b in missing])
-
-        with_lock_retry(ctx.conn, body, what="create due partitions", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
-                        attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        cross a month boundary), moving the rows the twin's default partition took for them
+        (see orchestrator/horizon.py): the partition gate can then always be met."""
+        horizon.extend(ctx)
         ctx.refresh()
 
     def run(self, ctx: Context) -> None:
@@ -629,6 +612,7 @@ class Cutover:
         self.wait_for_gates(ctx)
         self.carry_storage_parameters(ctx)
         self.prepare_partitions(ctx)
+        fidelity.add_not_valid_checks(ctx)
         plan = ctx.plan
         t0 = time.monotonic()
         report = LockReport(ctx, "cutover", cancel=plan.cutover.cancel_blockers, tables=[plan.table_name, plan.twin])
@@ -647,6 +631,12 @@ class Cutover:
             old = inspected if unchanged else inspect_table(ctx.conn, plan.table_name)
             if old.oid != ctx.facts.get("table_oid"):
                 raise StateConflict(f"{plan.table_name} is not the table this migration started on")
+            # Never swap in a twin whose columns differ from the table's (an ALTER that landed
+            # after the last check): roll back this attempt; the runner carries it and retries.
+            differs = drift.columns_differ(cur, plan.table_name, plan.twin)
+            if differs:
+                logger.warning("cutover: the table's columns changed ({}); carrying it first", differs)
+                raise drift.ShapeChanged(differs)
             ctx.info = old
             # What the rollback after cutover needs to restore that the catalog will not say.
             ctx.store.set_facts(cur, ctx.mid, cutover_objects={
@@ -663,6 +653,10 @@ class Cutover:
                 arm_reverse(cur, ctx, True)  # staged at prepare: one catalog row, not one per partition
             else:
                 install_sync(cur, ctx, plan.table_name, plan.retired, REVERSE_TRIGGER, "reverse")
+            if not drift.column_guard_matches(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns):
+                # Staged at prepare; re-made here only when a column was carried since.
+                drift.install_column_guard(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns,
+                                           ctx.function("columns"))
             ctx.store.set_status(cur, ctx.mid, "cut_over", "cutover")
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done

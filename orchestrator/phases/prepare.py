@@ -15,10 +15,10 @@ from datetime import datetime
 import psycopg
 from loguru import logger
 
-from orchestrator import sql
+from orchestrator import drift, fidelity, sql
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
-from orchestrator.inspect import KEY_TYPES, TableInfo, exists, has_index_on, inspect_table, key_bounds
+from orchestrator.inspect import KEY_TYPES, TableInfo, base_type, exists, has_index_on, inspect_table, key_bounds
 from orchestrator.owner import EXECUTOR, acting_mode, install_executor
 from orchestrator.phases import REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import stage_reverse
@@ -102,7 +102,7 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     col = info.column(key)
     if col is None:
         raise PreflightError(f"column {ident(key)} does not exist in {info.name}")
-    if col.type not in KEY_TYPES:
+    if base_type(col.type) not in KEY_TYPES:
         raise PreflightError(
             f"column {ident(key)} of {info.name} is of type {col.type}; the partition key must be "
             "timestamp, timestamptz or date"
@@ -116,7 +116,7 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     if col.not_null is False and version < 15:
         raise PreflightError(
             f"a nullable key column needs PostgreSQL 15 (UNIQUE NULLS NOT DISTINCT); {ident(key)} is nullable")
-    warnings: list[str] = []
+    warnings: list[str] = fidelity.check(conn, info, version)
     with conn.cursor() as cur:
         cur.execute(
             "SELECT count(*) FROM pg_inherits WHERE inhrelid = %s OR inhparent = %s", (info.oid, info.oid)
@@ -221,10 +221,18 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
         out.append((f"owner of {plan.default_partition.name}: {info.owner}",
                     f"ALTER TABLE {plan.default_partition} OWNER TO {owner}"))
     out.append(("its primary key, extended with the partition key", sql.twin_primary_key(twin, shape)))
+    out += fidelity.not_valid_checks(info, twin)
+    version = ctx.conn.info.server_version // 10000
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
         cur.execute("SET LOCAL search_path = pg_catalog")
+        deferrable = fidelity.deferrable_uniques(cur, info.oid)
         for idx in info.indexes:
             if idx.primary:
+                continue
+            if idx.constraint in deferrable:
+                add_key = shape.key if shape.key not in idx.columns else None
+                out.append((f"unique constraint like {idx.constraint} (DEFERRABLE kept)", fidelity.unique_constraint(
+                    twin, _twin_index_name(idx.name), deferrable[idx.constraint], add_key)))
                 continue
             cur.execute("SELECT quote_ident(%s), %s::regclass::text", (idx.name, info.oid))
             qname, qtable = cur.fetchone()
@@ -235,6 +243,8 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
             add_key = shape.key if idx.unique and shape.key not in idx.columns else None
             out.append((f"index like {idx.name}", sql.rewrite_index(idx.definition, prefix, new_prefix, add_key)))
     for fk in info.outgoing_fks:
+        if fidelity.skip_foreign_key(fk.definition, version):
+            continue  # warned at preflight (fidelity.check)
         out.append((f"foreign key {fk.name}", f"ALTER TABLE {twin} ADD CONSTRAINT {ident(fk.name)} {fk.definition}"))
     return out
 
@@ -249,8 +259,7 @@ def created_oids(cur: psycopg.Cursor, ctx: Context) -> dict:
 
 
 def _twin_index_name(name: str) -> str:
-    suffix = "_twin"
-    return name[: sql.MAX_IDENT - len(suffix)] + suffix
+    return sql.fit_name(name, "_twin")
 
 
 class Prepare:
@@ -283,7 +292,8 @@ class Prepare:
             stage_reverse(cur, ctx)
             ctx.store.set_facts(cur, ctx.mid, partitions=pf.partitions, warnings=pf.warnings,
                                 estimates=pf.estimates, table_oid=pf.info.oid, owner=pf.info.owner,
-                                created=created_oids(cur, ctx))
+                                created=created_oids(cur, ctx),
+                                shape=drift.snapshot(ctx.conn, pf.info, ctx.plan.partition_by.column))
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0,
                                  partitions=len(pf.partitions) + 1, rows_to_default=pf.rows_to_default)
 

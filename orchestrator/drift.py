@@ -1,0 +1,594 @@
+"""DDL drift: the application changes the table while it is being migrated.
+
+Role: keeps the twin's shape equal to the live table's while a migration runs. The shape
+the twin has (in the live table's terms) is recorded in the migration's facts (``shape``)
+at prepare and after every carried change; it is compared with the live table on every
+``apply``, at every phase boundary, from the backfill's coordinator loop, after a phase
+failed, and (columns only, one query) under the cutover lock.
+
+- Compatible changes are carried to the twin online, in one short transaction under
+  ``lock_timeout`` with retries (:func:`carry`), and the trigger functions are regenerated
+  with the new column list: ADD COLUMN (any default, NOT NULL with a default), DROP COLUMN,
+  RENAME COLUMN, SET/DROP DEFAULT, SET/DROP NOT NULL, a new or dropped CHECK (NOT VALID
+  kept NOT VALID; a validated one is added NOT VALID under the lock and validated after
+  it), a new or dropped index (built on the twin's partitions CONCURRENTLY; a unique one
+  gains the key column as prepare does).
+- An added column may have been written by the application before the trigger knew it:
+  every range is then re-copied (the backfill's repair path) and verified again.
+- Incompatible changes stop the run with :class:`DriftRefused` (exit 8), naming the change;
+  nothing is changed: a column's type or collation, the primary key, the partition key
+  column, a generated or identity property.
+
+What an application sees while capture runs (see README "Table shapes"):
+- ADD COLUMN, defaults, CHECKs, indexes: nothing; carried at the next check.
+- DROP COLUMN and ALTER COLUMN TYPE of a captured column: PostgreSQL refuses the DDL itself
+  ("other objects depend on it: trigger orchestrate_capture_columns"), because the sentinel
+  trigger installed with the capture names every captured column in ``UPDATE OF``; the
+  application's writes never fail. ``DROP COLUMN ... CASCADE`` overrides that: then
+  INSERTs and UPDATEs fail in the capture trigger until the next check regenerates it
+  (within a second during the backfill). ``guard_ddl: true`` (superuser) refuses any
+  ALTER TABLE / CREATE INDEX / DROP on the table with orchestrate's own message instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from loguru import logger
+
+from orchestrator import sql
+from orchestrator.db import with_lock_retry
+from orchestrator.errors import StateConflict
+from orchestrator.inspect import TableInfo, inspect_table
+from orchestrator.sql import QualifiedName, ident
+
+
+class DriftRefused(StateConflict):
+    """The application changed the table in a way the twin cannot follow (exit 8)."""
+
+
+class ShapeChanged(Exception):  # noqa: N818 - a signal to the runner, not an error
+    """Raised inside a phase when the live table's shape moved: the runner carries the
+    change (:func:`check`) and runs the phase again. Never reaches the user."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One difference between the recorded shape and the live table."""
+
+    kind: str  # add_column, drop_column, rename_column, default, not_null, add_check, drop_check,
+    #            validate_check, add_index, drop_index
+    name: str
+    detail: dict
+    text: str  # one line for logs and events
+
+
+# --- the recorded shape --------------------------------------------------------------------
+
+
+def snapshot(conn: psycopg.Connection, info: TableInfo, key: str) -> dict:
+    """The shape of ``info`` as JSON-able data: columns (by attnum, with type, typmod,
+    collation, default, NOT NULL, generated, identity), primary key, key column, CHECKs
+    (pg_get_constraintdef, which ends in NOT VALID for unvalidated ones) and indexes."""
+    rows = conn.execute(
+        """SELECT a.attname, a.attnum,
+                  CASE WHEN a.attcollation <> t.typcollation
+                       THEN (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname) FROM pg_collation c
+                             JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = a.attcollation) END
+           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+           WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped""",
+        (info.oid,)).fetchall()
+    extra = {r[0]: (r[1], r[2]) for r in rows}
+    return {
+        "columns": [{"name": c.name, "attnum": extra[c.name][0], "type": c.type, "collation": extra[c.name][1],
+                     "not_null": c.not_null, "default": c.default, "generated": c.generated,
+                     "identity": c.identity} for c in info.columns],
+        "pk": list(info.primary_key),
+        "key": key,
+        "checks": {name: definition for name, definition in info.checks},
+        "indexes": {i.name: i.definition for i in info.indexes if not i.primary},
+    }
+
+
+def diff(old: dict, new: dict) -> tuple[list[Change], list[str]]:
+    """(compatible changes in the order to apply them, incompatible ones as one-line texts)."""
+    carried: list[Change] = []
+    refused: list[str] = []
+    key = old["key"]
+    by_num_old = {c["attnum"]: c for c in old["columns"]}
+    by_num_new = {c["attnum"]: c for c in new["columns"]}
+    for num, c in by_num_old.items():
+        if num not in by_num_new:
+            if c["name"] == key or c["name"] in old["pk"]:
+                part = "partition key" if c["name"] == key else "primary key"
+                refused.append(f"column {c['name']} (part of the {part}) was dropped")
+            else:
+                carried.append(Change("drop_column", c["name"], c, f"column {c['name']} dropped"))
+    for num, n in by_num_new.items():
+        o = by_num_old.get(num)
+        if o is None:
+            if n["identity"]:
+                refused.append(f"identity column {n['name']} was added")
+            else:
+                carried.append(Change("add_column", n["name"], n, f"column {n['name']} {n['type']} added"))
+            continue
+        name = o["name"]
+        if n["name"] != name:
+            if name == key:
+                refused.append(f"the partition key column {name} was renamed to {n['name']}")
+                continue
+            carried.append(Change("rename_column", n["name"], {"old": name}, f"column {name} renamed to {n['name']}"))
+        if (n["type"], n["collation"]) != (o["type"], o["collation"]):
+            what = f"type {o['type']} -> {n['type']}" if n["type"] != o["type"] else \
+                f"collation {o['collation'] or 'default'} -> {n['collation'] or 'default'}"
+            refused.append(f"column {n['name']} changed {what}")
+        if (n["generated"], n["identity"]) != (o["generated"], o["identity"]):
+            refused.append(f"column {n['name']} changed its generated/identity property")
+        if n["default"] != o["default"] and not n["generated"]:
+            carried.append(Change("default", n["name"], n, f"column {n['name']} default "
+                                  f"{o['default'] or 'none'} -> {n['default'] or 'none'}"))
+        if n["not_null"] != o["not_null"]:
+            if name == key:
+                refused.append(f"the partition key column {key} changed NOT NULL "
+                               f"{'on' if n['not_null'] else 'off'}")
+            else:
+                carried.append(Change("not_null", n["name"], n, f"column {n['name']} "
+                                      f"{'SET' if n['not_null'] else 'DROP'} NOT NULL"))
+    pk_nums_old = [next(c["attnum"] for c in old["columns"] if c["name"] == p) for p in old["pk"]]
+    pk_nums_new = [next((c["attnum"] for c in new["columns"] if c["name"] == p), None) for p in new["pk"]]
+    if pk_nums_old != pk_nums_new:
+        was, now = ", ".join(old["pk"]) or "none", ", ".join(new["pk"]) or "none"
+        refused.append(f"the primary key changed ({was}) -> ({now})")
+    for cname, definition in old["checks"].items():
+        nd = new["checks"].get(cname)
+        if nd is None or (nd != definition and _not_valid(definition) != nd):
+            carried.append(Change("drop_check", cname, {}, f"CHECK {cname} dropped"))
+    for cname, definition in new["checks"].items():
+        od = old["checks"].get(cname)
+        if od == definition:
+            continue
+        if od is not None and _not_valid(od) == definition:
+            carried.append(Change("validate_check", cname, {"definition": definition}, f"CHECK {cname} validated"))
+        else:
+            carried.append(Change("add_check", cname, {"definition": definition}, f"CHECK {cname} added"))
+    for iname, definition in old["indexes"].items():
+        if new["indexes"].get(iname) != definition:
+            carried.append(Change("drop_index", iname, {}, f"index {iname} dropped"))
+    for iname, definition in new["indexes"].items():
+        if old["indexes"].get(iname) != definition:
+            carried.append(Change("add_index", iname, {"definition": definition}, f"index {iname} added"))
+    return carried, refused
+
+
+def _not_valid(definition: str) -> str:
+    """A CHECK definition without its NOT VALID suffix (how the validated one reads)."""
+    return definition.removesuffix(" NOT VALID")
+
+
+# --- the sentinel: DROP COLUMN / ALTER TYPE refused by PostgreSQL's own dependency check -----
+
+
+def install_column_guard(cur: psycopg.Cursor, table: QualifiedName, trigger: str, columns: list[str],
+                         fn: QualifiedName) -> None:
+    """A trigger that never fires (WHEN (false)) but names every captured column in
+    ``UPDATE OF``: PostgreSQL records a dependency on each, so a plain DROP COLUMN or ALTER
+    COLUMN TYPE of one of them is refused in the application's own DDL statement, instead
+    of every later write failing in the sync trigger. Costs nothing per row.
+
+    Warning: DROP/CREATE TRIGGER lock the table (ACCESS EXCLUSIVE); call under the lock."""
+    cur.execute(f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog AS $orchestrate$ BEGIN RETURN NULL; END $orchestrate$""")
+    name = ident(trigger + "_columns")
+    cur.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+    if columns:
+        cur.execute(f"CREATE TRIGGER {name} AFTER UPDATE OF {sql.column_list(columns)} ON {table} "
+                    f"FOR EACH ROW WHEN (false) EXECUTE FUNCTION {fn}()")
+
+
+def column_guard_matches(cur: psycopg.Cursor, table: QualifiedName, trigger: str, columns: list[str]) -> bool:
+    """Does ``table`` carry the column guard of ``trigger`` naming exactly ``columns``?
+
+    The reverse side's guard is staged on the twin at prepare (creating it on a partitioned
+    table clones it onto every partition, which the cutover must not do under its lock);
+    the cutover re-makes it only when a column was carried to the twin since."""
+    cur.execute(
+        "SELECT array(SELECT a.attname::text FROM pg_catalog.unnest(t.tgattr::pg_catalog.int2[]) k "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = k ORDER BY 1) "
+        "FROM pg_catalog.pg_trigger t WHERE t.tgrelid = pg_catalog.to_regclass(%s) AND t.tgname = %s",
+        (str(table), trigger + "_columns"))
+    row = cur.fetchone()
+    return row is not None and list(row[0]) == sorted(columns)
+
+
+def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName | None, trigger: str, fn: QualifiedName) -> None:
+    """Idempotent; ``table`` None when it no longer exists."""
+    if table is not None:
+        cur.execute(f"DROP TRIGGER IF EXISTS {ident(trigger + '_columns')} ON {table}")
+    cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
+
+
+# --- the opt-in guard: an event trigger (superuser) -------------------------------------------
+
+
+def can_guard_ddl(conn: psycopg.Connection) -> tuple[bool, str]:
+    """Event triggers need superuser (PostgreSQL 15: no other role may create one)."""
+    row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    if row and row[0]:
+        return True, ""
+    return False, ("guard_ddl: the role is not a superuser and cannot create an event trigger; the table is "
+                   "not guarded (DROP COLUMN and ALTER COLUMN TYPE are still refused by the capture's sentinel "
+                   "trigger; other changes are carried or refused at the next check)")
+
+
+def guard_name(mid: int) -> str:
+    return f"orchestrate_ddl_guard_{mid}"
+
+
+def install_ddl_guard(cur: psycopg.Cursor, mid: int, table_oid: int, table: QualifiedName) -> None:
+    """ddl_command_end + sql_drop event triggers refusing ALTER TABLE, CREATE/DROP INDEX and
+    DROP on the table while it is migrated (orchestrate's own sessions excepted).
+
+    Warning: superuser only; the trigger runs the function for every DDL in the database
+    (a catalog lookup per command, nothing per row)."""
+    fn = QualifiedName("orchestrate", guard_name(mid))
+    msg = sql.literal(f"{table} is being migrated by orchestrate (migration {mid}); schema changes are refused "
+                      "until cutover (guard_ddl: true). Roll back or finish the migration first")
+    cur.execute(f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS event_trigger LANGUAGE plpgsql
+SET search_path = pg_catalog AS $orchestrate$
+DECLARE r record;
+BEGIN
+  IF pg_catalog.current_setting('application_name') LIKE 'orchestrate:%' THEN
+    RETURN;
+  END IF;
+  IF TG_EVENT = 'sql_drop' THEN
+    FOR r IN SELECT objid, object_type FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
+      IF r.objid = {int(table_oid)}::oid THEN
+        RAISE EXCEPTION {msg} USING ERRCODE = 'object_in_use';
+      END IF;
+    END LOOP;
+    RETURN;
+  END IF;
+  FOR r IN SELECT classid, objid FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
+    IF r.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND (r.objid = {int(table_oid)}::oid OR EXISTS (
+         SELECT 1 FROM pg_catalog.pg_index i WHERE i.indexrelid = r.objid AND i.indrelid = {int(table_oid)}::oid))
+    THEN
+      RAISE EXCEPTION {msg} USING ERRCODE = 'object_in_use';
+    END IF;
+  END LOOP;
+END $orchestrate$""")
+    cur.execute(f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC")
+    for event, suffix in (("ddl_command_end", ""), ("sql_drop", "_drop")):
+        name = ident(guard_name(mid) + suffix)
+        cur.execute(f"DROP EVENT TRIGGER IF EXISTS {name}")
+        cur.execute(f"CREATE EVENT TRIGGER {name} ON {event} EXECUTE FUNCTION {fn}()")
+
+
+def drop_ddl_guard(cur: psycopg.Cursor, mid: int) -> None:
+    """Idempotent; a no-op when no guard was installed (any role may run it then)."""
+    cur.execute("SELECT evtname FROM pg_event_trigger WHERE evtname IN (%s, %s)",
+                (guard_name(mid), guard_name(mid) + "_drop"))
+    for (name,) in cur.fetchall():
+        cur.execute(f"DROP EVENT TRIGGER IF EXISTS {ident(name)}")
+    if cur.execute("SELECT to_regproc(%s)", (f"orchestrate.{guard_name(mid)}",)).fetchone()[0] is not None:
+        cur.execute(f"DROP FUNCTION orchestrate.{ident(guard_name(mid))}()")
+
+
+# --- comparing and carrying ---------------------------------------------------------------
+
+
+def recorded(ctx) -> dict | None:
+    return ctx.facts.get("shape")
+
+
+def live_shape(ctx) -> tuple[TableInfo, dict]:
+    info = inspect_table(ctx.conn, ctx.plan.table_name)
+    return info, snapshot(ctx.conn, info, ctx.plan.partition_by.column)
+
+
+def moved(ctx) -> bool:
+    """Does the live table differ from the recorded shape? (Reads only.)"""
+    ctx.refresh()
+    old = recorded(ctx)
+    if old is None or ctx.migration is None or ctx.migration.status != "running":
+        return False
+    try:
+        _info, new = live_shape(ctx)
+    except Exception:  # noqa: BLE001 - a table that vanished is reported by the phase itself
+        return False
+    carried, refused = diff(old, new)
+    return bool(carried or refused)
+
+
+class Watch:
+    """For a phase's coordinator loop: True once the table's catalog entry moved and its shape
+    differs from the recorded one. One cheap fingerprint query per call; the full comparison
+    only when the fingerprint moved."""
+
+    def __init__(self, ctx, min_interval_s: float = 1.0):
+        from orchestrator.inspect import catalog_fingerprint
+
+        self.ctx = ctx
+        self._fp = catalog_fingerprint
+        self.oid = ctx.facts.get("table_oid")
+        self.last = self._fp(ctx.conn, self.oid) if self.oid else None
+        self.min_interval_s = min_interval_s
+        self._next = 0.0
+
+    def __call__(self) -> bool:
+        import time
+
+        if self.oid is None or time.monotonic() < self._next:
+            return False
+        self._next = time.monotonic() + self.min_interval_s
+        fp = self._fp(self.ctx.conn, self.oid)
+        if fp == self.last:
+            return False
+        self.last = fp
+        return moved(self.ctx)
+
+
+def check(ctx) -> bool:
+    """Compare the live table with the recorded shape; carry compatible changes, refuse the
+    others (DriftRefused, exit 8, nothing changed). True when something was carried.
+
+    Before the shape is recorded (a migration prepared by an older version) it is recorded
+    now: the twin was built from the table as it is."""
+    ctx.refresh()
+    m = ctx.migration
+    if m is None or m.status != "running" or not m.done("prepare"):
+        return False
+    old = recorded(ctx)
+    if old is None:
+        info, new = live_shape(ctx)
+        with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+            ctx.store.set_facts(cur, ctx.mid, shape=new)
+        ctx.refresh()
+        return False
+    info, new = live_shape(ctx)
+    carried, refused = diff(old, new)
+    if refused:
+        raise DriftRefused(
+            f"{ctx.plan.table_name} was changed while it is being migrated: {'; '.join(refused)}. The twin "
+            "cannot follow this change; nothing was changed. Revert the change, or `orchestrate rollback` "
+            "and start again")
+    if not carried:
+        return False
+    carry(ctx)
+    return True
+
+
+def carry(ctx) -> None:
+    """Carry the compatible changes: under ACCESS EXCLUSIVE on the table and the twin (taken in
+    the writers' order, each wait capped by lock_timeout, retried), re-read the shape, change
+    the twin, regenerate the sync functions and the sentinel, record the new shape, and
+    schedule a re-copy when a column was added. Indexes are built and CHECKs validated
+    afterwards, without blocking writers."""
+    from orchestrator.phases import FORWARD_TRIGGER
+    from orchestrator.phases.capture import install_sync
+    from orchestrator.phases.cutover import lock_both
+
+    plan = ctx.plan
+    later: list[Change] = []
+    texts: list[str] = []
+
+    def body(cur: psycopg.Cursor) -> None:
+        later.clear()
+        texts.clear()
+        lock_both(cur, plan.table_name, plan.twin)
+        info, new = live_shape(ctx)
+        old = recorded(ctx)
+        changes, refused = diff(old, new)
+        if refused:
+            raise DriftRefused(f"{plan.table_name} was changed while it is being migrated: {'; '.join(refused)}; "
+                               "nothing was changed")
+        shape = dict(new)
+        # What the twin will have once this transaction commits: indexes built later are
+        # recorded when they exist; a CHECK added NOT VALID here is recorded NOT VALID.
+        shape["indexes"] = {k: v for k, v in old["indexes"].items() if new["indexes"].get(k) == v}
+        shape["checks"] = dict(new["checks"])
+        added = False
+        for ch in changes:
+            texts.append(ch.text)
+            if ch.kind == "add_index":
+                later.append(ch)
+                continue
+            if ch.kind in ("add_check", "validate_check"):
+                definition = ch.detail["definition"]
+                if definition.endswith(" NOT VALID"):
+                    # Legacy rows may violate it, and a CHECK applies to every row the backfill
+                    # inserts: added NOT VALID just before the cutover (fidelity.add_not_valid_checks).
+                    continue
+                # Added NOT VALID under the lock (no scan), validated after it; recorded NOT
+                # VALID until then.
+                shape["checks"][ch.name] = definition + " NOT VALID"
+                cur.execute(f"ALTER TABLE {plan.twin} DROP CONSTRAINT IF EXISTS {ident(ch.name)}, "
+                            f"ADD CONSTRAINT {ident(ch.name)} {definition} NOT VALID")
+                later.append(Change("validate_check", ch.name, ch.detail, ch.text))
+                continue
+            for stmt in twin_ddl(plan.twin, ch, plan.partition_by.column):
+                cur.execute(stmt)
+            added = added or ch.kind == "add_column"
+        ctx.info = info
+        m = ctx.migration
+        if m.done("capture"):
+            install_sync(cur, ctx, plan.table_name, plan.twin, FORWARD_TRIGGER, "capture")
+            install_column_guard(cur, plan.table_name, FORWARD_TRIGGER, info.writable_columns,
+                                 ctx.function("columns"))
+        ctx.store.set_facts(cur, ctx.mid, shape=shape)
+        if added and m.done("capture"):
+            _schedule_recopy(cur, ctx)
+
+    with_lock_retry(ctx.conn, body, what="carry the table's schema change to the twin",
+                    lock_timeout_s=plan.cutover.lock_timeout_s, attempts=plan.cutover.attempts,
+                    backoff_max_s=plan.cutover.backoff_max_s)
+    msg = "schema change carried to the twin: " + "; ".join(texts)
+    logger.warning(msg)
+    ctx.store.event(ctx.mid, "drift", msg, changes=texts)
+    ctx.refresh()
+    for ch in later:
+        if ch.kind == "add_index":
+            build_index(ctx, ch.name, ch.detail["definition"])
+        else:
+            _validate_check(ctx, ch.name)
+    ctx.refresh()
+
+
+def twin_ddl(twin: QualifiedName, ch: Change, key: str) -> list[str]:
+    """The catalog-only statements that carry one change to the twin (pure)."""
+    c = ident(ch.name)
+    d = ch.detail
+    if ch.kind == "drop_column":
+        return [f"ALTER TABLE {twin} DROP COLUMN IF EXISTS {c}"]
+    if ch.kind == "rename_column":
+        return [f"ALTER TABLE {twin} RENAME COLUMN {ident(d['old'])} TO {c}"]
+    if ch.kind == "add_column":
+        col = f"ALTER TABLE {twin} ADD COLUMN {c} {d['type']}"
+        if d["collation"]:
+            col += f" COLLATE {d['collation']}"
+        if d["generated"] == "s":
+            col += f" GENERATED ALWAYS AS ({d['default']}) STORED"
+        elif d["default"] is not None:
+            col += f" DEFAULT {d['default']}"
+        if d["not_null"]:
+            col += " NOT NULL"
+        return [col]
+    if ch.kind == "default":
+        if d["default"] is None:
+            return [f"ALTER TABLE {twin} ALTER COLUMN {c} DROP DEFAULT"]
+        return [f"ALTER TABLE {twin} ALTER COLUMN {c} SET DEFAULT {d['default']}"]
+    if ch.kind == "not_null":
+        return [f"ALTER TABLE {twin} ALTER COLUMN {c} {'SET' if d['not_null'] else 'DROP'} NOT NULL"]
+    if ch.kind == "drop_check":
+        return [f"ALTER TABLE {twin} DROP CONSTRAINT IF EXISTS {c}"]
+    if ch.kind == "add_check":
+        definition = d["definition"]
+        if not definition.endswith(" NOT VALID"):
+            definition += " NOT VALID"  # validated after the lock is released
+        return [f"ALTER TABLE {twin} ADD CONSTRAINT {c} {definition}"]
+    if ch.kind == "drop_index":
+        return [f"DROP INDEX IF EXISTS {twin_index(twin, ch.name)}"]
+    raise ValueError(f"not a catalog-only change: {ch.kind}")
+
+
+def twin_index(twin: QualifiedName, name: str) -> QualifiedName:
+    from orchestrator.phases.prepare import _twin_index_name
+
+    return twin.with_name(_twin_index_name(name))
+
+
+def _schedule_recopy(cur: psycopg.Cursor, ctx) -> None:
+    """An added column may hold values the trigger did not copy (written between the ALTER and
+    this regeneration), in any row: every range is re-copied (delete the twin's rows, copy
+    again, live rows locked FOR SHARE) and verified again."""
+    from orchestrator.phases.backfill import Backfill
+
+    ranges = cur.execute("SELECT count(*) FROM orchestrate.ranges WHERE migration_id = %s", (ctx.mid,)).fetchone()
+    if not ranges[0]:
+        return  # not planned yet: the backfill copies every range with the new column
+    # Pending ranges too: the trigger may have inserted rows there, and the copy's ON CONFLICT
+    # DO NOTHING would keep their stale version.
+    cur.execute("UPDATE orchestrate.ranges SET state = 'repair', cursor = NULL, verify_state = 'pending' "
+                "WHERE migration_id = %s", (ctx.mid,))
+    for p in (Backfill.name, "verify"):
+        ctx.store.phase_reset(cur, ctx.mid, p)
+
+
+def build_index(ctx, name: str, definition: str) -> None:
+    """An index the application created, on the twin, without blocking writers: the parent
+    index ON ONLY the twin (catalog only), then each partition's CONCURRENTLY and attached.
+    A unique index gains the partition key, as at prepare. Records it in the shape."""
+    plan = ctx.plan
+    key = plan.partition_by.column
+    with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+        cur.execute("SET LOCAL search_path = pg_catalog")
+        cur.execute("SELECT quote_ident(c.relname), %s::regclass::text, i.indisunique, "
+                    "  ARRAY(SELECT a.attname FROM unnest(i.indkey) k(n) JOIN pg_attribute a "
+                    "        ON a.attrelid = i.indrelid AND a.attnum = k.n WHERE k.n > 0) "
+                    "FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
+                    "WHERE c.relnamespace = %s::regnamespace AND c.relname = %s",
+                    (str(plan.table_name), ident(plan.table_name.schema), name))
+        row = cur.fetchone()
+    if row is None:
+        return  # dropped again meanwhile: the next check sees it gone
+    qname, qtable, unique, columns = row
+    u = "UNIQUE " if unique else ""
+    add_key = key if unique and key not in columns else None
+    prefix = f"CREATE {u}INDEX {qname} ON {qtable} USING "
+    target = twin_index(plan.twin, name)
+    parent = sql.rewrite_index(definition, prefix, f"CREATE {u}INDEX IF NOT EXISTS {ident(target.name)} ON ONLY "
+                               f"{plan.twin} USING ", add_key)
+    ctx.conn.execute(parent)
+    parts = ctx.conn.execute(
+        "SELECT n.nspname, c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE h.inhparent = %s::regclass ORDER BY 2",
+        (str(plan.twin),)).fetchall()
+    for schema, part in parts:
+        pname = part_index_name(part, name)
+        have = ctx.conn.execute(
+            "SELECT 1 FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
+            "WHERE h.inhparent = %s::regclass AND c.relname = %s", (str(target), pname)).fetchone()
+        if have:
+            continue
+        ctx.conn.execute(f"DROP INDEX IF EXISTS {QualifiedName(schema, pname)}")  # an invalid leftover
+        # CONCURRENTLY: writers to the partition (the capture trigger) go on while it builds.
+        ctx.conn.execute(sql.rewrite_index(definition, prefix, f"CREATE {u}INDEX CONCURRENTLY {ident(pname)} ON "
+                                           f"{QualifiedName(schema, part)} USING ", add_key))
+        ctx.conn.execute(f"ALTER INDEX {target} ATTACH PARTITION {QualifiedName(schema, pname)}")
+    with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+        shape = recorded(ctx) or {}
+        shape.setdefault("indexes", {})[name] = definition
+        ctx.store.set_facts(cur, ctx.mid, shape=shape)
+    ctx.refresh()
+    logger.info("drift: index {} built on the twin ({} partitions)", name, len(parts))
+
+
+def part_index_name(part: str, index: str) -> str:
+    """A partition's index name, unique and within 63 bytes: a hash keeps truncated names apart."""
+    import hashlib
+
+    h = hashlib.sha1(f"{part}\x00{index}".encode()).hexdigest()[:8]
+    head = f"{part}_{index}"
+    room = sql.MAX_IDENT - len(h) - 1
+    while len(head.encode()) > room:
+        head = head[:-1]
+    return f"{head}_{h}"
+
+
+def _validate_check(ctx, name: str) -> None:
+    """VALIDATE CONSTRAINT takes SHARE UPDATE EXCLUSIVE on the twin: writers go on."""
+    def body(cur: psycopg.Cursor) -> None:
+        cur.execute(f"ALTER TABLE {ctx.plan.twin} VALIDATE CONSTRAINT {ident(name)}")
+        shape = recorded(ctx) or {}
+        shape.setdefault("checks", {})[name] = shape.get("checks", {}).get(name, "").removesuffix(" NOT VALID")
+        ctx.store.set_facts(cur, ctx.mid, shape=shape)
+
+    with_lock_retry(ctx.conn, body, what=f"validate CHECK {name} on the twin",
+                    lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
+                    backoff_max_s=ctx.plan.cutover.backoff_max_s)
+    ctx.refresh()
+
+
+# --- under the cutover lock -----------------------------------------------------------------
+
+COLUMNS_SQL = """SELECT coalesce(string_agg(concat_ws(':', quote_ident(a.attname), format_type(a.atttypid, a.atttypmod),
+        a.attcollation, a.attnotnull, a.attgenerated, a.attidentity, pg_get_expr(d.adbin, d.adrelid)), E'\\n'
+        ORDER BY a.attnum), '')
+  FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped"""
+
+
+def columns_differ(cur: psycopg.Cursor, table: QualifiedName, twin: QualifiedName) -> str | None:
+    """One query per table: their columns (name, type, collation, NOT NULL, generated, identity,
+    default) in order; the first difference, or None. Run under the cutover lock."""
+    a = cur.execute(COLUMNS_SQL, (str(table),)).fetchone()[0]
+    b = cur.execute(COLUMNS_SQL, (str(twin),)).fetchone()[0]
+    if a == b:
+        return None
+    la, lb = a.split("\n"), b.split("\n")
+    for x, y in zip(la, lb, strict=False):
+        if x != y:
+            return f"table has {x}, twin has {y}"
+    if len(la) > len(lb):
+        return f"table has {len(la)} columns, twin has {len(lb)}: {la[len(lb)].split(':')[0]} is not in the twin"
+    return f"table has {len(la)} columns, twin has {len(lb)}: {lb[len(la)].split(':')[0]} is not in the table"

@@ -1,0 +1,101 @@
+"""Table shapes the twin must reproduce exactly: checks made at preflight (plan and apply
+share them), and the statements that keep a constraint's properties on the twin.
+
+Role: reads the catalog and renders SQL; never writes. Covered here:
+- DEFERRABLE unique constraints stay DEFERRABLE (and INITIALLY DEFERRED) on the twin; a
+  DEFERRABLE primary key is refused: the backfill's ON CONFLICT needs an immediate one.
+- NOT VALID CHECKs stay NOT VALID (``CREATE TABLE ... LIKE`` copies them as validated, and
+  legacy rows would then fail the backfill).
+- NOT VALID foreign keys: PostgreSQL before 18 cannot add one to a partitioned table; the
+  twin goes without it and plan/apply warn.
+- Key columns of extension types (citext, ltree): matched with their own btree operator
+  (see sql.Shape.eq); a type without a default btree operator class is refused.
+"""
+
+from __future__ import annotations
+
+import psycopg
+
+from orchestrator import sql
+from orchestrator.errors import PreflightError
+from orchestrator.inspect import TableInfo
+from orchestrator.sql import QualifiedName, ident
+
+
+def check(conn: psycopg.Connection, info: TableInfo, version: int) -> list[str]:
+    """Refuse (PreflightError) what the twin cannot reproduce; return warnings for the rest."""
+    warnings: list[str] = []
+    row = conn.execute("SELECT conname FROM pg_constraint WHERE conrelid = %s AND contype = 'p' AND condeferrable",
+                       (info.oid,)).fetchone()
+    if row:
+        raise PreflightError(
+            f"the primary key {row[0]} of {info.name} is DEFERRABLE: the backfill's ON CONFLICT needs an immediate "
+            "primary key on the twin, which would change how the table behaves; make it NOT DEFERRABLE first")
+    for c in info.primary_key:
+        if info.eq_ops.get(c) == "":
+            col = info.column(c)
+            raise PreflightError(
+                f"primary key column {ident(c)} of {info.name} is of type {col.type if col else '?'}, which has no "
+                "default btree operator class: rows cannot be matched between the tables")
+    if version < 18:
+        for fk in info.outgoing_fks:
+            if fk.definition.endswith(" NOT VALID"):
+                warnings.append(
+                    f"foreign key {fk.name} is NOT VALID: PostgreSQL {version} cannot add a NOT VALID foreign key to "
+                    "a partitioned table, so the new table will not have it; add and validate it after cutover "
+                    "once the old rows satisfy it")
+    return warnings
+
+
+def skip_foreign_key(definition: str, version: int) -> bool:
+    """A NOT VALID foreign key cannot go on a partitioned table before PostgreSQL 18."""
+    return version < 18 and definition.endswith(" NOT VALID")
+
+
+def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, str]]:
+    """(action, SQL) taking the twin's copies of NOT VALID CHECKs off until the cutover.
+
+    ``LIKE ... INCLUDING CONSTRAINTS`` copies them as validated, and even a NOT VALID CHECK
+    applies to every row inserted: the backfill's copies of legacy rows would fail. The
+    trigger's writes satisfy them anyway (the live table checks every new row version), so
+    they are added back, NOT VALID, just before the cutover (:func:`add_not_valid_checks`)."""
+    return [(f"CHECK {name} is NOT VALID: added back NOT VALID before the cutover",
+             f"ALTER TABLE {twin} DROP CONSTRAINT {ident(name)}")
+            for name, definition in info.checks if definition.endswith(" NOT VALID")]
+
+
+def add_not_valid_checks(ctx) -> list[str]:
+    """Before the cutover lock: the live table's NOT VALID CHECKs onto the twin, NOT VALID
+    (catalog only; ACCESS EXCLUSIVE on the twin for milliseconds, capped and retried).
+    Idempotent: a CHECK the twin has by that name is left alone."""
+    from orchestrator.db import with_lock_retry
+
+    plan = ctx.plan
+    rows = ctx.conn.execute(
+        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
+        "AND contype = 'c' AND NOT convalidated AND conname NOT IN "
+        "(SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c') ORDER BY 1",
+        (str(plan.table_name), str(plan.twin))).fetchall()
+    if not rows:
+        return []
+
+    def body(cur: psycopg.Cursor) -> None:
+        for name, definition in rows:
+            cur.execute(f"ALTER TABLE {plan.twin} ADD CONSTRAINT {ident(name)} {definition}")
+
+    with_lock_retry(ctx.conn, body, what="NOT VALID checks on the twin", lock_timeout_s=plan.cutover.lock_timeout_s,
+                    attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s)
+    return [r[0] for r in rows]
+
+
+def deferrable_uniques(cur: psycopg.Cursor, oid: int) -> dict[str, str]:
+    """conname -> pg_get_constraintdef of the table's DEFERRABLE unique constraints."""
+    cur.execute("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conrelid = %s AND contype = 'u' AND condeferrable", (oid,))
+    return {r[0]: r[1] for r in cur.fetchall()}
+
+
+def unique_constraint(twin: QualifiedName, name: str, definition: str, add_key: str | None) -> str:
+    """The twin's copy of a unique constraint, keeping DEFERRABLE / INITIALLY DEFERRED: a slot
+    swap that is legal on the table (checked at commit) stays legal on the twin."""
+    return f"ALTER TABLE {twin} ADD CONSTRAINT {ident(name)} " + sql.rewrite_index(definition, "", "", add_key)
