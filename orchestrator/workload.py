@@ -72,8 +72,9 @@ OPS = WRITE_OPS + ("read",)
 #: replica`` (how logical replication apply workers and bulk loaders write);
 #: ``txn_rc`` / ``txn_rr`` / ``txn_ser``: multi-row, multi-statement transactions at
 #: READ COMMITTED / REPEATABLE READ / SERIALIZABLE over the shared hot rows (updates,
-#: NULLing updates, upserts) plus one or two of the client's own rows (insert, update,
-#: key move, delete, new-row upsert); ``bulk``: one UPDATE or DELETE of every simple
+#: NULLing updates, upserts), then a key range of the client's own rows (UPDATE or
+#: DELETE in one statement) and one or two more of them (insert, update, key move,
+#: delete, new-row upsert); ``bulk``: one UPDATE or DELETE of every simple
 #: writer's row in a key range; ``copy``: COPY of a batch of new rows; ``holder``:
 #: UPDATE a few own rows, then sit idle in transaction for seconds, then COMMIT.
 KINDS = ("simple", "replica_role", "txn_rc", "txn_rr", "txn_ser", "bulk", "copy", "holder")
@@ -153,7 +154,8 @@ class AppMix:
 
     ``kinds`` lists one client kind (see :data:`KINDS`) per client. ``hot_rows`` is the
     size of the row set the transaction clients share (smaller: more deadlocks and
-    serialization failures). ``txn_pause_s`` is the idle time between a transaction's
+    serialization failures); ``txn_range_rows`` the size of the key range of its own
+    rows a transaction updates (or deletes) in one statement. ``txn_pause_s`` is the idle time between a transaction's
     first read (its snapshot, at REPEATABLE READ) and its writes, ``step_pause_s`` the
     one between its statements. ``hold_s`` is how long a holder sits idle in
     transaction with ``hold_rows`` rows locked; ``hold_gap_s`` how long it waits between
@@ -166,6 +168,7 @@ class AppMix:
 
     kinds: tuple[str, ...] = APP_KINDS
     hot_rows: int = 40
+    txn_range_rows: int = 15
     txn_pause_s: tuple[float, float] = (0.02, 0.3)
     step_pause_s: tuple[float, float] = (0.0, 0.02)
     hold_s: tuple[float, float] = (2.0, 5.0)
@@ -1062,6 +1065,17 @@ class _Client(threading.Thread):
                 name = self.rng.choice(sorted(st.nullables))
                 self._x(done, "update_null", st.nullables[name], pk + pk)
             self._pause(app.step_pause_s)
+        if st.bulk_update is not None and self.rng.random() < 0.7:
+            # A range of the client's own rows in one statement: many rows written late in
+            # an old snapshot, where a capture that misses rows copied meanwhile shows.
+            lo, hi = wl._key_range
+            width = max(hi - lo, 1.0) * app.txn_range_rows * st.buckets / max(wl._golden_rows, 1)
+            a = self.rng.uniform(lo, hi)
+            if self.rng.random() < 0.2:
+                self._x(done, "range_delete", st.bulk_delete, [a, a + width, [self.index]])
+            else:
+                params: list[Any] = [self._value(st.app_col)] if st.app_col is not None else []
+                self._x(done, "range_update", st.bulk_update, params + [a, a + width, [self.index]])
         for _ in range(self.rng.choice((1, 2))):
             op = self.rng.choices(("insert", "upsert_new", "update", "move_key", "delete"), (3, 2, 3, 2, 1))[0]
             if op == "upsert_new" and st.upsert_new is None:
