@@ -21,9 +21,9 @@ import psycopg
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import add_upsert_index, app_workload, assert_app_clean, run_cli
 from orchestrator.sample import create_orders
-from orchestrator.workload import KINDS, AppMix, Workload
+from orchestrator.workload import AppMix, Workload
 
 END = datetime.now(timezone.utc)
 START = (END - timedelta(days=61)).strftime("%Y-%m-01")
@@ -74,46 +74,8 @@ def orders(conn: psycopg.Connection) -> psycopg.Connection:
 
 @pytest.fixture
 def orders_app(orders: psycopg.Connection) -> psycopg.Connection:
-    """orders with the unique index an application adds before partitioning: (id, created_at).
-
-    It is the upsert's conflict target, valid on both shapes of the table (after cutover
-    the primary key is (id, created_at); ON CONFLICT (id) would no longer work).
-    """
-    orders.execute("CREATE UNIQUE INDEX orders_id_created_at ON public.orders (id, created_at)")
+    add_upsert_index(orders)
     return orders
-
-
-#: Lock holders sit idle in transaction this long (seconds) with a few rows locked.
-APP_HOLD_S = (3.0, 5.0)
-#: The longest a simple writer may wait (ms). Simple writers write rows that no other
-#: workload client holds for long (lock holders touch only their own rows, bulk
-#: statements are short), so a wait of seconds is a wait behind the migration: a backfill
-#: batch that met a held row and kept its share locks on the rows before it. With the
-#: batch's short lock_timeout (below deadlock_timeout, 1 s) it gives way at once; without
-#: it, writers wait out the rest of the hold (up to 5 s here). Half the shortest hold:
-#: generous for a loaded 2-core CI machine, far below what a stalled batch costs.
-APP_MAX_WAIT_MS = 1000 * APP_HOLD_S[0] / 2
-
-
-def app_workload(dsn: str, seed: int) -> Workload:
-    return Workload(dsn, "public.orders", "created_at", seed=seed, profile="app", app=AppMix(hold_s=APP_HOLD_S))
-
-
-def assert_app_clean(wl: Workload, report, table: str | None = None, backfill_met_holder: bool = False) -> None:
-    """Golden == table, no error but retried 40001/40P01, every kind ran, no long waits."""
-    assert report.errors == 0, (report.error_codes, report.error_samples)
-    assert report.reconnects == 0
-    assert set(report.retries) <= {"40001", "40P01"}, report.retries
-    for kind in KINDS:
-        assert report.kinds[kind]["transactions"] > 0, (kind, report.kinds[kind])
-    cmp = wl.compare(table=table)
-    assert cmp.ok, str(cmp)
-    if backfill_met_holder:
-        # Otherwise the wait bound below would prove nothing.
-        blocked = report.kinds["holder"]["blocked"]
-        assert any(a.startswith("orchestrate:backfill") for a in blocked), blocked
-    for kind in ("simple", "replica_role"):
-        assert report.kinds[kind]["max_wait_ms"] < APP_MAX_WAIT_MS, (kind, report.kinds)
 
 
 def _apply(plan: Path, dsn: str, *extra: str) -> None:
@@ -192,6 +154,7 @@ def test_app_workload_migration_then_rollback(orders_app: psycopg.Connection, ds
         report = wl.stop()
     assert took > 3, f"the migration took only {took:.1f}s: the workload did not overlap it"
     assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "p"
+    assert report.reconnects == 0
     assert_app_clean(wl, report, backfill_met_holder=True)
     assert wl.compare(table="public.orders_retired").ok
     assert conn.execute("SELECT count(*) FROM ONLY public.orders").fetchone()[0] == 0
@@ -204,6 +167,7 @@ def test_app_workload_migration_then_rollback(orders_app: psycopg.Connection, ds
         time.sleep(1.0)
     finally:
         report = wl.stop()
+    assert report.reconnects == 0
     assert_app_clean(wl, report)
     assert conn.execute("SELECT 'public.orders'::regclass::oid, relkind FROM pg_class "
                         "WHERE oid = 'public.orders'::regclass").fetchone() == (oid, "r")
@@ -217,7 +181,7 @@ def test_rollback_after_phase_restores_the_original(orders: psycopg.Connection, 
                                                      phase: str, profile: str) -> None:
     conn = orders
     if profile == "app":
-        conn.execute("CREATE UNIQUE INDEX orders_id_created_at ON public.orders (id, created_at)")
+        add_upsert_index(conn)
     plan = write_plan(tmp_path, sleep_ratio=0, batch_size=5000)
     before = fingerprint(conn)
     if profile == "app":
