@@ -66,6 +66,7 @@ class LiveFigures:
         self.interval_s = interval_s
         self.progress: dict = {}
         self.workers: int | None = None
+        self.yields: dict[str, str] = {}  # range label -> why its batch yields to the application
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
         self._ticker = Ticker("live-figures", interval_s, self._tick)
@@ -86,6 +87,14 @@ class LiveFigures:
 
         return progress
 
+    def set_yield(self, label: str, reason: str | None) -> None:
+        """A backfill worker's batch yields to an application lock (reason), or no longer (None)."""
+        with self._lock:
+            if reason is None:
+                self.yields.pop(label, None)
+            else:
+                self.yields[label] = reason
+
     def snapshot(self) -> dict:
         """The figures now (without phase and updated_at, which the database fills in)."""
         with self._lock:
@@ -104,6 +113,11 @@ class LiveFigures:
         out["lag_bytes"] = st.lag_bytes if st else None
         out["throttled"] = bool(st and st.throttled)
         out["throttle_reason"] = st.reason if st and st.throttled else None
+        with self._lock:
+            yields = "; ".join(self.yields.values()) or None
+        out["yielding"] = yields
+        if yields and not out["throttled"]:  # a batch that waits for the application's lock is throttled by it
+            out["throttled"], out["throttle_reason"] = True, yields
         out["paused"] = bool(getattr(self.controls, "paused", False) or (st and st.paused))
         out["pid"] = os.getpid()
         out["active"] = True

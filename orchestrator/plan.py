@@ -163,11 +163,28 @@ class Backfill(_Strict):
         "its checkpoint in the same transaction, so a server crash loses both together.",
     )
 
+    lock_timeout: str = Field(
+        "100ms", description="Longest wait of a batch for a row lock, capped at half the server's "
+        "deadlock_timeout: a batch that meets a lock held by the application rolls back (releasing its row "
+        "locks), backs off and retries with a smaller window, so it never keeps a writer waiting and never "
+        "wins a deadlock against the application.")
+
     @field_validator("range")
     @classmethod
     def _range(cls, v: str) -> str:
         Interval.parse(v)
         return v
+
+    @field_validator("lock_timeout")
+    @classmethod
+    def _dur(cls, v: str) -> str:
+        if parse_duration(v) <= 0:
+            raise ValueError("must be positive")
+        return v
+
+    @property
+    def lock_timeout_s(self) -> float:
+        return parse_duration(self.lock_timeout)
 
     @model_validator(mode="after")
     def _bounds(self) -> Backfill:

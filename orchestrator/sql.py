@@ -219,21 +219,40 @@ def _key_match_null(shape: Shape, rec: str) -> str:
     return " AND ".join(parts)
 
 
-def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape) -> str:
+def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: tuple[str, ...] | None = None,
+                  probe: bool = True) -> str:
     """The dual-write trigger function: applies each row change of one table to the other.
 
     - INSERT: a plain INSERT (no upsert: a new row cannot be in the twin yet, and a
       conflict here would mean the tables already diverged, which must fail loudly).
-    - UPDATE keeping (pk, key): UPDATE by (pk, key). It may touch 0 rows when the row has
-      not been copied yet; the backfill locks the rows it copies (FOR SHARE), so it copies
-      the latest committed version after this transaction ends.
+    - UPDATE keeping (pk, key): UPDATE by (pk, key).
     - UPDATE changing pk or key: DELETE the old (pk, key) and INSERT the new row; this moves
       it across partitions.
     - DELETE: by (pk, key).
     Every column is written, NULLs included; generated columns are computed by the twin.
+
+    ``dst_key``: the columns of dst's own primary key (or NULLS NOT DISTINCT unique key),
+    the arbiter of the probe below; the twin's (pk..., key) by default, the live primary key
+    when dst is the retired heap table (the reverse trigger).
+
+    Why the probe (``probe=False`` only renders the old behaviour for the tests' control
+    runs): the UPDATE and DELETE by OLD key run in the writer's snapshot. When they touch
+    no row, either the row is not in dst yet (READ COMMITTED, or any level before the
+    backfill reached it: the backfill copies with FOR SHARE, so it will copy the version
+    this transaction commits), or, at REPEATABLE READ / SERIALIZABLE, dst got the row after
+    the writer's snapshot was taken and it is invisible: then doing nothing would lose the
+    update, resurrect the deleted row or duplicate a moved one. The probe inserts the row
+    (NEW for an update, OLD for a delete, which is deleted again right away) with
+    ``ON CONFLICT (dst_key) DO NOTHING``: PostgreSQL raises 40001 (serialization failure)
+    when the conflicting row is not visible to a REPEATABLE READ or SERIALIZABLE snapshot,
+    so the application gets a retryable error and nothing changes; otherwise the insert
+    is the exact effect (the row was not there). A visible conflict after a by-key miss
+    means the tables already diverged: it fails loudly. The probe runs only when the
+    by-key statement found nothing, so the common path costs what it did.
     """
     cols = column_list(list(shape.columns))
     new_vals = column_list(list(shape.columns), "NEW.")
+    old_vals = column_list(list(shape.columns), "OLD.")
     insert = f"INSERT INTO {dst} ({cols}) OVERRIDING SYSTEM VALUE VALUES ({new_vals});"
     sets = ", ".join(f"{ident(c)} = NEW.{ident(c)}" for c in shape.columns if c not in shape.twin_key)
     if not sets:  # every column is part of the key: an update that keeps the key is a no-op
@@ -242,6 +261,7 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape) -> str:
         "(" + ", ".join(f"NEW.{ident(c)}" for c in shape.twin_key) + ") IS DISTINCT FROM ("
         + ", ".join(f"OLD.{ident(c)}" for c in shape.twin_key) + ")"
     )
+    arbiter = column_list(list(dst_key or shape.twin_key))
 
     def by_old(stmt: str) -> str:
         if shape.key_nullable:
@@ -251,8 +271,20 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape) -> str:
             )
         return f"{stmt} WHERE {_key_match(shape, 'OLD')};"
 
+    def probe_insert(vals: str) -> str:
+        return (
+            f"INSERT INTO {dst} ({cols}) OVERRIDING SYSTEM VALUE VALUES ({vals}) ON CONFLICT ({arbiter}) DO NOTHING; "
+            "IF NOT FOUND THEN RAISE EXCEPTION 'orchestrate: % of a row of %: no row with its key in %, but one "
+            f"conflicts with it (the tables differ)', TG_OP, TG_TABLE_NAME, {literal(str(dst))}; END IF;"
+        )
+
     delete_old = by_old(f"DELETE FROM {dst}")
     update_old = by_old(f"UPDATE {dst} SET {sets}")
+    if probe:
+        # OLD is inserted and deleted again: a no-op when the row is not in dst yet, a
+        # 40001 when dst holds a version this snapshot cannot see.
+        delete_old += f"\n      IF NOT FOUND THEN {probe_insert(old_vals)} {delete_old} END IF;"
+        update_old += f"\n      IF NOT FOUND THEN {probe_insert(new_vals)} END IF;"
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog AS $orchestrate$
 BEGIN
@@ -285,7 +317,13 @@ $orchestrate$"""
 
 def create_sync_triggers(table: QualifiedName, trigger: str, fn: QualifiedName,
                          truncate_fn: QualifiedName) -> list[str]:
-    """Row trigger for I/U/D plus a statement trigger that mirrors TRUNCATE.
+    """Row trigger for I/U/D plus a statement trigger that mirrors TRUNCATE, both ENABLE ALWAYS.
+
+    Why ALWAYS: a trigger created plainly does not fire for sessions with
+    ``session_replication_role = replica`` (logical replication apply workers,
+    ``pg_restore --disable-triggers``, bulk loaders); their writes would be missing from
+    the other table without a word. ENABLE ALWAYS takes the same SHARE ROW EXCLUSIVE lock
+    as CREATE TRIGGER and runs in the same transaction, so no write slips in between.
 
     Warning: CREATE TRIGGER takes SHARE ROW EXCLUSIVE on the table: it waits for writers in
     flight and blocks new ones while it waits. Run it under a short lock_timeout with retries.
@@ -295,6 +333,8 @@ def create_sync_triggers(table: QualifiedName, trigger: str, fn: QualifiedName,
         f"FOR EACH ROW EXECUTE FUNCTION {fn}()",
         f"CREATE TRIGGER {ident(trigger + '_truncate')} AFTER TRUNCATE ON {table} "
         f"FOR EACH STATEMENT EXECUTE FUNCTION {truncate_fn}()",
+        f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {ident(trigger)}",
+        f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {ident(trigger + '_truncate')}",
     ]
 
 

@@ -10,6 +10,8 @@ and the range's cursor is advanced in the same transaction. Rows never pass thro
 
 from __future__ import annotations
 
+import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -164,6 +166,137 @@ class Crew:
             live.workers = n
 
 
+# A batch that yields sleeps at most this long before it tries again: the holder may end at
+# any moment, and while we sleep we hold nothing, so the wait costs only our own progress.
+YIELD_BACKOFF_MAX_S = 2.0
+# While a window keeps yielding, its event is recorded again this often (with fresh ages).
+YIELD_EVENT_EVERY_S = 30.0
+_WAIT_CONTEXT = re.compile(r'while (\w+(?: \w+)*?) tuple \((\d+),(\d+)\) in relation "((?:[^"]|"")*)"')
+
+
+def batch_lock_timeout_ms(conn: psycopg.Connection, plan_s: float) -> int:
+    """The lock_timeout of every backfill batch: the plan's, never above half the server's
+    deadlock_timeout.
+
+    Why below deadlock_timeout: a batch that waits for an application's row lock while it
+    holds FOR SHARE on rows it locked before can be part of a deadlock when the application
+    then touches one of those rows. PostgreSQL's detector runs in whichever backend has
+    waited deadlock_timeout and aborts that one; a batch that gives up first means the
+    application's transaction is never the victim.
+    """
+    row = conn.execute("SELECT setting::int FROM pg_catalog.pg_settings WHERE name = 'deadlock_timeout'").fetchone()
+    deadlock_ms = int(row[0]) if row else 1000
+    return max(1, min(int(plan_s * 1000), deadlock_ms // 2))
+
+
+def _holder(conn: psycopg.Connection, where: str, params: list) -> str | None:
+    """'pid N, idle in transaction for 42 s' for the first session matching ``where``."""
+    row = conn.execute(
+        "SELECT a.pid, coalesce(a.state, 'unknown'), extract(epoch FROM now() - a.state_change)::bigint, "
+        "extract(epoch FROM now() - a.xact_start)::bigint, a.application_name "
+        "FROM pg_catalog.pg_stat_activity a WHERE a.pid <> pg_catalog.pg_backend_pid() AND " + where
+        + " ORDER BY a.xact_start LIMIT 1", params).fetchone()
+    if row is None:
+        return None
+    pid, state, in_state, in_xact, app = row
+    text = f"pid {pid}, {state} for {in_state} s"
+    if state != "idle in transaction" and in_xact is not None:
+        text += f" (transaction open {in_xact} s)"
+    return text + (f", application {app!r}" if app else "")
+
+
+def describe_blocker(conn: psycopg.Connection, table: sql.QualifiedName, err: psycopg.Error) -> str:
+    """Why a batch's lock wait timed out, naming the session that held the lock.
+
+    Read after the batch rolled back, on the same session (autocommit). The error's context
+    names the tuple the batch waited for ("while locking tuple (0,5) in relation ..."): its
+    xmax is the holder's transaction id (or a multixact of several), and every transaction
+    holds an ExclusiveLock on its own id in pg_locks. When the holder is gone by now, or the
+    wait was on something else, the oldest other transaction with a row-level lock mode on
+    the table is named as the likely holder, and said to be likely.
+    """
+    context = getattr(err.diag, "context", None) or ""
+    m = _WAIT_CONTEXT.search(context)
+    try:
+        if m and m.group(1) == "locking":
+            ctid = f"({m.group(2)},{m.group(3)})"
+            row = conn.execute(f"SELECT xmax::text FROM {table} WHERE ctid = %s::tid", (ctid,)).fetchone()
+            xids = [row[0]] if row else []
+            if row:
+                try:  # xmax may be a multixact (several lockers): its members, when it is one
+                    xids += [r[0] for r in conn.execute(
+                        "SELECT xid::text FROM pg_catalog.pg_get_multixact_members(%s::xid)", (row[0],))]
+                except psycopg.Error:
+                    pass
+            who = xids and _holder(conn, "a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE "
+                                   "l.locktype = 'transactionid' AND l.granted AND l.transactionid::text = ANY(%s))",
+                                   [xids])
+            if who:
+                return f"row lock held by {who}"
+        who = _holder(conn, "a.backend_type = 'client backend' AND a.application_name NOT LIKE 'orchestrate:%%' "
+                      "AND a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE l.relation = %s::regclass "
+                      "AND l.granted AND l.mode IN ('RowShareLock', 'RowExclusiveLock'))", [str(table)])
+    except psycopg.Error as e:
+        return f"lock wait timed out ({str(err).splitlines()[0]}); its holder could not be read: {e}"
+    waited = f"lock wait on tuple ({m.group(2)},{m.group(3)}) of {m.group(4)} timed out" if m else \
+        str(err).splitlines()[0]
+    if who:
+        return f"{waited}; likely holder (oldest transaction with row locks on the table): {who}"
+    return f"{waited}; the holder has already ended"
+
+
+class Yielding:
+    """One worker's retries of a batch that met a lock held by the application.
+
+    The batch has rolled back (its row locks are released); this decides how long to back off
+    (jittered, growing, capped), how small the next window is (halved after the first retry,
+    down to one row, and grown back by doubling once batches commit again), and says why:
+    logged, an event (the first time, then every YIELD_EVENT_EVERY_S), and the live status's
+    throttle reason while it lasts.
+    """
+
+    def __init__(self, ctx: Context, conn: psycopg.Connection, table: sql.QualifiedName, label: str, lock_ms: int):
+        self.ctx, self.conn, self.table, self.label, self.lock_ms = ctx, conn, table, label, lock_ms
+        self.failures = 0
+        self.window: int | None = None  # rows in the next window while shrunk; None: the pace's size
+        self.total = 0
+        self._event_at = 0.0
+
+    def size(self, pace_size: int) -> int:
+        return min(self.window, pace_size) if self.window else pace_size
+
+    def failed(self, err: psycopg.Error, size: int) -> float:
+        """Record one timed-out batch; returns the seconds to sleep before the next try."""
+        self.failures += 1
+        self.total += 1
+        if self.failures > 1:  # a short holder is usually gone by the first retry
+            self.window = max(1, size // 2)
+        why = describe_blocker(self.conn, self.table, err)
+        reason = f"backfill yields to the application in range {self.label}: {why}"
+        live = self.ctx.options.get("live")
+        if live is not None:
+            live.set_yield(self.label, reason)
+        logger.info("{} (batch of {} rows rolled back after {} ms, attempt {})", reason, size, self.lock_ms,
+                    self.failures)
+        now = time.monotonic()
+        if self.failures == 1 or now - self._event_at >= YIELD_EVENT_EVERY_S:
+            self._event_at = now
+            self.ctx.store.event(self.ctx.mid, "yield", reason, range=self.label, attempt=self.failures,
+                                 batch_rows=size, lock_timeout_ms=self.lock_ms)
+        base = max(self.lock_ms / 1000, 0.05)
+        return random.uniform(base / 2, min(YIELD_BACKOFF_MAX_S, base * 2 ** min(self.failures - 1, 20)))
+
+    def committed(self) -> None:
+        """A batch committed: the episode is over; the window grows back toward the pace's size."""
+        if self.failures:
+            self.failures = 0
+            live = self.ctx.options.get("live")
+            if live is not None:
+                live.set_yield(self.label, None)
+        if self.window is not None:
+            self.window *= 2
+
+
 def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, pace: Pace,
                counters: Counters, stop: threading.Event, throttle=None,
                leave: Callable[[], bool] | None = None) -> bool:
@@ -177,17 +310,29 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     cursor = rng["cursor"]
     sync = "on" if ctx.plan.backfill.synchronous_commit else "off"
     if rng.get("state") == "repair":
-        _repair(conn, ctx, shape, rng, where, wparams, sync)
+        _repair(conn, ctx, shape, rng, where, wparams, sync, stop)
+        if stop.is_set():
+            return False
         counters.add(0, True)
         return True
     guarded = False  # this batch must copy with ON CONFLICT DO NOTHING, whatever the probe says
+    lock_ms = batch_lock_timeout_ms(conn, ctx.plan.backfill.lock_timeout_s)
+    yielding = Yielding(ctx, conn, ctx.plan.table_name, rng["label"], lock_ms)
     while not stop.is_set():
         if (leave is not None and leave()) or (throttle is not None and not throttle.wait(stop, leave)):
             rng["cursor"] = cursor
             return False
         t0 = time.monotonic()
+        size = yielding.size(pace.size)
         try:
-            row, boundary = _copy_batch(conn, ctx, shape, rng, where, wparams, cursor, pace.size, sync, guarded)
+            row, boundary = _copy_batch(conn, ctx, shape, rng, where, wparams, cursor, size, sync, guarded,
+                                        lock_ms)
+        except psycopg.errors.LockNotAvailable as e:
+            # A row of the window is locked by the application (idle in transaction, say).
+            # The batch has rolled back and released its FOR SHARE locks, so writers of the
+            # rows it had locked go on; back off and try a smaller window.
+            stop.wait(yielding.failed(e, size))
+            continue
         except psycopg.errors.UniqueViolation as e:
             if guarded:
                 raise
@@ -199,6 +344,7 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
             counters.redone()
             continue
         guarded = False
+        yielding.committed()
         final = boundary is None
         n = int(row[0]) if row else 0
         elapsed = time.monotonic() - t0
@@ -214,7 +360,8 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
 
 
 def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
-                cursor: list | None, size: int, sync: str, guarded: bool) -> tuple[tuple | None, tuple | None]:
+                cursor: list | None, size: int, sync: str, guarded: bool,
+                lock_ms: int = 0) -> tuple[tuple | None, tuple | None]:
     """One batch, one transaction: (the copy's row count row, the window's upper bound or None
     for the range's last window).
 
@@ -222,6 +369,7 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
     copy-with-checkpoint + COMMIT). Round trips dominate small batches on a remote or busy
     server; see docs/benchmarks.md. The checkpoint commits in the copy's own statement, so
     a crash loses the batch and its checkpoint together and the batch is simply redone.
+    ``lock_ms``: the batch's lock_timeout (see batch_lock_timeout_ms; 0: no limit).
     """
     src, dst = ctx.plan.table_name, ctx.plan.twin
     after = cursor is not None
@@ -229,6 +377,8 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
     with conn.pipeline(), conn.cursor() as cur, conn.cursor() as probe:
         with conn.transaction():
             cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+            # Never wait long for the application's row locks (see batch_lock_timeout_ms).
+            cur.execute(f"SET LOCAL lock_timeout = {int(lock_ms)}")
             if not guarded:
                 probe.execute(sql.twin_rows_after(dst, shape, where, after, rng["is_null"]), [*wparams, *cparams])
             cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
@@ -250,11 +400,36 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
     return row, boundary
 
 def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
-            sync: str) -> None:
+            sync: str, stop: threading.Event | None = None) -> None:
     """Re-copy a range that failed verification: delete the twin's rows and copy again, in
-    one transaction; concurrent writes stay correct (the copy locks its source rows)."""
+    one transaction; concurrent writes stay correct (the copy locks its source rows).
+
+    It yields like a batch (see Yielding): under the backfill's lock_timeout, rolled back,
+    backed off and retried while the application holds a row lock in the range, so the
+    repair never keeps a writer waiting for long and never wins a deadlock against it.
+    """
+    lock_ms = batch_lock_timeout_ms(conn, ctx.plan.backfill.lock_timeout_s)
+    yielding = Yielding(ctx, conn, ctx.plan.table_name, rng["label"], lock_ms)
+    while True:
+        try:
+            removed, n = _repair_once(conn, ctx, shape, rng, where, wparams, sync, lock_ms)
+            break
+        except psycopg.errors.LockNotAvailable as e:
+            delay = yielding.failed(e, 0)
+            if stop is not None and stop.wait(delay):
+                return
+            if stop is None:
+                time.sleep(delay)
+    yielding.committed()
+    ctx.store.event(ctx.mid, "repair", f"range {rng['label']} re-copied: {removed} twin rows replaced by {n}",
+                    removed=removed, copied=n)
+
+
+def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
+                 sync: str, lock_ms: int) -> tuple[int, int]:
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+        cur.execute(f"SET LOCAL lock_timeout = {int(lock_ms)}")
         # Lock the live rows first, in the writers' order (live row, then its twin row via
         # the trigger): deleting the twin's rows first deadlocks with any writer of the range.
         cur.execute(f"SELECT 1 FROM {ctx.plan.table_name} WHERE {where} FOR SHARE", wparams)
@@ -268,8 +443,7 @@ def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict,
             "copied_at = now(), verify_state = 'pending', verify_detail = NULL WHERE migration_id = %s AND idx = %s",
             (n, ctx.mid, rng["idx"]),
         )
-    ctx.store.event(ctx.mid, "repair", f"range {rng['label']} re-copied: {removed} twin rows replaced by {n}",
-                    removed=removed, copied=n)
+    return removed, n
 
 
 class Backfill:

@@ -26,7 +26,9 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
     """
     shape = ctx.shape()
     fn, tfn = ctx.function(kind), ctx.function(kind + "_truncate")
-    cur.execute(sql.sync_function(fn, dst, shape))
+    # dst's own key arbitrates the trigger's probe: the twin's (pk..., key), or the live
+    # primary key when dst is the retired heap table (the reverse trigger).
+    cur.execute(sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key))
     cur.execute(sql.truncate_function(tfn, dst))
     for f in (fn, tfn):
         cur.execute(f"ALTER FUNCTION {f}() SECURITY DEFINER")

@@ -55,7 +55,21 @@ def test_sync_function_paths():
     assert "DELETE FROM public.orders_partitioned WHERE id = OLD.id AND created_at = OLD.created_at" in body
     assert ("UPDATE public.orders_partitioned SET note = NEW.note "
             "WHERE id = OLD.id AND created_at = OLD.created_at") in body
-    assert "ON CONFLICT" not in body  # the insert path is a plain insert: divergence fails loudly
+    # the insert path is a plain insert (divergence fails loudly); only the probe after a
+    # by-key miss uses ON CONFLICT, on dst's own key, so an invisible row raises 40001
+    assert "VALUES (NEW.id, NEW.note, NEW.created_at);\n" in body
+    assert body.count("ON CONFLICT (id, created_at) DO NOTHING") == 3  # update, delete, delete half of a move
+    assert body.count("IF NOT FOUND THEN INSERT") == 3
+    assert "ON CONFLICT" not in sql.sync_function(QualifiedName("orchestrate", "capture_1"), TW, SHAPE, probe=False)
+    reverse = sql.sync_function(QualifiedName("orchestrate", "reverse_1"), T, SHAPE, dst_key=("id",))
+    assert "ON CONFLICT (id) DO NOTHING" in reverse
+
+
+def test_sync_triggers_fire_always():
+    stmts = sql.create_sync_triggers(T, "orchestrate_capture", QualifiedName("orchestrate", "c"),
+                                     QualifiedName("orchestrate", "c_t"))
+    assert stmts[2:] == [f"ALTER TABLE {T} ENABLE ALWAYS TRIGGER orchestrate_capture",
+                         f"ALTER TABLE {T} ENABLE ALWAYS TRIGGER orchestrate_capture_truncate"]
 
 
 def test_sync_function_nullable_key_branches():
