@@ -16,6 +16,25 @@ roll back together. Clients own disjoint sets of primary keys (hash of the key t
 modulo the number of clients), so the workload never contends with itself: any lock
 wait, deadlock or serialization failure is the migration's doing.
 
+The *app* profile (``Workload(..., profile="app")``, tuned by :class:`AppMix`) runs
+clients that behave like applications instead, next to the simple ones, so rows are
+shared and the workload contends with itself on purpose (the kinds are in
+:data:`KINDS`): multi-row, multi-statement transactions at READ COMMITTED, REPEATABLE
+READ and SERIALIZABLE over a small set of *hot* rows shared by those clients, taken in
+ascending order by some clients and descending by others (so deadlocks happen);
+upserts; bulk UPDATE/DELETE of a key range; COPY ingestion; sessions that hold row
+locks idle in transaction for seconds; and writers with ``session_replication_role =
+replica``. The golden write stays in the same statement as every live write, so the
+golden record stays exact whoever wins a lock. Application rules: a serialization
+failure (40001) is retried the way applications do (the whole transaction, golden
+writes included), and so is a deadlock (40P01) whose cycle holds only workload
+clients; every retry is counted per client kind. A deadlock with any other session
+(the migration's above all) and every other error is a failure, reported with its
+SQLSTATE. Row sets are laid out so that a long wait of a simple writer can only be the
+migration's doing: lock holders touch only rows they own, which no other client
+writes; bulk statements touch only rows of the simple writers; the hot rows are never
+deleted and their keys never move, so an upsert's conflict target stays valid.
+
 Primary-key values travel as text and are cast back to the column type in SQL, which is
 what keeps the workload type-generic. Everything is prepared server side
 (``prepare_threshold = 0``) so a cutover that renames tables under the running clients
@@ -28,11 +47,14 @@ import hashlib
 import json
 import math
 import random
+import re
 import threading
 import time
 from array import array
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -44,6 +66,31 @@ GOLDEN_SCHEMA = "orchestrate_golden"
 DEFAULT_MIX = {"insert": 30, "update": 35, "update_null": 10, "move_key": 10, "delete": 10, "read": 5}
 WRITE_OPS = ("insert", "update", "update_null", "move_key", "delete")
 OPS = WRITE_OPS + ("read",)
+
+#: Client kinds of the app profile. ``simple``: the single-row operations above on rows
+#: the client owns; ``replica_role``: the same with ``session_replication_role =
+#: replica`` (how logical replication apply workers and bulk loaders write);
+#: ``txn_rc`` / ``txn_rr`` / ``txn_ser``: multi-row, multi-statement transactions at
+#: READ COMMITTED / REPEATABLE READ / SERIALIZABLE over the shared hot rows (updates,
+#: NULLing updates, upserts), then a key range of the client's own rows (UPDATE or
+#: DELETE in one statement) and one or two more of them (insert, update, key move,
+#: delete, new-row upsert); ``bulk``: one UPDATE or DELETE of every simple
+#: writer's row in a key range; ``copy``: COPY of a batch of new rows; ``holder``:
+#: UPDATE a few own rows, then sit idle in transaction for seconds, then COMMIT.
+KINDS = ("simple", "replica_role", "txn_rc", "txn_rr", "txn_ser", "bulk", "copy", "holder")
+APP_KINDS = ("simple", "simple", "replica_role", "txn_rc", "txn_rr", "txn_ser", "bulk", "copy", "holder")
+#: Operations counted in ``WorkloadReport.ops`` by the app profile's clients (one per
+#: committed transaction); inner statements are counted per kind.
+APP_OPS = ("txn", "bulk_update", "bulk_delete", "copy", "hold")
+#: SQLSTATEs an application retries: serialization failure, deadlock.
+RETRYABLE = ("40001", "40P01")
+_ISOLATION = {
+    "txn_rc": psycopg.IsolationLevel.READ_COMMITTED,
+    "txn_rr": psycopg.IsolationLevel.REPEATABLE_READ,
+    "txn_ser": psycopg.IsolationLevel.SERIALIZABLE,
+}
+_SIMPLE_KINDS = ("simple", "replica_role")
+_DEADLOCK_PID = re.compile(r"\b[Pp]rocess (\d+)")
 
 # Types without an equality operator: EXCEPT ALL needs one, so compare their text form.
 _NO_EQUALITY = frozenset({"json", "xml", "point", "line", "lseg", "box", "path", "polygon", "circle"})
@@ -85,11 +132,55 @@ class WorkloadReport:
     writes: int
     reconnects: int = 0
     clients: int = 0
+    #: Retried transactions by SQLSTATE (40001, 40P01); never counted in ``errors``.
+    retries: dict[str, int] = field(default_factory=dict)
+    #: Failures by SQLSTATE ("" for errors without one, e.g. a lost connection).
+    error_codes: dict[str, int] = field(default_factory=dict)
+    #: Per client kind (app profile): clients, transactions, rows, statements, retries,
+    #: errors, error_codes, max_wait_ms (the longest single statement, commit included;
+    #: a holder's idle time is not a wait), blocked (holders: application_name of each
+    #: session seen waiting for a holder's row locks, counted once per hold).
+    kinds: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["max_latency_at"] = self.max_latency_at.isoformat() if self.max_latency_at else None
         return d
+
+
+@dataclass
+class AppMix:
+    """Shape of the app profile: which clients run and how hard they contend.
+
+    ``kinds`` lists one client kind (see :data:`KINDS`) per client. ``hot_rows`` is the
+    size of the row set the transaction clients share (smaller: more deadlocks and
+    serialization failures); ``txn_range_rows`` the size of the key range of its own
+    rows a transaction updates (or deletes) in one statement. ``txn_pause_s`` is the idle time between a transaction's
+    first read (its snapshot, at REPEATABLE READ) and its writes, ``step_pause_s`` the
+    one between its statements. ``hold_s`` is how long a holder sits idle in
+    transaction with ``hold_rows`` rows locked; ``hold_gap_s`` how long it waits between
+    holds. ``bulk_rows`` / ``copy_rows`` size the bulk statements and COPY batches.
+    ``upsert_target`` names the conflict target's columns; by default the primary key
+    plus the partition key when a unique index on exactly those exists (it does after
+    cutover, and before it when the application created one), else ``ON CONFLICT DO
+    NOTHING``: the upsert an application can run on both shapes of the table.
+    """
+
+    kinds: tuple[str, ...] = APP_KINDS
+    hot_rows: int = 40
+    txn_range_rows: int = 15
+    txn_pause_s: tuple[float, float] = (0.02, 0.3)
+    step_pause_s: tuple[float, float] = (0.0, 0.02)
+    hold_s: tuple[float, float] = (2.0, 5.0)
+    hold_rows: int = 4
+    hold_gap_s: tuple[float, float] = (0.5, 1.5)
+    bulk_rows: int = 60
+    copy_rows: int = 30
+    max_retries: int = 30
+    upsert_target: tuple[str, ...] | None = None
+    #: Pause after each transaction, per kind (the bulk and COPY clients would otherwise
+    #: rewrite or grow a small table several times over during a test).
+    think_s: dict[str, float] = field(default_factory=lambda: {"bulk": 0.2, "copy": 0.2})
 
 
 @dataclass
@@ -252,8 +343,9 @@ def _introspect(conn: psycopg.Connection, table: QualifiedName, key_column: str)
 class _Statements:
     """All the SQL of one table, built once from the catalog (explicit column lists)."""
 
-    def __init__(self, meta: _Meta, golden: QualifiedName, clients: int):
+    def __init__(self, meta: _Meta, golden: QualifiedName, clients: int, buckets: int | None = None):
         self.meta = meta
+        self.golden = golden
         t, g = str(meta.table), str(golden)
         cols = meta.columns
         self.all = [c.name for c in cols]
@@ -271,7 +363,17 @@ class _Statements:
         self.pk_text = pk_text
         pk_params = "(" + ", ".join(f"%s::text::{c.type}" for c in pkc) + ")"
         self.npk = len(pkc)
-        owner = f"(hashtext({pk_text('g')}) & 2147483647) %% {clients}"
+        # Row ownership: the hash of the pk text modulo the number of buckets (one per
+        # client; the app profile adds one more bucket: the hot rows, shared).
+        self.buckets = buckets or clients
+
+        def owner_of(alias: str) -> str:
+            return f"(hashtext({pk_text(alias)}) & 2147483647) %% {self.buckets}"
+
+        self.owner_of = owner_of
+        self.pk_tuple = pk_tuple
+        self.pk_params = pk_params
+        owner = owner_of("g")
         ret_all = ", ".join(f"x.{ident(n)}" for n in self.all)
         gset = ", ".join(f"{ident(n)} = u.{ident(n)}" for n in self.all)
         order = ", ".join(f"s.{ident(c.name)}" for c in pkc)
@@ -285,6 +387,7 @@ class _Statements:
                 f"(SELECT {exprs} FROM {t} AS s ORDER BY {order} LIMIT 1) LIMIT 1"
             )
 
+        self.source_row_of = source_row
         self.key_expr = self._key_expr(meta)
 
         # --- insert: pk from its default when it has one, else generated per client.
@@ -389,6 +492,123 @@ class _Statements:
             f"WHERE {owner} = %s::int"
         )
 
+    def build_app(self, golden_pk: list[str], upsert_target: list[str] | None) -> None:
+        """The app profile's SQL: hot-row sample, upserts, bulk statements, COPY.
+
+        Every statement writes the golden copy in the same statement as the live table,
+        like the simple operations; COPY, which cannot, copies its rows from the live
+        table into the golden copy in the same transaction (found by the primary keys
+        the client chose). A statement the table's shape cannot support is None and the
+        clients fall back to what it can.
+        """
+        meta, g, t = self.meta, str(self.golden), str(self.meta.table)
+        cols, pkc, pk_tuple, pk_params = meta.columns, self.pk_cols, self.pk_tuple, self.pk_params
+        allc = ", ".join(ident(n) for n in self.all)
+        ret_all = ", ".join(f"x.{ident(n)}" for n in self.all)
+        gpk = ", ".join(ident(n) for n in golden_pk)
+        order = ", ".join(f"g.{ident(c.name)}" for c in pkc)
+        self.hot_sample = (
+            f"SELECT {self.pk_text('g')} FROM {g} AS g WHERE {self.owner_of('g')} = %s::int "
+            f"ORDER BY {order} LIMIT %s::int"
+        )
+        # The column upserts and bulk updates set: an ordinary text-like column.
+        self.app_col = next(
+            (c for c in cols if c.name in self.updates and c.text_like and not c.unique), None
+        )
+        k = ident(meta.key.name)
+
+        # --- upsert of an existing row: the row read back and inserted again, so it
+        # conflicts; DO UPDATE sets the column. The golden side upserts the returned row.
+        insertable = [c for c in cols if c.generated == ""]
+        overriding = " OVERRIDING SYSTEM VALUE" if any(c.identity == "a" for c in insertable) else ""
+        gset_ex = ", ".join(f"{ident(n)} = EXCLUDED.{ident(n)}" for n in self.all)
+        self.upsert = self.upsert_new = None
+        self.upsert_target = upsert_target
+        if self.app_col is not None:
+            ac = self.app_col
+            if upsert_target:
+                conflict = (f"ON CONFLICT ({', '.join(ident(n) for n in upsert_target)}) "
+                            f"DO UPDATE SET {ident(ac.name)} = EXCLUDED.{ident(ac.name)}")
+            else:
+                conflict = "ON CONFLICT DO NOTHING"
+            sel = ", ".join(f"%s::text::{c.type}" if c.name == ac.name else f"s.{ident(c.name)}" for c in insertable)
+            self.upsert = (
+                f"WITH ins AS (INSERT INTO {t} AS x ({', '.join(ident(c.name) for c in insertable)}){overriding} "
+                f"SELECT {sel} FROM {t} AS s WHERE {pk_tuple('s')} = {pk_params} {conflict} RETURNING {ret_all}) "
+                f"INSERT INTO {g} AS g ({allc}) SELECT {allc} FROM ins "
+                f"ON CONFLICT ({gpk}) DO UPDATE SET {gset_ex} RETURNING {self.pk_text('g')}"
+            )
+            # --- upsert of a new row: the simple insert with the same ON CONFLICT clause.
+            self.upsert_new = self.insert.replace(" RETURNING ", f" {conflict} RETURNING ", 1)
+
+        # --- bulk UPDATE / DELETE of a key range, only rows of the given owners.
+        self.bulk_update = self.bulk_delete = None
+        if meta.key_kind:
+            cond = (f"x.{k} >= {self.key_expr} AND x.{k} < {self.key_expr} "
+                    f"AND {self.owner_of('x')} = ANY (%s::int[])")
+            if self.app_col is not None:
+                setc = f"{ident(self.app_col.name)} = %s::text::{self.app_col.type}"
+            else:
+                setc = f"{k} = x.{k}"
+            gset = ", ".join(f"{ident(n)} = u.{ident(n)}" for n in self.all)
+            self.bulk_update = (
+                f"WITH u AS (UPDATE {t} AS x SET {setc} WHERE {cond} RETURNING {ret_all}) "
+                f"UPDATE {g} AS g SET {gset} FROM u WHERE {pk_tuple('g')} = {pk_tuple('u')} RETURNING 1"
+            )
+            self.bulk_delete = (
+                f"WITH d AS (DELETE FROM {t} AS x WHERE {cond} "
+                f"RETURNING {', '.join('x.' + ident(c.name) for c in pkc)}) "
+                f"DELETE FROM {g} AS g USING d WHERE {pk_tuple('g')} = {pk_tuple('d')} RETURNING 1"
+            )
+
+        # --- COPY of new rows: (column, how) in COPY order; None if the shape does not allow it.
+        plan: list[tuple[str, str]] = []
+        for c in cols:
+            if c.generated:
+                continue
+            if c.name in meta.pk:
+                if c.name == meta.key.name and meta.key_kind:
+                    plan.append((c.name, "key"))
+                elif c.sequence_default:
+                    plan.append((c.name, "seq"))  # COPY writes given values, identity ALWAYS too
+                elif c.default is None and self._pk_generatable(c):
+                    plan.append((c.name, "pk"))
+                else:
+                    plan = []
+                    break
+            elif c.identity == "a" or c.sequence_default:
+                continue
+            elif c.name == meta.key.name and meta.key_kind:
+                plan.append((c.name, "key"))
+            elif c.unique:
+                if c.text_like:
+                    plan.append((c.name, "ugen"))
+                elif not c.notnull:
+                    plan.append((c.name, "null"))
+                else:
+                    plan = []
+                    break
+            elif c.text_like and c.type in ("text", "jsonb", "json", "character varying"):
+                # COPY input is not cast: a value for a length-limited type could be too long.
+                plan.append((c.name, "gen"))
+            else:
+                plan.append((c.name, "copy"))
+        self.copy_plan = plan
+        self.copy = self.copy_source = self.copy_golden = None
+        if plan and meta.key_kind:
+            self.copy = f"COPY {t} ({', '.join(ident(n) for n, _ in plan)}) FROM STDIN"
+            srcs = [n for n, how in plan if how in ("copy", "gen")]
+            self.copy_source = self.source_row_of(", ".join(f"s.{ident(n)}::text" for n in srcs) or "1")
+            self.copy_source_cols = srcs
+            arrays = ", ".join("%s::text[]" for _ in pkc)
+            knames = ", ".join(f"k{i}" for i in range(len(pkc)))
+            casts = ", ".join(f"k.k{i}::{c.type}" for i, c in enumerate(pkc))
+            self.copy_golden = (
+                f"INSERT INTO {g} ({allc}) SELECT {ret_all} FROM {t} AS x "
+                f"JOIN unnest({arrays}) AS k({knames}) ON {pk_tuple('x')} = ({casts}) RETURNING 1"
+            )
+        self.serial_sequence = "SELECT nextval(pg_get_serial_sequence(%s, %s)) FROM generate_series(1, %s::int)"
+
     @staticmethod
     def _pk_generatable(c: _Column) -> bool:
         return not c.is_array and (c.typname in _NUM_KINDS or c.category == "S" or c.typname == "uuid")
@@ -430,7 +650,18 @@ class _Client(threading.Thread):
         self.wl = wl
         self.index = index
         self.rng = random.Random(f"{wl.seed}:{index}:{wl._run}")
-        self.counts = dict.fromkeys(OPS, 0)
+        self.kind = wl.kinds[index]
+        self.counts = dict.fromkeys(OPS + (APP_OPS if wl.app else ()), 0)
+        self.retries: Counter[str] = Counter()
+        self.error_codes: Counter[str] = Counter()
+        self.statements: Counter[str] = Counter()
+        self.transactions = 0
+        self.rows = 0
+        self.max_wait_ms = 0.0
+        self.hot: list[str] = []
+        self.pid = 0
+        self.watch: psycopg.Connection | None = None
+        self.blocked: Counter[str] = Counter()  # holder: sessions seen waiting for its locks, per hold
         self.latencies = array("d")
         self.worst = (0.0, None)
         self.errors: list[tuple[datetime, str, str]] = []
@@ -449,6 +680,15 @@ class _Client(threading.Thread):
             self.wl.dsn, autocommit=False, application_name=f"orchestrate-workload-{self.index}"
         )
         self.conn.prepare_threshold = 0
+        self.pid = self.conn.info.backend_pid
+        self.wl._pids.add(self.pid)
+        if self.kind in _ISOLATION:
+            self.conn.isolation_level = _ISOLATION[self.kind]
+        if self.kind == "replica_role":
+            # Triggers that are not ENABLE ALWAYS (or REPLICA) do not fire for this session:
+            # a logical replication apply worker or a bulk loader writes this way.
+            self.conn.execute("SET session_replication_role = replica")
+            self.conn.commit()
 
     def _reconnect(self) -> None:
         if self.conn is not None:
@@ -464,10 +704,13 @@ class _Client(threading.Thread):
                 self._error("connect", e)
                 self.wl._stop.wait(0.2)
 
-    def _error(self, op: str, e: BaseException) -> None:
+    def _error(self, op: str, e: BaseException, why: str = "") -> None:
         self.nerrors += 1
+        code = getattr(e, "sqlstate", None) or ""
+        self.error_codes[code] += 1
         msg = " ".join(str(e).split()) or type(e).__name__
-        self.errors.append((datetime.now(timezone.utc), op, f"{type(e).__name__}: {msg}"))
+        head = f"[{self.kind}] SQLSTATE {code} " if code else f"[{self.kind}] "
+        self.errors.append((datetime.now(timezone.utc), op, f"{head}{type(e).__name__}: {msg}{why}"))
         del self.errors[20:]
         logger.debug("workload client {} {} failed: {}", self.index, op, msg)
 
@@ -511,7 +754,7 @@ class _Client(threading.Thread):
     def _op(self, op: str) -> None:
         wl, st, cur = self.wl, self.wl._sql, self.conn
         assert cur is not None
-        if op == "insert":
+        if op in ("insert", "upsert_new"):
             params: list[Any] = list(self._src_pk())
             for name, how in st.insert_plan:
                 if how == "key":
@@ -529,7 +772,7 @@ class _Client(threading.Thread):
                     else:
                         params += [False, self._value(col)]
             self.serial += 1
-            row = cur.execute(st.insert, params, prepare=True).fetchone()
+            row = cur.execute(st.insert if op == "insert" else st.upsert_new, params, prepare=True).fetchone()
             if row is not None and row[1] == self.index:
                 self.sample.append(row[0])
             return
@@ -600,7 +843,16 @@ class _Client(threading.Thread):
             op = "read"
         return op
 
+    def _waited(self, ms: float) -> None:
+        self.latencies.append(ms)
+        if ms > self.worst[0]:
+            self.worst = (ms, datetime.now(timezone.utc))
+        self.max_wait_ms = max(self.max_wait_ms, ms)
+
     def run(self) -> None:
+        if self.kind not in _SIMPLE_KINDS:
+            self._run_app()
+            return
         wl = self.wl
         self._reconnect()
         while not wl._stop.is_set():
@@ -618,10 +870,10 @@ class _Client(threading.Thread):
                 self._op(op)
                 self.conn.commit()
                 ms = (time.perf_counter() - t0) * 1000.0
-                self.latencies.append(ms)
-                if ms > self.worst[0]:
-                    self.worst = (ms, datetime.now(timezone.utc))
+                self._waited(ms)
                 self.counts[op] += 1
+                self.statements[op] += 1
+                self.transactions += 1
                 self.ops_since_sample += 1
             except Exception as e:  # noqa: BLE001 - every failure is an error, then go on
                 self._error(op, e)
@@ -645,6 +897,332 @@ class _Client(threading.Thread):
                 pass
 
 
+    # -- app profile: transactions retried the way applications retry them
+    def _run_app(self) -> None:
+        wl = self.wl
+        step = {"txn_rc": self._txn, "txn_rr": self._txn, "txn_ser": self._txn, "bulk": self._bulk,
+                "copy": self._copy, "holder": self._hold}[self.kind]
+        self._reconnect()
+        while not wl._stop.is_set():
+            try:
+                if self.kind != "bulk" and (not self.sample or time.monotonic() - self.sample_at > 2.0):
+                    self._refresh_sample()
+                    if self.kind.startswith("txn"):
+                        self.hot = [r[0] for r in self.conn.execute(
+                            wl._sql.hot_sample, (wl._sql.buckets - 1, wl.app.hot_rows), prepare=True).fetchall()]
+                        self.conn.commit()
+            except Exception as e:  # noqa: BLE001 - every failure is an error, then go on
+                self._failed("sample", e)
+                continue
+            self._transaction(self.kind, step)
+            if self.kind == "holder":
+                self._pause(wl.app.hold_gap_s)  # let the cutover find a moment without this lock
+                continue
+            pause = wl.app.think_s.get(self.kind, 0.0) or wl.think_time_s
+            if pause:
+                wl._stop.wait(pause)
+        for c in (self.conn, self.watch):
+            if c is not None:
+                try:
+                    c.rollback()
+                    c.close()
+                except Exception:  # noqa: BLE001
+                    pass
+
+    def _failed(self, op: str, e: BaseException, why: str = "") -> None:
+        """Count a failure and get the connection usable again."""
+        self._error(op, e, why)
+        if self.conn is None or self.conn.broken or self.conn.closed:
+            self.reconnects += 1
+            self._reconnect()
+            return
+        try:
+            self.conn.rollback()
+        except Exception as e2:  # noqa: BLE001
+            self._error("rollback", e2)
+            self.reconnects += 1
+            self._reconnect()
+
+    def _transaction(self, name: str, body: Callable[[Counter], str | None]) -> None:
+        """Run ``body`` as one transaction and commit; retry it whole on 40001 and 40P01.
+
+        ``body`` executes its statements (golden writes included) and adds what it wrote
+        to the counter it is given; it returns the operation name to count, or None when
+        it found nothing to do. What a failed attempt counted is thrown away with it.
+        """
+        wl = self.wl
+        attempt = 0
+        while True:
+            done: Counter[str] = Counter()
+            try:
+                op = body(done)
+                t0 = time.perf_counter()
+                self.conn.commit()  # SERIALIZABLE may fail here
+                self._waited((time.perf_counter() - t0) * 1000.0)
+            except psycopg.Error as e:
+                code = e.sqlstate or ""
+                broken = self.conn.broken or self.conn.closed
+                if code in RETRYABLE and not broken:
+                    try:
+                        self.conn.rollback()
+                        partner = self._deadlock_partner(e) if code == "40P01" else None
+                    except Exception as e2:  # noqa: BLE001
+                        self._failed(name, e2)
+                        return
+                    if partner is not None:
+                        # Two application sessions may deadlock (and retry); a deadlock with
+                        # anyone else, the migration above all, is a failure we must see.
+                        self._error(name, e, f" (deadlock with {partner})")
+                        return
+                    self.retries[code] += 1
+                    attempt += 1
+                    if attempt > wl.app.max_retries:
+                        self._error(name, e, f" (gave up after {attempt - 1} retries)")
+                        return
+                    if wl._stop.is_set():
+                        return  # not committed, not an error: the run ends
+                    wl._stop.wait(self.rng.uniform(0, min(0.2, 0.005 * 2**attempt)))
+                    continue
+                self._failed(name, e)
+                return
+            except Exception as e:  # noqa: BLE001
+                self._failed(name, e)
+                return
+            if op is not None:
+                self.counts[op] += 1
+                self.transactions += 1
+                self.rows += done.pop("_rows", 0)
+                self.statements.update(done)
+            return
+
+    def _deadlock_partner(self, e: psycopg.Error) -> str | None:
+        """The first session in the deadlock cycle that is not a workload client, else None."""
+        detail = (e.diag.message_detail or "") if e.diag else ""
+        pids = {int(p) for p in _DEADLOCK_PID.findall(detail)} - {self.pid}
+        if not pids:
+            return "an unknown session (no pids in the error)"
+        # The server aborted this transaction (and released its locks) when it raised the
+        # error, so a partner may be gone by now: decide by this workload's own sessions.
+        others = sorted(pids - self.wl._pids)
+        if not others:
+            return None
+        try:
+            names = dict(self._side().execute(
+                "SELECT pid, application_name FROM pg_stat_activity WHERE pid = ANY (%s)", (others,)
+            ).fetchall())
+        except psycopg.Error:
+            names = {}
+        return ", ".join(f"pid {pid} ({names.get(pid) or 'gone'})" for pid in others)
+
+    def _side(self) -> psycopg.Connection:
+        """A second, autocommit session of this client for looking at the server."""
+        if self.watch is None or self.watch.closed or self.watch.broken:
+            self.watch = psycopg.connect(self.wl.dsn, autocommit=True,
+                                         application_name=f"orchestrate-workload-{self.index}-watch")
+        return self.watch
+
+    def _x(self, done: Counter, name: str, sql: str, params: list, rows: bool = True) -> list:
+        """Execute one statement of a transaction, timed; count it and its rows."""
+        t0 = time.perf_counter()
+        out = self.conn.execute(sql, params, prepare=True).fetchall() if rows else []
+        self._waited((time.perf_counter() - t0) * 1000.0)
+        done[name] += 1
+        done["_rows"] += len(out)
+        return out
+
+    def _pause(self, span: tuple[float, float]) -> None:
+        lo, hi = span
+        if hi > 0:
+            self.wl._stop.wait(self.rng.uniform(lo, hi))
+
+    def _txn(self, done: Counter) -> str | None:
+        """Several hot rows in this client's order, then one or two of its own rows.
+
+        The first statement reads (at REPEATABLE READ it takes the snapshot), the writes
+        come after a pause: a snapshot older than the rows it writes is what applications
+        do and what capture must get right. Own rows last, so a transaction that waits for
+        a hot row holds no row another kind of client could be waiting for.
+        """
+        wl, st, app = self.wl, self.wl._sql, self.wl.app
+        if not self.hot:
+            return None
+        rows = self.rng.sample(self.hot, min(len(self.hot), self.rng.choice((2, 2, 3))))
+        rows.sort(key=_pk_sort_key, reverse=self.index % 2 == 1)  # A then B here, B then A there
+        first = wl._split_pk(rows[0])
+        self._x(done, "read", st.read_pk, first)
+        self._pause(app.txn_pause_s)
+        for text in rows:
+            pk = wl._split_pk(text)
+            r = self.rng.random()
+            if r < 0.4 and st.upsert is not None:
+                self._x(done, "upsert", st.upsert, [self._value(st.app_col)] + pk)
+            elif r < 0.85 or not st.nullables:
+                name = self.rng.choice(sorted(st.updates)) if st.updates else None
+                if name is None:
+                    continue
+                self._x(done, "update", *self._update_params(name, pk))
+            else:
+                name = self.rng.choice(sorted(st.nullables))
+                self._x(done, "update_null", st.nullables[name], pk + pk)
+            self._pause(app.step_pause_s)
+        if st.bulk_update is not None and self.rng.random() < 0.7:
+            # A range of the client's own rows in one statement: many rows written late in
+            # an old snapshot, where a capture that misses rows copied meanwhile shows.
+            lo, hi = wl._key_range
+            width = max(hi - lo, 1.0) * app.txn_range_rows * st.buckets / max(wl._golden_rows, 1)
+            a = self.rng.uniform(lo, hi)
+            if self.rng.random() < 0.2:
+                self._x(done, "range_delete", st.bulk_delete, [a, a + width, [self.index]])
+            else:
+                params: list[Any] = [self._value(st.app_col)] if st.app_col is not None else []
+                self._x(done, "range_update", st.bulk_update, params + [a, a + width, [self.index]])
+        for _ in range(self.rng.choice((1, 2))):
+            op = self.rng.choices(("insert", "upsert_new", "update", "move_key", "delete"), (3, 2, 3, 2, 1))[0]
+            if op == "upsert_new" and st.upsert_new is None:
+                op = "insert"
+            if op == "move_key" and st.move_key is None:
+                op = "update"
+            t0 = time.perf_counter()
+            self._op(op)
+            self._waited((time.perf_counter() - t0) * 1000.0)
+            done[op] += 1
+            done["_rows"] += 1
+        return "txn"
+
+    def _update_params(self, name: str, pk: list[str]) -> tuple[str, list]:
+        """The simple ``update`` of column ``name`` of row ``pk``: (sql, params)."""
+        wl, st = self.wl, self.wl._sql
+        sql, generatable = st.updates[name]
+        col = wl._meta.col(name)
+        if not generatable:
+            return sql, self._src_pk() + pk + pk
+        if col.unique:
+            return sql, [self._value(col)] + pk + pk
+        if self.rng.random() < 0.5:
+            return sql, [True] + self._src_pk() + [None] + pk + pk
+        return sql, [False] + self._src_pk() + [self._value(col)] + pk + pk
+
+    def _bulk(self, done: Counter) -> str | None:
+        """One UPDATE (or, a quarter of the time, DELETE) of the simple writers' rows in a key range."""
+        wl, st = self.wl, self.wl._sql
+        if st.bulk_update is None:
+            return None
+        lo, hi = wl._key_range
+        delete = self.rng.random() < 0.25
+        want = wl.app.bulk_rows / (3 if delete else 1)
+        owners = [i for i, k in enumerate(wl.kinds) if k in _SIMPLE_KINDS]
+        share = max(len(owners), 1) / wl._sql.buckets
+        width = max(hi - lo, 1.0) * want / max(wl._golden_rows * share, 1.0)
+        a = self.rng.uniform(lo, hi)
+        if delete:
+            self._x(done, "bulk_delete", st.bulk_delete, [a, a + width, owners])
+            return "bulk_delete"
+        params: list[Any] = [self._value(st.app_col)] if st.app_col is not None else []
+        self._x(done, "bulk_update", st.bulk_update, params + [a, a + width, owners])
+        return "bulk_update"
+
+    def _copy(self, done: Counter) -> str | None:
+        """COPY a batch of new rows into the table; then the same rows into the golden copy."""
+        wl, st = self.wl, self.wl._sql
+        if st.copy is None:
+            return None
+        n = self.rng.randint(max(1, wl.app.copy_rows // 2), wl.app.copy_rows)
+        src = self.conn.execute(st.copy_source, self._src_pk(), prepare=True).fetchone()
+        if src is None:
+            return None
+        source = dict(zip(st.copy_source_cols, src, strict=False))
+        seqs = {
+            name: [str(v[0]) for v in self.conn.execute(st.serial_sequence, (str(wl._meta.table), name, n))]
+            for name, how in st.copy_plan if how == "seq"
+        }
+        rows = []
+        for i in range(n):
+            row = []
+            for name, how in st.copy_plan:
+                if how == "seq":
+                    row.append(seqs[name][i])
+                elif how == "pk":
+                    row.append(wl._new_pk_value(name, self.index, self.serial))
+                elif how == "key":
+                    row.append(self._key_text(self._key_value(allow_null=name not in wl._meta.pk)))
+                elif how == "ugen":
+                    row.append(self._value(wl._meta.col(name)))
+                elif how == "null":
+                    row.append(None)
+                elif how == "gen" and self.rng.random() < 0.5:
+                    col = wl._meta.col(name)
+                    row.append(None if not col.notnull and self.rng.random() < 0.2 else self._value(col))
+                else:
+                    row.append(source[name])
+            self.serial += 1
+            rows.append(row)
+        t0 = time.perf_counter()
+        with self.conn.cursor().copy(st.copy) as cp:
+            for row in rows:
+                cp.write_row(row)
+        self._waited((time.perf_counter() - t0) * 1000.0)
+        pkpos = [next(i for i, (n_, _) in enumerate(st.copy_plan) if n_ == c.name) for c in st.pk_cols]
+        keys = [[row[p] for row in rows] for p in pkpos]
+        got = self._x(done, "copy", st.copy_golden, keys)
+        if len(got) != n:
+            raise RuntimeError(f"COPY wrote {n} rows but {len(got)} were found again by primary key")
+        return "copy"
+
+    def _key_text(self, v: float | None) -> str | None:
+        """A key value as COPY text (the server parses it with the column's type)."""
+        kind = self.wl._meta.key_kind
+        if v is None:
+            return None
+        if kind in ("tstz", "ts", "date"):
+            v = min(max(v, -6.0e10), 2.5e11)  # years 68 .. 9900: what Python's datetime can hold
+            d = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=v)
+            if kind == "tstz":
+                return d.isoformat()
+            if kind == "ts":
+                return d.replace(tzinfo=None).isoformat()
+            return date(d.year, d.month, d.day).isoformat()
+        if kind == "int":
+            return str(int(v))
+        return repr(float(v))
+
+    def _hold(self, done: Counter) -> str | None:
+        """UPDATE a few own rows, sit idle in transaction for seconds, COMMIT.
+
+        The rows are this client's: nobody else writes them, so a writer that waits
+        seconds while this one holds them waits for someone in between (a backfill batch
+        holding the rows before them), never for this client itself.
+        """
+        wl, st = self.wl, self.wl._sql
+        if not self.sample or not st.updates:
+            return None
+        picked = self.rng.sample(self.sample, min(len(self.sample), wl.app.hold_rows))
+        for text in picked:  # in random order, like an application
+            pk = wl._split_pk(text)
+            self._x(done, "update", *self._update_params(self.rng.choice(sorted(st.updates)), pk))
+        # Idle in transaction; meanwhile a second session notes who waits for these locks
+        # (the report's ``blocked``: proof that the backfill really met a held row).
+        until = time.monotonic() + self.rng.uniform(*wl.app.hold_s)
+        seen: set[str] = set()
+        while not wl._stop.is_set() and time.monotonic() < until:
+            try:
+                seen.update(r[0] for r in self._side().execute(
+                    "SELECT application_name FROM pg_stat_activity WHERE %s = ANY (pg_blocking_pids(pid))",
+                    (self.pid,)).fetchall())
+            except psycopg.Error:
+                self.watch = None
+            wl._stop.wait(min(0.1, max(0.0, until - time.monotonic())))
+        self.blocked.update(seen)
+        return "hold"
+
+
+def _pk_sort_key(text: str) -> tuple:
+    """Order pk texts numerically when they are numbers (the order locks are taken in)."""
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
+
+
 # ----------------------------------------------------------------------------- workload
 
 
@@ -664,7 +1242,17 @@ class Workload:
         seed: int = 0,
         mix: dict | None = None,
         think_time_s: float = 0.0,
+        profile: str = "simple",
+        app: AppMix | None = None,
     ):
+        if profile not in ("simple", "app"):
+            raise ValueError(f"unknown workload profile {profile!r}; known: simple, app")
+        if profile == "app" or app is not None:
+            app = app or AppMix()
+            unknown_kinds = sorted(set(app.kinds) - set(KINDS))
+            if unknown_kinds or not app.kinds:
+                raise ValueError(f"unknown client kinds {unknown_kinds}; known: {list(KINDS)}")
+            clients = len(app.kinds)
         if clients < 1:
             raise ValueError("clients must be >= 1")
         mix = dict(DEFAULT_MIX if mix is None else mix)
@@ -680,6 +1268,9 @@ class Workload:
         self.seed = seed
         self.mix = mix
         self.think_time_s = think_time_s
+        self.app = app
+        self.profile = "app" if app is not None else "simple"
+        self.kinds: tuple[str, ...] = tuple(app.kinds) if app is not None else ("simple",) * clients
         self.golden = _golden_name(self.table)
         self.report: WorkloadReport | None = None
         self._ops = [o for o in OPS if mix.get(o, 0) > 0]
@@ -691,6 +1282,7 @@ class Workload:
         self._run = 0
         self._started = 0.0
         self._setup_done = False
+        self._pids: set[int] = set()  # backend pids of the clients' sessions, ever
 
     # -- lifecycle
     def setup(self) -> None:
@@ -744,12 +1336,30 @@ class Workload:
                 t.join(timeout=10)
         duration = time.monotonic() - self._started if self._started else 0.0
         threads, self._threads = self._threads, []
-        ops = dict.fromkeys(OPS, 0)
+        ops = dict.fromkeys(OPS + (APP_OPS if self.app else ()), 0)
         lat = array("d")
         worst: tuple[float, datetime | None] = (0.0, None)
         samples: list[tuple[datetime, str, str]] = []
         errors = reconnects = 0
+        retries: Counter[str] = Counter()
+        codes: Counter[str] = Counter()
+        kinds: dict[str, dict[str, Any]] = {}
         for t in threads:
+            retries.update(t.retries)
+            codes.update(t.error_codes)
+            if self.app is not None:
+                k = kinds.setdefault(t.kind, {"clients": 0, "transactions": 0, "rows": 0, "statements": {},
+                                              "retries": {}, "errors": 0, "error_codes": {}, "max_wait_ms": 0.0,
+                                              "blocked": {}})
+                k["clients"] += 1
+                k["transactions"] += t.transactions
+                k["rows"] += t.rows if t.kind not in _SIMPLE_KINDS else t.transactions
+                k["statements"] = dict(Counter(k["statements"]) + t.statements)
+                k["retries"] = dict(Counter(k["retries"]) + t.retries)
+                k["errors"] += t.nerrors
+                k["error_codes"] = dict(Counter(k["error_codes"]) + t.error_codes)
+                k["max_wait_ms"] = round(max(k["max_wait_ms"], t.max_wait_ms), 3)
+                k["blocked"] = dict(Counter(k["blocked"]) + t.blocked)
             for k, v in t.counts.items():
                 ops[k] += v
             lat.extend(t.latencies)
@@ -766,9 +1376,12 @@ class Workload:
             latency_ms=_percentiles(lat),
             duration_s=round(duration, 3),
             max_latency_at=worst[1],
-            writes=sum(ops[o] for o in WRITE_OPS),
+            writes=sum(ops[o] for o in WRITE_OPS + (APP_OPS if self.app else ())),
             reconnects=reconnects,
             clients=self.clients,
+            retries=dict(retries),
+            error_codes=dict(codes),
+            kinds=kinds,
         )
         logger.debug("workload on {} stopped: {}", self.table, self.report.as_dict())
         return self.report
@@ -843,9 +1456,15 @@ SELECT (SELECT count(*) FROM missing), array(SELECT DISTINCT k FROM missing ORDE
     def _prepare(self, conn: psycopg.Connection) -> None:
         """Introspect, build the SQL and the value ranges the clients draw from."""
         self._meta = _introspect(conn, self.table, self.key_column)
-        self._sql = _Statements(self._meta, self.golden, self.clients)
         g = str(self.golden)
         meta = self._meta
+        if self.app is None:
+            self._sql = _Statements(meta, self.golden, self.clients)
+        else:
+            # One bucket per client plus the shared hot rows (the last bucket).
+            self._sql = _Statements(meta, self.golden, self.clients, buckets=self.clients + 1)
+            golden_pk = _introspect(conn, self.golden, self.key_column).pk
+            self._sql.build_app(golden_pk, self._upsert_target(conn))
         self._golden_rows = conn.execute(f"SELECT count(*) FROM {g}").fetchone()[0]
         first = conn.execute(
             f"SELECT {self._sql.pk_text('g')} FROM {g} AS g ORDER BY "
@@ -884,6 +1503,24 @@ SELECT (SELECT count(*) FROM missing), array(SELECT DISTINCT k FROM missing ORDE
         self._pk_token = hashlib.md5(
             f"{self.seed}:{self._golden_rows}:{self._run}:{self._key_range}".encode()
         ).hexdigest()[:8]
+
+    def _upsert_target(self, conn: psycopg.Connection) -> list[str] | None:
+        """The app's ON CONFLICT target: AppMix.upsert_target, else pk + key if a unique index has exactly those."""
+        meta = self._meta
+        if self.app.upsert_target:
+            return list(self.app.upsert_target)
+        want = sorted(set(meta.pk) | {meta.key.name})
+        for (cols,) in conn.execute(
+            "SELECT array_agg(a.attname::text) FROM pg_index i "
+            "CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord) "
+            "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+            "WHERE i.indrelid = %s::regclass AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL "
+            "AND k.ord <= i.indnkeyatts GROUP BY i.indexrelid",
+            (str(meta.table),),
+        ).fetchall():
+            if sorted(cols) == want:
+                return [c for c in meta.pk] + ([meta.key.name] if meta.key.name not in meta.pk else [])
+        return None
 
     def _new_pk_value(self, name: str, client: int, serial: int) -> str:
         col = self._meta.col(name)

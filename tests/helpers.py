@@ -101,3 +101,58 @@ def rows_copied(conn) -> int:
     if not conn.execute("SELECT to_regclass('orchestrate.ranges') IS NOT NULL").fetchone()[0]:
         return 0
     return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM orchestrate.ranges").fetchone()[0])
+
+
+# --- the application-like workload (orchestrator.workload, profile="app") in end-to-end tests ---
+
+#: Lock holders sit idle in transaction this long (seconds) with a few rows locked.
+APP_HOLD_S = (3.0, 5.0)
+#: The longest a simple writer may wait (ms). Simple writers write rows that no other
+#: workload client holds for long (lock holders touch only their own rows, bulk
+#: statements are short), so a wait of seconds is a wait behind the migration: a backfill
+#: batch that met a held row and kept its share locks on the rows before it. With the
+#: batch's short lock_timeout (below deadlock_timeout, 1 s) it gives way at once; without
+#: it, writers wait out the rest of the hold (up to 5 s here). Half the shortest hold:
+#: generous for a loaded 2-core CI machine, far below what a stalled batch costs.
+APP_MAX_WAIT_MS = 1000 * APP_HOLD_S[0] / 2
+
+
+def add_upsert_index(conn, table: str = "public.orders") -> None:
+    """The unique index an application adds before partitioning: (id, created_at).
+
+    It is the app workload's upsert conflict target, valid on both shapes of the table
+    (after cutover the primary key is (id, created_at): ON CONFLICT (id) stops working).
+    """
+    conn.execute(f"CREATE UNIQUE INDEX orders_id_created_at ON {table} (id, created_at)")
+
+
+def app_workload(dsn: str, seed: int, table: str = "public.orders", key: str = "created_at", **mix):
+    """The app profile on the orders table, holders holding APP_HOLD_S unless ``mix`` says otherwise."""
+    from orchestrator.workload import AppMix, Workload
+
+    return Workload(dsn, table, key, seed=seed, profile="app", app=AppMix(**{"hold_s": APP_HOLD_S, **mix}))
+
+
+def assert_app_clean(wl, report, table: str | None = None, backfill_met_holder: bool = False,
+                     waits: bool = True) -> None:
+    """Golden == table, no error but retried 40001/40P01, every kind ran, no long waits.
+
+    ``backfill_met_holder``: also require that a backfill session was seen waiting for a
+    holder's rows, so that the wait bound proves something.
+    """
+    from orchestrator.workload import KINDS
+
+    assert report.errors == 0, (report.error_codes, report.error_samples)
+    assert set(report.retries) <= {"40001", "40P01"}, report.retries
+    for kind in KINDS:
+        if kind in wl.kinds:
+            assert report.kinds[kind]["transactions"] > 0, (kind, report.kinds[kind])
+    cmp = wl.compare(table=table)
+    assert cmp.ok, str(cmp)
+    if backfill_met_holder:
+        blocked = report.kinds["holder"]["blocked"]
+        assert any(a.startswith("orchestrate:backfill") for a in blocked), blocked
+    if waits:
+        for kind in ("simple", "replica_role"):
+            if kind in wl.kinds:
+                assert report.kinds[kind]["max_wait_ms"] < APP_MAX_WAIT_MS, (kind, report.kinds)

@@ -15,9 +15,21 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import psycopg
+import pytest
 import yaml
 
-from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
+from helpers import (
+    add_upsert_index,
+    app_workload,
+    apply_log,
+    assert_app_clean,
+    live,
+    rows_copied,
+    run_cli,
+    start_apply,
+    stop,
+    wait_until,
+)
 from orchestrator.sample import create_orders
 from orchestrator.workload import Workload
 
@@ -157,9 +169,12 @@ def backfill_sessions(conn: psycopg.Connection) -> int:
                         "WHERE application_name LIKE 'orchestrate:backfill-%'").fetchone()[0]
 
 
-def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, tmp_path):
+@pytest.mark.parametrize("profile", ["simple", "app"])
+def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, tmp_path, profile):
     end = datetime.now(timezone.utc)
     create_orders(conn, rows=30_000, days=30, end=end, seed=3)
+    if profile == "app":
+        add_upsert_index(conn)
     # The workload writes keys 20 years off: partitions start at the data, the default takes those.
     start = (end - timedelta(days=31)).strftime("%Y-%m-01")
     # Small pinned batches with a pause after each: one worker would take a minute or more.
@@ -167,7 +182,10 @@ def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, t
                       backfill={"range": "1 day", "batch_size": 100, "fixed_batch_size": True,
                                           "sleep_ratio": 3, "workers": 1})
     p = str(plan)
-    wl = Workload(dsn, "public.orders", "created_at", clients=2, seed=21)
+    if profile == "app":  # every kind of application client, lock holders included
+        wl = app_workload(dsn, seed=21)
+    else:
+        wl = Workload(dsn, "public.orders", "created_at", clients=2, seed=21)
     wl.setup()
     wl.start()
     proc = None
@@ -199,6 +217,8 @@ def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, t
         report = wl.stop()
         if proc is not None:
             stop(proc)
+    if profile == "app":
+        assert_app_clean(wl, report)
     assert report.errors == 0, report.error_samples
     cmp = wl.compare()
     assert cmp.ok, str(cmp)

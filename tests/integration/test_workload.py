@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
 import psycopg
 
+from helpers import wait_until
 from orchestrator.sample import create_orders
-from orchestrator.workload import OPS, Workload
+from orchestrator.workload import KINDS, OPS, AppMix, Workload
 
 AWKWARD_DDL = """
 CREATE SCHEMA "Shop Data";
@@ -213,3 +215,165 @@ def test_prepared_statements_survive_a_rename_swap(dsn: str, conn: psycopg.Conne
     # The writes after the swap went to the new table, not the retired one.
     retired = w.compare(table="public.orders_old")
     assert not retired.ok and retired.live_rows > 0
+
+
+# --- the application-like profile --------------------------------------------------------
+
+
+def _app_orders(conn: psycopg.Connection, rows: int = 5_000) -> None:
+    create_orders(conn, "public.orders", rows=rows, days=30)
+    # The upsert's conflict target (the primary key plus the partition key, as after cutover).
+    conn.execute("CREATE UNIQUE INDEX orders_id_created_at ON public.orders (id, created_at)")
+
+
+def test_app_workload_is_exact_and_does_everything(dsn: str, conn: psycopg.Connection) -> None:
+    _app_orders(conn)
+    # A trigger that fires as triggers do by default (not ENABLE ALWAYS): it logs who wrote.
+    conn.execute("""
+        CREATE TABLE writers (app text);
+        CREATE FUNCTION log_writer() RETURNS trigger LANGUAGE plpgsql AS
+          $$BEGIN INSERT INTO writers VALUES (current_setting('application_name')); RETURN NULL; END$$;
+        CREATE TRIGGER log_writer AFTER INSERT OR UPDATE OR DELETE ON public.orders
+          FOR EACH ROW EXECUTE FUNCTION log_writer();
+    """)
+    w = Workload(dsn, "public.orders", "created_at", seed=4, profile="app", app=AppMix(hold_s=(0.3, 0.8)))
+    assert w.clients == len(w.kinds) == 9 and set(w.kinds) == set(KINDS)
+    w.setup()
+    report = w.run_for(4.0)
+    assert report.errors == 0, (report.error_codes, report.error_samples)
+    assert set(report.retries) <= {"40001", "40P01"}
+    for kind in KINDS:
+        k = report.kinds[kind]
+        assert k["transactions"] > 0 and k["rows"] > 0 and k["errors"] == 0, (kind, k)
+    stmts = {}
+    for k in report.kinds.values():
+        stmts.update({n: stmts.get(n, 0) + v for n, v in k["statements"].items()})
+    for name in ("read", "insert", "update", "update_null", "move_key", "delete", "upsert", "upsert_new",
+                 "bulk_update", "bulk_delete", "copy"):
+        assert stmts.get(name, 0) > 0, (name, stmts)
+    # Bulk statements and COPY batches write many rows per transaction.
+    assert report.kinds["bulk"]["rows"] > 5 * report.kinds["bulk"]["transactions"]
+    assert report.kinds["copy"]["rows"] >= 15 * report.kinds["copy"]["transactions"]
+    assert report.ops["txn"] > 0 and report.ops["hold"] > 0
+    assert report.writes == sum(v for o, v in report.ops.items() if o != "read")
+    cmp = w.compare()
+    assert cmp.ok, str(cmp)
+    # The replica-role client's writes bypassed the ordinary trigger; everyone else's fired it.
+    apps = dict(conn.execute("SELECT app, count(*) FROM writers GROUP BY app").fetchall())
+    replica = f"orchestrate-workload-{w.kinds.index('replica_role')}"
+    assert replica not in apps, apps
+    for i, kind in enumerate(w.kinds):
+        if kind != "replica_role":
+            assert apps.get(f"orchestrate-workload-{i}", 0) > 0, (kind, apps)
+    # The upsert really took its DO UPDATE path: the conflict target exists.
+    assert w._sql.upsert_target == ["id", "created_at"] and "DO UPDATE" in w._sql.upsert
+
+
+def test_app_upsert_without_a_key_index_does_nothing_on_conflict(dsn: str, conn: psycopg.Connection) -> None:
+    create_orders(conn, "public.orders", rows=2_000, days=30)
+    # Before cutover the primary key is (id) alone; without a unique index on (id, created_at)
+    # the only upsert valid on both shapes is ON CONFLICT DO NOTHING.
+    w = Workload(dsn, "public.orders", "created_at", seed=6, profile="app",
+                 app=AppMix(kinds=("txn_rc", "txn_rr"), hold_s=(0.1, 0.2)))
+    w.setup()
+    report = w.run_for(2.0)
+    assert report.errors == 0, report.error_samples
+    assert w._sql.upsert_target is None and "ON CONFLICT DO NOTHING" in w._sql.upsert
+    assert sum(k["statements"].get("upsert", 0) for k in report.kinds.values()) > 0
+    cmp = w.compare()
+    assert cmp.ok, str(cmp)
+
+
+def test_app_retries_serialization_failures_and_deadlocks(dsn: str, conn: psycopg.Connection) -> None:
+    _app_orders(conn, rows=2_000)
+    # Six hot rows for six transaction clients, taken in both orders with pauses between
+    # statements: REPEATABLE READ and SERIALIZABLE clients meet rows changed since their
+    # snapshot (40001); clients wait for each other, and deadlock. Deadlocks are found
+    # sooner than the default 1 s here, so that every kind commits often enough.
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET deadlock_timeout = '100ms'")
+    w = Workload(dsn, "public.orders", "created_at", seed=8, profile="app",
+                 app=AppMix(kinds=("txn_rc", "txn_rc", "txn_rr", "txn_rr", "txn_ser", "txn_ser"), hot_rows=6,
+                            txn_pause_s=(0.01, 0.05), step_pause_s=(0.02, 0.08)))
+    w.setup()
+    report = w.run_for(5.0)
+    assert report.errors == 0, (report.error_codes, report.error_samples)
+    assert report.kinds["txn_rr"]["retries"].get("40001", 0) > 0, report.kinds
+    assert report.kinds["txn_ser"]["retries"].get("40001", 0) > 0, report.kinds
+    assert report.retries.get("40P01", 0) > 0, report.kinds  # between workload clients: retried
+    assert report.retries == {
+        code: sum(k["retries"].get(code, 0) for k in report.kinds.values()) for code in report.retries
+    }
+    for kind in ("txn_rc", "txn_rr", "txn_ser"):
+        assert report.kinds[kind]["transactions"] > 0, report.kinds
+    cmp = w.compare()
+    assert cmp.ok, str(cmp)
+
+
+def test_app_non_retryable_errors_are_failures_with_their_sqlstate(dsn: str, conn: psycopg.Connection) -> None:
+    _app_orders(conn, rows=2_000)
+    # Injected through a trigger: client 1 fails every update with 22023 (not retryable);
+    # client 0 sees a serialization failure on a third of its updates (retried, not an error).
+    conn.execute("""
+        CREATE FUNCTION inject() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF current_setting('application_name') = 'orchestrate-workload-1' THEN
+            RAISE EXCEPTION 'injected failure' USING ERRCODE = '22023';
+          ELSIF current_setting('application_name') = 'orchestrate-workload-0' AND random() < 0.33 THEN
+            RAISE EXCEPTION 'injected serialization failure' USING ERRCODE = '40001';
+          END IF;
+          RETURN NEW;
+        END$$;
+        CREATE TRIGGER inject BEFORE UPDATE ON public.orders FOR EACH ROW EXECUTE FUNCTION inject();
+    """)
+    w = Workload(dsn, "public.orders", "created_at", seed=10, profile="app",
+                 app=AppMix(kinds=("txn_rc", "txn_rr"), hot_rows=200, txn_pause_s=(0.0, 0.01)))
+    w.setup()
+    report = w.run_for(2.5)
+    rc, rr = report.kinds["txn_rc"], report.kinds["txn_rr"]
+    assert rc["errors"] == 0 and rc["retries"].get("40001", 0) > 0 and rc["transactions"] > 0, rc
+    assert rr["errors"] > 0 and rr["error_codes"] == {"22023": rr["errors"]} and rr["transactions"] == 0, rr
+    assert report.errors == rr["errors"] and report.error_codes == {"22023": rr["errors"]}
+    assert "SQLSTATE 22023" in report.error_samples[0] and "injected failure" in report.error_samples[0]
+    cmp = w.compare()  # failed transactions left nothing behind, in either table
+    assert cmp.ok, str(cmp)
+
+
+def test_app_deadlock_with_another_session_is_a_failure(dsn: str, conn: psycopg.Connection) -> None:
+    _app_orders(conn, rows=2_000)
+    # One READ COMMITTED client, two hot rows, taken A then B with a pause in between. A
+    # session that is not the workload's (the migration, say) locks B, waits until the
+    # client waits for B while holding A, then asks for A: a deadlock the client must not
+    # retry as if it were its own business. The other session waits longest (its
+    # deadlock_timeout is raised), so the client is the one the server aborts.
+    w = Workload(dsn, "public.orders", "created_at", seed=12, profile="app",
+                 app=AppMix(kinds=("txn_rc",), hot_rows=2, txn_pause_s=(0.05, 0.1), step_pause_s=(0.2, 0.3)))
+    w.setup()
+    w.start()
+    try:
+        hot = sorted(int(x) for x in w._threads[0].hot or wait_until(lambda: w._threads[0].hot, timeout=30))
+        with psycopg.connect(dsn, application_name="not-the-workload") as other:
+            other.execute("SET deadlock_timeout = '20s'")
+            # A no-op update: it takes the row lock and changes nothing the golden copy misses.
+            other.execute("UPDATE public.orders SET note = note WHERE id = %s", (hot[1],))
+            client_pid = w._threads[0].pid
+            wait_until(lambda: conn.execute("SELECT %s = ANY (pg_blocking_pids(%s))",
+                                            (other.info.backend_pid, client_pid)).fetchone()[0], timeout=30)
+            done = threading.Event()
+            t = threading.Thread(target=lambda: (other.execute(
+                "UPDATE public.orders SET note = note WHERE id = %s", (hot[0],)), done.set()))
+            t.start()
+            t.join(30)
+            assert done.is_set(), "the other session never got its row: no deadlock was detected"
+            # Stay connected until the client has named its partner.
+            wait_until(lambda: w._threads[0].nerrors > 0, timeout=30)
+            other.commit()
+        time.sleep(0.5)
+    finally:
+        report = w.stop()
+    k = report.kinds["txn_rc"]
+    assert k["error_codes"].get("40P01", 0) >= 1, k
+    assert any("deadlock with pid" in e and "not-the-workload" in e for e in report.error_samples), \
+        report.error_samples
+    assert k["transactions"] > 0  # it went on afterwards
+    cmp = w.compare()
+    assert cmp.ok, str(cmp)
