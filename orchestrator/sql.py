@@ -503,7 +503,8 @@ def range_digest(table: QualifiedName, shape: Shape, where: str, mode: str,
     fields = ", ".join(ident(c) if c in by_type else f'{ident(c)}::pg_catalog.text COLLATE pg_catalog."C"'
                        for c in shape.all_columns)
     return (
-        f"SELECT pg_catalog.count(*), coalesce(pg_catalog.sum(pg_catalog.hash_record_extended(ROW({fields}), 0)), 0) "
+        "SELECT pg_catalog.count(*), "
+        f"coalesce(pg_catalog.sum(pg_catalog.hash_record_extended(ROW({fields}), 0::pg_catalog.int8)), 0) "
         f"FROM {table} WHERE {where}"
     )
 

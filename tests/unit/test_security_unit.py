@@ -73,8 +73,8 @@ def test_owner_functions_pin_search_path_and_qualify_builtins():
     assert "SET search_path = pg_catalog, pg_temp" in ex and "SET row_security = off" in ex
     assert "current_user OPERATOR(pg_catalog.<>) 'app_owner'::pg_catalog.name" in ex
     digest = sql.range_digest(sql.QualifiedName("public", "t"), shape, "true", "hash")
-    assert "pg_catalog.hashtextextended(" in digest and ", 0::bigint)" in digest
-    assert " hashtextextended(" not in digest.replace("pg_catalog.hashtextextended(", "")
+    assert "pg_catalog.hash_record_extended(" in digest and ", 0::pg_catalog.int8)" in digest
+    assert " hash_record_extended(" not in digest.replace("pg_catalog.hash_record_extended(", "")
 
 
 def test_metrics_listen_on_loopback_by_default():

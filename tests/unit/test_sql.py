@@ -100,10 +100,10 @@ def test_backfill_boundary_and_null_range():
 def test_range_digest_hashes_every_column():
     d = sql.range_digest(T, SHAPE, "true", "hash")
     t = '::pg_catalog.text COLLATE pg_catalog."C"'
-    assert f"pg_catalog.hash_record_extended(ROW(id{t}, note{t}, created_at{t}, total{t}), 0)" in d
+    assert f"pg_catalog.hash_record_extended(ROW(id{t}, note{t}, created_at{t}, total{t}), 0::pg_catalog.int8)" in d
     # Columns whose type hashes exactly go in as themselves; the others as their text.
     d = sql.range_digest(T, SHAPE, "true", "hash", frozenset({"id", "created_at"}))
-    assert f"hash_record_extended(ROW(id, note{t}, created_at, total{t}), 0)" in d
+    assert f"hash_record_extended(ROW(id, note{t}, created_at, total{t}), 0::pg_catalog.int8)" in d
 
 
 def test_rewrite_index_points_at_twin_and_adds_key():
