@@ -414,7 +414,7 @@ def carry(ctx) -> None:
         if m.done("capture"):
             install_sync(cur, ctx, plan.table_name, plan.twin, FORWARD_TRIGGER, "capture")
             install_column_guard(cur, plan.table_name, FORWARD_TRIGGER, info.writable_columns,
-                                 ctx.function("columns"))
+                                 ctx.function("capture_columns"))
         ctx.store.set_facts(cur, ctx.mid, shape=shape)
         if added and m.done("capture"):
             _schedule_recopy(cur, ctx)

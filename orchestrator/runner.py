@@ -344,7 +344,7 @@ def rollback(plan: Plan, dsn: str) -> Outcome:
         phases["prepare"].undo(ctx)
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
             for kind in ("capture", "reverse"):
-                for k in (kind, kind + "_truncate", kind + "_on"):
+                for k in (kind, kind + "_truncate", kind + "_on", kind + "_columns"):
                     cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
             cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
             ctx.store.set_status(cur, m.id, "rolled_back")

@@ -55,7 +55,7 @@ def stage_reverse(cur: psycopg.Cursor, ctx: Context) -> None:
     cur.execute(sql.sync_switch(switch, False))
     install_sync(cur, ctx, ctx.plan.twin, ctx.plan.retired, REVERSE_TRIGGER, "reverse", switch)
     drift.install_column_guard(cur, ctx.plan.twin, REVERSE_TRIGGER, list(ctx.shape().columns),
-                               ctx.function("columns"))
+                               ctx.function("reverse_columns"))
 
 
 def reverse_staged(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName) -> bool:
@@ -84,10 +84,12 @@ def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigg
     if exists:
         for stmt in sql.drop_sync_triggers(table, trigger):
             cur.execute(stmt)
-    drift.drop_column_guard(cur, table if exists else None, trigger, ctx.function("columns"))
+    # One guard function per side: the reverse side's is staged at prepare and must outlive
+    # the capture side's, dropped at cutover.
+    drift.drop_column_guard(cur, table if exists else None, trigger, ctx.function(kind + "_columns"))
     if kind == "capture" and ctx.migration is not None:
         drift.drop_ddl_guard(cur, ctx.mid)
-    for k in (kind, kind + "_truncate", kind + "_on"):
+    for k in (kind, kind + "_truncate", kind + "_on", kind + "_columns"):
         cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
 
 
@@ -115,7 +117,7 @@ class Capture:
             # DROP COLUMN / ALTER TYPE of a captured column is refused by PostgreSQL from now on,
             # instead of breaking every write in the trigger (see orchestrator/drift.py).
             drift.install_column_guard(cur, ctx.plan.table_name, FORWARD_TRIGGER, ctx.shape().columns,
-                                       ctx.function("columns"))
+                                       ctx.function("capture_columns"))
             if ctx.plan.guard_ddl and drift.can_guard_ddl(ctx.conn)[0]:
                 drift.install_ddl_guard(cur, ctx.mid, ctx.info.oid, ctx.plan.table_name)
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0)

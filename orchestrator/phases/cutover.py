@@ -656,7 +656,7 @@ class Cutover:
             if not drift.column_guard_matches(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns):
                 # Staged at prepare; re-made here only when a column was carried since.
                 drift.install_column_guard(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns,
-                                           ctx.function("columns"))
+                                           ctx.function("reverse_columns"))
             ctx.store.set_status(cur, ctx.mid, "cut_over", "cutover")
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done
