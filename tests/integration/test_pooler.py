@@ -131,6 +131,11 @@ def test_connect_tells_the_endpoints_apart(cluster, dsn, dbname, tx_pooler, sess
         assert not conn.pooled
         # Connection parameters (source 'client'), not a SET that could outlive the session.
         assert conn.execute("SELECT count(*) FROM pg_settings WHERE source = 'session'").fetchone()[0] == 0
+    # libpq's PGTZ arrives after our options and would win: the session is UTC all the same.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGTZ", "Asia/Tokyo")
+        with db.connect(dsn, "t") as conn:
+            assert conn.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "UTC"
     # The user's own options are kept beside ours.
     with db.connect(f"{dsn} options='-c work_mem=7MB'", "t") as conn:
         assert conn.execute("SELECT current_setting('work_mem'), current_setting('search_path')").fetchone() == \
