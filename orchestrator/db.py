@@ -119,6 +119,16 @@ def connect(dsn: str, role: str = "main", autocommit: bool = True,
     return conn
 
 
+def check_endpoints(dsns: list[str] | tuple[str, ...], role: str) -> None:
+    """Connect once to each DSN: BadEndpoint for a transaction-mode pooler. One that cannot be
+    reached is left to its user (the throttle reports it and fails closed)."""
+    for dsn in dict.fromkeys(dsns):
+        try:
+            close_quietly(connect(dsn, role))
+        except ConnectionFailed:
+            pass
+
+
 def _open(dsn: str, params: dict, autocommit: bool) -> Session:
     try:
         return Session.connect(**params, autocommit=autocommit, prepare_threshold=None)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import psycopg
 from loguru import logger
 
-from orchestrator.db import close_quietly, connect, is_connection_error, with_lock_retry
+from orchestrator.db import check_endpoints, close_quietly, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, StateConflict
 from orchestrator.inspect import resolve
 from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
@@ -125,6 +125,8 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
 
     from orchestrator.control import steering
 
+    # Replicas through a transaction-mode pooler: refused before anything is recorded.
+    check_endpoints([*plan.throttle.replicas, *replica_dsns], "replica-check")
     with session(plan, dsn) as ctx, ExitStack() as running:
         ctx.replica_dsns = replica_dsns
         ctx.progress = progress

@@ -211,6 +211,10 @@ def test_every_verb_refuses_a_transaction_pool_and_leaves_nothing(conn, dsn, dbn
 
     refused_by_all()  # nothing recorded yet: no state schema appears
     assert "state" in before and not before["state"]
+    # A replica DSN through the pool is refused as well, before apply records anything.
+    code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--replica-dsn", pooled)
+    assert code == 2 and "transaction or statement mode" in err and "Traceback" not in err, err[-2000:]
+    assert catalog(conn) == before
     # A migration recorded and under way (run directly): its state is left exactly as it was.
     code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--until", "capture")
     assert code == 0, err[-2000:]
