@@ -61,9 +61,9 @@ _checked_lock = threading.Lock()
 
 
 class Session(psycopg.Connection):
-    """A connection of ours. ``pooled`` when the endpoint took our settings only as ``SET``
-    (a session-mode pool that passes no ``options`` on): close() then discards every piece of
-    session state before the server session goes back to the pool."""
+    """A connection of ours. ``pooled`` when our settings had to be ``SET`` (a session-mode pool
+    that passes no ``options`` on; or PGTZ, which libpq applies after them): close() then
+    discards every piece of session state before the server session goes back to a pool."""
 
     pooled = False
 
@@ -134,6 +134,16 @@ def connect(dsn: str, role: str = "main", autocommit: bool = True,
     return conn
 
 
+def check_endpoints(dsns: list[str] | tuple[str, ...], role: str) -> None:
+    """Connect once to each DSN: BadEndpoint for a transaction-mode pooler. One that cannot be
+    reached is left to its user (the throttle reports it and fails closed)."""
+    for dsn in dict.fromkeys(dsns):
+        try:
+            close_quietly(connect(dsn, role))
+        except ConnectionFailed:
+            pass
+
+
 def _open(dsn: str, params: dict, autocommit: bool) -> Session:
     try:
         return Session.connect(**params, autocommit=autocommit, prepare_threshold=None)
@@ -156,13 +166,15 @@ def _took_options(conn: psycopg.Connection, wanted: dict[str, str]) -> bool:
     """True when every setting came from the startup packet (source 'client'). A pooler that
     accepts ``options`` but drops them (ignore_startup_parameters) leaves them at the server's
     defaults; one that re-SETs them itself shows 'session'. Either way: not ours to rely on."""
+    # libpq sends PGTZ as a startup parameter of its own, applied after ``options``: also 'client'.
     row = conn.execute(
-        "SELECT count(*) FROM pg_catalog.pg_settings WHERE lower(name) = ANY(%s) AND source = 'client'",
+        "SELECT count(*), pg_catalog.current_setting('TimeZone') FROM pg_catalog.pg_settings "
+        "WHERE lower(name) = ANY(%s) AND source = 'client'",
         ([n.lower() for n in wanted],),
     ).fetchone()
     if not conn.autocommit:
         conn.commit()
-    return row is not None and row[0] == len(wanted)
+    return row is not None and row[0] == len(wanted) and row[1] == wanted["TimeZone"]
 
 
 def check_endpoint(conn: psycopg.Connection, params: dict, dsn: str) -> None:

@@ -18,7 +18,7 @@ import psycopg
 from loguru import logger
 
 from orchestrator import drift, horizon
-from orchestrator.db import close_quietly, connect, is_connection_error, with_lock_retry
+from orchestrator.db import check_endpoints, close_quietly, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, PreflightError, StateConflict
 from orchestrator.inspect import resolve
 from orchestrator.owner import EXECUTOR, MONITOR_HINT, sees_all_sessions
@@ -133,6 +133,8 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
 
     from orchestrator.control import steering
 
+    # Replicas through a transaction-mode pooler: refused before anything is recorded.
+    check_endpoints([*plan.throttle.all_replicas, *replica_dsns], "replica-check")
     # The state schema is created only once preflight passed: a refused apply leaves nothing.
     with session(plan, dsn, state=False) as ctx, ExitStack() as running:
         ctx.replica_dsns = replica_dsns

@@ -131,6 +131,11 @@ def test_connect_tells_the_endpoints_apart(cluster, dsn, dbname, tx_pooler, sess
         assert not conn.pooled
         # Connection parameters (source 'client'), not a SET that could outlive the session.
         assert conn.execute("SELECT count(*) FROM pg_settings WHERE source = 'session'").fetchone()[0] == 0
+    # libpq's PGTZ arrives after our options and would win: the session is UTC all the same.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PGTZ", "Asia/Tokyo")
+        with db.connect(dsn, "t") as conn:
+            assert conn.execute("SELECT current_setting('TimeZone')").fetchone()[0] == "UTC"
     # The user's own options are kept beside ours.
     with db.connect(f"{dsn} options='-c work_mem=7MB'", "t") as conn:
         assert conn.execute("SELECT current_setting('work_mem'), current_setting('search_path')").fetchone() == \
@@ -206,6 +211,10 @@ def test_every_verb_refuses_a_transaction_pool_and_leaves_nothing(conn, dsn, dbn
 
     refused_by_all()  # nothing recorded yet: no state schema appears
     assert "state" in before and not before["state"]
+    # A replica DSN through the pool is refused as well, before apply records anything.
+    code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--replica-dsn", pooled)
+    assert code == 2 and "transaction or statement mode" in err and "Traceback" not in err, err[-2000:]
+    assert catalog(conn) == before
     # A migration recorded and under way (run directly): its state is left exactly as it was.
     code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--until", "capture")
     assert code == 0, err[-2000:]
