@@ -369,3 +369,38 @@ def test_without_pg_monitor_the_checks_fail_closed_and_plan_says_so(dsn, conn, t
         assert not throttle.check(force=True).throttled
     finally:
         throttle.stop()
+
+
+def test_maintain_moves_default_rows_as_the_owner(dsn, conn, tmp_path):
+    """maintain (as superuser) moves rows out of the default partition into a new partition:
+    the owner's CHECK and row trigger fire on those writes, as the owner only; the new
+    partition is the owner's before a row reaches it."""
+    evil = new_role(conn, "evil")
+    conn.execute(f"GRANT CREATE ON SCHEMA public TO {evil}")
+    evil_conn = psycopg.connect(role_dsn(dsn, evil), autocommit=True)
+    evil_conn.execute(EVIL_SETUP.split("ALTER TABLE public.orders")[0].format(evil=evil))
+    evil_conn.execute("""
+        CREATE TABLE public.events (id bigint NOT NULL, created_at timestamptz NOT NULL, note text,
+            PRIMARY KEY (id, created_at), CHECK (public.evil_probe('check'))) PARTITION BY RANGE (created_at);
+        CREATE TABLE public.events_default PARTITION OF public.events DEFAULT;
+        CREATE TRIGGER evil_rows AFTER INSERT OR DELETE ON public.events
+            FOR EACH ROW EXECUTE FUNCTION public.evil_trigger('row trigger');
+        INSERT INTO public.events SELECT g, date_trunc('month', now()) + g * interval '1 hour', 'x'
+            FROM generate_series(1, 300) g;
+    """)
+    conn.execute("DELETE FROM public.evil_log")
+    plan = tmp_path / "events.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "table": "public.events",
+                                    "partition_by": {"column": "created_at", "interval": "1 month", "premake": 1},
+                                    "backfill": {"batch_size": 100}}))
+    code, out, err = run_cli("maintain", str(plan), "--dsn", dsn, "-o", "json")
+    evil_conn.close()
+    assert code == 0, err
+    assert conn.execute("SELECT count(*) FROM public.events_default").fetchone()[0] == 0
+    parts = conn.execute("SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_inherits i JOIN pg_class c "
+                         "ON c.oid = i.inhrelid WHERE i.inhparent = 'public.events'::regclass").fetchall()
+    assert parts == [(evil,)]
+    assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (evil,)).fetchone()[0] is False
+    ran = set(conn.execute("SELECT what, who FROM public.evil_log").fetchall())
+    assert ("check", evil) in ran and ("row trigger", evil) in ran, ran
+    assert {who for _what, who in ran} == {evil}, ran
