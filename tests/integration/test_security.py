@@ -339,6 +339,7 @@ def test_without_pg_monitor_the_checks_fail_closed_and_plan_says_so(dsn, conn, t
     create_orders(conn, rows=500, days=40)
     owner = new_role(conn, "owner")
     conn.execute(f"ALTER TABLE public.orders OWNER TO {owner}; GRANT CREATE ON SCHEMA public TO {owner}; "
+                 f"ALTER VIEW public.orders_daily OWNER TO {owner}; "
                  f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {owner}")
     owner_dsn = role_dsn(dsn, owner)
     plan_file = write_plan(tmp_path)
