@@ -468,3 +468,17 @@ def test_force_row_level_security_without_bypassrls_is_refused(dsn, conn, tmp_pa
     assert code == 0, err
     assert conn.execute("SELECT count(*) FROM public.orders_partitioned").fetchone()[0] == \
         conn.execute("SELECT count(*) FROM public.orders").fetchone()[0] == 800
+
+
+def test_plan_refuses_a_view_the_running_role_cannot_recreate(dsn, conn, tmp_path):
+    """The cutover re-creates dependent views on the new table: a view owned by a role the
+    running (non-superuser) role cannot act as is refused up front by `plan`, not mid-cutover."""
+    create_orders(conn, rows=500, days=40)  # its view public.orders_daily stays the superuser's
+    owner = new_role(conn, "owner")
+    conn.execute(f"ALTER TABLE public.orders OWNER TO {owner}; GRANT CREATE ON SCHEMA public TO {owner}; "
+                 f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {owner}; GRANT pg_monitor TO {owner}")
+    plan_file = write_plan(tmp_path)
+    code, out, err = run_cli("plan", plan_file, "--dsn", role_dsn(dsn, owner))
+    assert code == 3 and "ALTER VIEW public.orders_daily OWNER TO" in err, (code, err)
+    conn.execute(f"ALTER VIEW public.orders_daily OWNER TO {owner}")
+    assert run_cli("plan", plan_file, "--dsn", role_dsn(dsn, owner))[0] == 0
