@@ -107,7 +107,7 @@ def plan_cmd(plan_file: str, dsn: str | None, output: str) -> None:
     from orchestrator import report, runner
 
     plan = load_plan(plan_file)
-    if not dsn and plan.dsn_env:
+    if not dsn and plan.dsn_env and os.environ.get(plan.dsn_env):  # unset: validate the file alone
         dsn = _dsn_required(dsn, plan)
     _emit(runner.make_plan(plan, dsn), output, report.plan_text)
 

@@ -88,6 +88,7 @@ from psycopg import errors as pgerr
 
 from orchestrator.db import close_quietly, connect, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
+from orchestrator.owner import as_owner_sql, render, table_executor
 from orchestrator.plan import Plan, load_plan, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
 
@@ -411,6 +412,7 @@ def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[Q
 class _Pass:
     def __init__(self, plan: Plan, conn: psycopg.Connection, now: datetime, dsn: str | None = None):
         self.plan, self.conn, self.now, self.dsn = plan, conn, now, dsn
+        self._executor: tuple[QualifiedName, str] | None = None
         c = plan.cutover
         self.lock_args = {"lock_timeout_s": c.lock_timeout_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
         self.result: dict[str, Any] = {
@@ -420,6 +422,18 @@ class _Pass:
         }
 
     # -- helpers
+    def _owner(self, f: Facts) -> tuple[QualifiedName, str]:
+        """The executor that writes the table's partitions as its owner, and the owner."""
+        if self._executor is None:
+            self._executor = table_executor(self.conn, f.oid)
+        return self._executor
+
+    def _as_owner(self, cur: psycopg.Cursor, f: Facts, query: str, params: list | tuple = ()) -> int:
+        """Run one write as the table's owner (its CHECKs, defaults and triggers are its
+        code: never run with our rights); returns the row count."""
+        fn, _owner = self._owner(f)
+        return int(cur.execute(as_owner_sql(fn), [render(cur, query, params)]).fetchone()[0])
+
     def _locked(self, what: str, body, locks: list[tuple[QualifiedName, str]]) -> Any:
         """with_lock_retry around body; measures from the moment the locks are held to commit."""
         out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args)
@@ -448,6 +462,7 @@ class _Pass:
                 raise PreflightError(f"cannot create partition {name}: a relation of that name already exists")
         check = _constraint_name(name.name)
         k = ident(f.key)
+        _fn, owner = self._owner(f)
 
         like = _sibling(conn, f)
 
@@ -457,6 +472,8 @@ class _Pass:
             cur.execute(f"ALTER TABLE {name} ALTER COLUMN {k} SET NOT NULL, "
                         f"ADD CONSTRAINT {ident(check)} CHECK ({_range_sql(f, lo, hi)})")
             cur.execute(f"COMMENT ON TABLE {name} IS {literal(STAGING_COMMENT)}")
+            # The owner's before a row is written into it, like every partition of the table.
+            cur.execute(f"ALTER TABLE {name} OWNER TO {ident(owner)}")
 
         # Only the new table is locked exclusively; LIKE reads the parent under ACCESS SHARE.
         self._locked(f"stage {name.name}", stage, [])
@@ -481,17 +498,16 @@ class _Pass:
                     row_d = "ROW(" + ", ".join(f"d.{ident(c)}" for c in f.columns) + ")::text"
                     row_n = "ROW(" + ", ".join(f"n.{ident(c)}" for c in f.columns) + ")::text"
                     # Copies that are stale (row changed, moved or deleted since the copy).
-                    cur.execute(f"DELETE FROM {name} AS n WHERE NOT EXISTS (SELECT 1 FROM {f.default} AS d "
-                                f"WHERE {pk_eq} AND {rng_d} AND {row_d} = {row_n})")
+                    self._as_owner(cur, f, f"DELETE FROM {name} AS n WHERE NOT EXISTS (SELECT 1 FROM {f.default} "
+                                   f"AS d WHERE {pk_eq} AND {rng_d} AND {row_d} = {row_n})")
                     # Rows not copied yet (new, or changed and just deleted above).
-                    cur.execute(f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
-                                f"FROM {f.default} AS d WHERE {rng_d} AND NOT EXISTS "
-                                f"(SELECT 1 FROM {name} AS n WHERE {pk_eq})")
+                    self._as_owner(cur, f, f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
+                                   f"FROM {f.default} AS d WHERE {rng_d} AND NOT EXISTS "
+                                   f"(SELECT 1 FROM {name} AS n WHERE {pk_eq})")
                 else:
-                    cur.execute(f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
-                                f"FROM {f.default} WHERE {rng}")
-                cur.execute(f"DELETE FROM {f.default} WHERE {rng}")
-                moved = cur.rowcount
+                    self._as_owner(cur, f, f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
+                                   f"FROM {f.default} WHERE {rng}")
+                moved = self._as_owner(cur, f, f"DELETE FROM {f.default} WHERE {rng}")
                 cur.execute(f"SELECT count(*) FROM {name}")
                 if cur.fetchone()[0] != moved:  # cannot happen; never attach on a doubt
                     raise PreflightError(f"{name}: moved row count mismatch; nothing changed")
@@ -521,23 +537,26 @@ class _Pass:
         """Copy the default's rows of [lo, hi) into the staging table, pk order, one batch per
         transaction, without locking them: the locked swap reconciles whatever changed."""
         size = self.plan.backfill.batch_size
-        allc = ", ".join(ident(c) for c in f.columns)
         wcols = ", ".join(ident(c) for c in f.writable)
         pk = ", ".join(ident(c) for c in f.pk)
         pk_desc = ", ".join(ident(c) + " DESC" for c in f.pk)
         after = "(" + pk + ") > (" + ", ".join(f"%s::{t}" for t in f.pk_types) + ")"
         last: list[str] | None = None
         total = 0
+        upto = "(" + pk + ") <= (" + ", ".join(f"%s::{t}" for t in f.pk_types) + ")"
         while True:
             where = _range_sql(f, lo, hi) + (f" AND {after}" if last is not None else "")
-            stmt = (f"WITH b AS MATERIALIZED (SELECT {allc} FROM {f.default} WHERE {where} ORDER BY {pk} LIMIT %s), "
-                    f"ins AS (INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} FROM b "
-                    f"ON CONFLICT DO NOTHING) "
-                    f"SELECT (SELECT count(*) FROM b), " + ", ".join(f"{ident(c)}::text" for c in f.pk)
-                    + f" FROM b ORDER BY {pk_desc} LIMIT 1")
-            row = self.conn.execute(stmt, [*(last or []), size]).fetchone()
+            # The window's end (a read), then its copy as the owner, bounded by that value.
+            row = self.conn.execute(
+                f"WITH b AS MATERIALIZED (SELECT {pk} FROM {f.default} WHERE {where} ORDER BY {pk} LIMIT %s) "
+                f"SELECT (SELECT count(*) FROM b), " + ", ".join(f"{ident(c)}::text" for c in f.pk)
+                + f" FROM b ORDER BY {pk_desc} LIMIT 1", [*(last or []), size]).fetchone()
             if row is None:
                 break
+            with self.conn.cursor() as cur:
+                self._as_owner(cur, f, f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
+                               f"FROM {f.default} WHERE {where} AND {upto} ON CONFLICT DO NOTHING",
+                               [*(last or []), *row[1:]])
             total += row[0]
             last = list(row[1:])
             if row[0] < size:

@@ -123,3 +123,20 @@ def call(fn: QualifiedName) -> str:
 def as_owner_sql(fn: QualifiedName) -> str:
     """The query that runs one rendered statement through the executor; returns its row count."""
     return f"SELECT {call(fn)}"
+
+
+def table_executor(conn: psycopg.Connection, table_oid: int) -> tuple[QualifiedName, str]:
+    """(executor, owner) for work outside a migration (maintain): one executor per owner role,
+    ``orchestrate.as_owner_r<role oid>``, (re)created here, so it is always current.
+
+    Needs the state schema (created if missing, refused if another role controls it)."""
+    from orchestrator.state.store import ensure_schema
+
+    ensure_schema(conn)
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("SELECT relowner::int, pg_catalog.pg_get_userbyid(relowner)::text FROM pg_catalog.pg_class "
+                    "WHERE oid = %s", (table_oid,))
+        owner_oid, owner = cur.fetchone()
+        fn = QualifiedName("orchestrate", f"{EXECUTOR}_r{owner_oid}")
+        install_executor(cur, fn, owner)
+    return fn, owner

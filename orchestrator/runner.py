@@ -254,6 +254,16 @@ def privilege_warnings(ctx: Context, info) -> list[str]:
         raise PreflightError(f"the role running orchestrate ({conn.info.user}) cannot create the twin in schema "
                              f"{ctx.plan.table_name.schema}: GRANT CREATE ON SCHEMA {ident(ctx.plan.table_name.schema)}"
                              " to it")
+    views = [d for d in info.dependents if d.kind == "v"]
+    if views:
+        row = conn.execute(
+            "SELECT c.oid::regclass::text FROM pg_catalog.pg_class c WHERE c.oid = ANY (%s::oid[]) "
+            "AND NOT pg_catalog.pg_has_role(current_user, c.relowner, 'MEMBER') LIMIT 1",
+            ([d.oid for d in views],)).fetchone()
+        if row:  # the cutover re-creates each view on the new table: only its owner may
+            raise PreflightError(f"view {row[0]} depends on {info.name} and belongs to a role the one running "
+                                 f"orchestrate ({conn.info.user}) cannot act as; the cutover must re-create it. "
+                                 f"ALTER VIEW {row[0]} OWNER TO {ident(info.owner)}")
     if not owner_create and conn.info.user != info.owner:
         raise PreflightError(f"the table owner {info.owner} has no CREATE on schema {ctx.plan.table_name.schema}: "
                              "a non-superuser can only give it the twin if it does. Run as the owner, or GRANT "

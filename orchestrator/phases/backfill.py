@@ -452,6 +452,15 @@ def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
     return removed, n
 
 
+def ensure_executor(ctx: Context) -> None:
+    """(Re)create the owner's executor if it is missing: a migration started by an older
+    version, or an owner that ran DROP OWNED (which it may: it owns the function)."""
+    fn = ctx.function(owner.EXECUTOR)
+    with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+        if cur.execute("SELECT pg_catalog.to_regprocedure(%s) IS NULL", (f"{fn}(text)",)).fetchone()[0]:
+            owner.install_executor(cur, fn, ctx.info.owner if ctx.info is not None else ctx.facts["owner"])
+
+
 class Backfill:
     name = "backfill"
 
@@ -488,6 +497,7 @@ class Backfill:
 
     def run(self, ctx: Context) -> None:
         self.ensure_ranges(ctx)
+        ensure_executor(ctx)
         pending = [r for r in ctx.store.ranges(ctx.mid) if r["state"] != "copied"]
         total = len(ctx.store.ranges(ctx.mid))
         b = ctx.plan.backfill

@@ -88,7 +88,15 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
         raise PreflightError(f"PostgreSQL {version} is not supported: orchestrate needs 14 or later")
     info = inspect_table(conn, plan.table_name)
     with conn.cursor() as cur:
-        acting_mode(cur, info.owner)  # refuses (exit 3) a role that cannot act as the owner
+        mode = acting_mode(cur, info.owner)  # refuses (exit 3) a role that cannot act as the owner
+        if mode == "member" and info.rls_enabled:
+            cur.execute("SELECT rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            if not cur.fetchone()[0]:
+                # Our reads (window bounds, verify) run as us, and the policies would apply to us.
+                raise PreflightError(
+                    f"table {info.name} has row level security and the role running orchestrate "
+                    f"({conn.info.user}) is not its owner and lacks BYPASSRLS: run as the owner "
+                    f"({info.owner}) or a superuser")
         if info.rls_forced:
             cur.execute("SELECT rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = %s", (info.owner,))
             if not cur.fetchone()[0]:

@@ -339,6 +339,7 @@ def test_without_pg_monitor_the_checks_fail_closed_and_plan_says_so(dsn, conn, t
     create_orders(conn, rows=500, days=40)
     owner = new_role(conn, "owner")
     conn.execute(f"ALTER TABLE public.orders OWNER TO {owner}; GRANT CREATE ON SCHEMA public TO {owner}; "
+                 f"ALTER VIEW public.orders_daily OWNER TO {owner}; "
                  f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {owner}")
     owner_dsn = role_dsn(dsn, owner)
     plan_file = write_plan(tmp_path)
@@ -369,3 +370,115 @@ def test_without_pg_monitor_the_checks_fail_closed_and_plan_says_so(dsn, conn, t
         assert not throttle.check(force=True).throttled
     finally:
         throttle.stop()
+
+
+def test_maintain_moves_default_rows_as_the_owner(dsn, conn, tmp_path):
+    """maintain (as superuser) moves rows out of the default partition into a new partition:
+    the owner's CHECK and row trigger fire on those writes, as the owner only; the new
+    partition is the owner's before a row reaches it."""
+    evil = new_role(conn, "evil")
+    conn.execute(f"GRANT CREATE ON SCHEMA public TO {evil}")
+    evil_conn = psycopg.connect(role_dsn(dsn, evil), autocommit=True)
+    evil_conn.execute(EVIL_SETUP.split("ALTER TABLE public.orders")[0].format(evil=evil))
+    evil_conn.execute("""
+        CREATE TABLE public.events (id bigint NOT NULL, created_at timestamptz NOT NULL, note text,
+            PRIMARY KEY (id, created_at), CHECK (public.evil_probe('check'))) PARTITION BY RANGE (created_at);
+        CREATE TABLE public.events_default PARTITION OF public.events DEFAULT;
+        CREATE TRIGGER evil_rows AFTER INSERT OR DELETE ON public.events
+            FOR EACH ROW EXECUTE FUNCTION public.evil_trigger('row trigger');
+        INSERT INTO public.events SELECT g, date_trunc('month', now()) + g * interval '1 hour', 'x'
+            FROM generate_series(1, 300) g;
+    """)
+    conn.execute("DELETE FROM public.evil_log")
+    plan = tmp_path / "events.yaml"
+    plan.write_text(yaml.safe_dump({"version": 1, "table": "public.events",
+                                    "partition_by": {"column": "created_at", "interval": "1 month", "premake": 1},
+                                    "backfill": {"batch_size": 100}}))
+    code, out, err = run_cli("maintain", str(plan), "--dsn", dsn, "-o", "json")
+    evil_conn.close()
+    assert code == 0, err
+    assert conn.execute("SELECT count(*) FROM public.events_default").fetchone()[0] == 0
+    parts = conn.execute("SELECT DISTINCT pg_get_userbyid(c.relowner) FROM pg_inherits i JOIN pg_class c "
+                         "ON c.oid = i.inhrelid WHERE i.inhparent = 'public.events'::regclass").fetchall()
+    assert parts == [(evil,)]
+    assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (evil,)).fetchone()[0] is False
+    ran = set(conn.execute("SELECT what, who FROM public.evil_log").fetchall())
+    assert ("check", evil) in ran and ("row trigger", evil) in ran, ran
+    assert {who for _what, who in ran} == {evil}, ran
+
+
+def test_a_member_of_the_owner_role_acts_as_the_owner(dsn, conn, tmp_path):
+    """Case (c): a non-superuser member of the owner role runs the migration. Functions and
+    twin are the owner's; the owner never keeps CREATE (or USAGE) on the state schema."""
+    create_orders(conn, rows=1500, days=70)
+    owner, dba = new_role(conn, "owner"), new_role(conn, "dba")
+    conn.execute(f"""GRANT CREATE ON SCHEMA public TO {owner}; ALTER TABLE public.orders OWNER TO {owner};
+        ALTER VIEW public.orders_daily OWNER TO {owner}; GRANT {owner} TO {dba}; GRANT pg_monitor TO {dba};
+        GRANT CREATE ON DATABASE {conn.info.dbname} TO {dba}""")
+    plan_file = write_plan(tmp_path)
+    dba_dsn = role_dsn(dsn, dba)
+    code, out, err = run_cli("apply", plan_file, "--dsn", dba_dsn, "--until", "verify")
+    assert code == 0, err
+    fns = conn.execute("SELECT p.proname, pg_get_userbyid(p.proowner), p.prosecdef, p.proacl::text FROM pg_proc p "
+                       "WHERE p.pronamespace = 'orchestrate'::regnamespace ORDER BY 1").fetchall()
+    assert [f[0] for f in fns] == ["as_owner_1", "capture_1", "capture_truncate_1"], fns
+    assert all(f[1] == owner and f[2] for f in fns), fns
+    assert all(f"{dba}=X/" in f[3] for f in fns if f[0].startswith("as_owner")), fns
+    assert all("=X/" not in f[3].replace(f"{owner}=X/", "") for f in fns if not f[0].startswith("as_owner")), fns
+    assert conn.execute("SELECT has_schema_privilege(%s, 'orchestrate', 'CREATE'), "
+                        "has_schema_privilege(%s, 'orchestrate', 'USAGE')", (owner, owner)).fetchone() == (False, False)
+    assert run_cli("apply", plan_file, "--dsn", dba_dsn)[0] == 0
+    code, out, err = run_cli("rollback", plan_file, "--dsn", dba_dsn)
+    assert code == 0, err
+    assert conn.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = 'orchestrate'::regnamespace"
+                        ).fetchone()[0] == 0
+
+
+def test_plan_and_apply_refuse_a_role_that_cannot_act_as_the_owner(dsn, conn, tmp_path):
+    """A role that is neither the owner, a member of it, nor superuser: refused (exit 3) by
+    `plan --dsn` and by `apply`, one line naming the grant, nothing recorded."""
+    create_orders(conn, rows=500, days=40)
+    owner, stranger = new_role(conn, "owner"), new_role(conn, "stranger")
+    conn.execute(f"ALTER TABLE public.orders OWNER TO {owner}; GRANT SELECT ON public.orders TO {stranger}; "
+                 f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {stranger}")
+    plan_file = write_plan(tmp_path)
+    before = user_objects(conn)
+    for verb in ("plan", "apply"):
+        code, out, err = run_cli(verb, plan_file, "--dsn", role_dsn(dsn, stranger))
+        assert code == 3 and "Traceback" not in err, (verb, code, err)
+        assert f"GRANT {owner} TO {stranger}" in err, err
+    assert user_objects(conn) == before
+
+
+def test_force_row_level_security_without_bypassrls_is_refused(dsn, conn, tmp_path):
+    """FORCE ROW LEVEL SECURITY and an owner without BYPASSRLS: copied as the owner, its own
+    policies would hide rows. Refused before anything is recorded; with BYPASSRLS it runs."""
+    create_orders(conn, rows=800, days=40)
+    owner = new_role(conn, "owner")
+    conn.execute(f"""GRANT CREATE ON SCHEMA public TO {owner}; ALTER TABLE public.orders OWNER TO {owner};
+        CREATE POLICY only_paid ON public.orders USING (status = 'paid');
+        ALTER TABLE public.orders ENABLE ROW LEVEL SECURITY; ALTER TABLE public.orders FORCE ROW LEVEL SECURITY""")
+    plan_file = write_plan(tmp_path)
+    before = user_objects(conn)
+    code, out, err = run_cli("apply", plan_file, "--dsn", dsn)
+    assert code == 3 and "FORCE ROW LEVEL SECURITY" in err and "BYPASSRLS" in err, (code, err)
+    assert user_objects(conn) == before
+    conn.execute(f"ALTER ROLE {owner} BYPASSRLS")
+    code, out, err = run_cli("apply", plan_file, "--dsn", dsn, "--until", "verify")
+    assert code == 0, err
+    assert conn.execute("SELECT count(*) FROM public.orders_partitioned").fetchone()[0] == \
+        conn.execute("SELECT count(*) FROM public.orders").fetchone()[0] == 800
+
+
+def test_plan_refuses_a_view_the_running_role_cannot_recreate(dsn, conn, tmp_path):
+    """The cutover re-creates dependent views on the new table: a view owned by a role the
+    running (non-superuser) role cannot act as is refused up front by `plan`, not mid-cutover."""
+    create_orders(conn, rows=500, days=40)  # its view public.orders_daily stays the superuser's
+    owner = new_role(conn, "owner")
+    conn.execute(f"ALTER TABLE public.orders OWNER TO {owner}; GRANT CREATE ON SCHEMA public TO {owner}; "
+                 f"GRANT CREATE ON DATABASE {conn.info.dbname} TO {owner}; GRANT pg_monitor TO {owner}")
+    plan_file = write_plan(tmp_path)
+    code, out, err = run_cli("plan", plan_file, "--dsn", role_dsn(dsn, owner))
+    assert code == 3 and "ALTER VIEW public.orders_daily OWNER TO" in err, (code, err)
+    conn.execute(f"ALTER VIEW public.orders_daily OWNER TO {owner}")
+    assert run_cli("plan", plan_file, "--dsn", role_dsn(dsn, owner))[0] == 0

@@ -78,8 +78,8 @@ def test_whole_migration_as_a_non_superuser_owner_under_a_dml_only_application(d
     assert under_load(lambda: runner.rollback(plan, owner_dsn)).data["status"] == "rolled_back"
     assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "r"
     assert under_load(lambda: runner.apply(plan, owner_dsn)).data["status"] == "cut_over"
-    # finalize between bursts of writes: under continuous writes its ACCESS EXCLUSIVE on the
-    # partitioned table and every partition ran out of attempts (as any role; a known issue)
+    # finalize between bursts of writes: under continuous writes (three clients, no think
+    # time) its ACCESS EXCLUSIVE on the partitioned table ran out of attempts here once
     assert runner.finalize(plan, owner_dsn).data["status"] == "finalized"
     under_load(lambda: None)
     # The new table, its partitions and orchestrate's functions all belong to the owner; the

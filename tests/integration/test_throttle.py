@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
+from orchestrator.db import OWN_PIDS
 from orchestrator.errors import ThrottleAbort
 from orchestrator.plan import Throttle
 from orchestrator.sample import create_orders
@@ -210,6 +211,7 @@ def test_throttler_slot_retention_and_old_transactions(dsn, conn):
         assert not t.check(force=True).throttled, t.state.reason
 
         ours = psycopg.connect(dsn, application_name="orchestrate:other-run")
+        OWN_PIDS.add(ours.info.backend_pid)  # ours by backend pid: the name alone proves nothing
         app = psycopg.connect(dsn, application_name="reporting")
         try:
             ours.execute("SELECT 1")  # a transaction stays open (not autocommit)
