@@ -563,6 +563,7 @@ class _Statements:
 
         # --- COPY of new rows: (column, how) in COPY order; None if the shape does not allow it.
         plan: list[tuple[str, str]] = []
+        seq_pk = any(c.sequence_default for c in pkc)
         for c in cols:
             if c.generated:
                 continue
@@ -571,6 +572,8 @@ class _Statements:
                     plan.append((c.name, "key"))
                 elif c.sequence_default:
                     plan.append((c.name, "seq"))  # COPY writes given values, identity ALWAYS too
+                elif seq_pk and c.default is None:
+                    plan.append((c.name, "copy"))  # the sequence makes the key unique, as for inserts
                 elif c.default is None and self._pk_generatable(c):
                     plan.append((c.name, "pk"))
                 else:
