@@ -1233,7 +1233,10 @@ class Workload:
     """Concurrent writes on ``table`` mirrored into a golden copy. See the module doc.
 
     ``key_column`` is the (future) partition key; ``mix`` maps operations (insert,
-    update, update_null, move_key, delete, read) to weights.
+    update, update_null, move_key, delete, read) to weights. ``profile="app"`` (or an
+    ``app`` :class:`AppMix`) runs the application-like clients of ``app.kinds`` instead
+    of ``clients`` simple ones; the report then also counts retries and failures per
+    kind (``WorkloadReport.kinds``).
     """
 
     def __init__(
