@@ -712,7 +712,7 @@ class _Client(threading.Thread):
         code = getattr(e, "sqlstate", None) or ""
         self.error_codes[code] += 1
         msg = " ".join(str(e).split()) or type(e).__name__
-        head = f"[{self.kind}] SQLSTATE {code} " if code else f"[{self.kind}] "
+        head = (f"[{self.kind}] " if self.wl.app else "") + (f"SQLSTATE {code} " if code else "")
         self.errors.append((datetime.now(timezone.utc), op, f"{head}{type(e).__name__}: {msg}{why}"))
         del self.errors[20:]
         logger.debug("workload client {} {} failed: {}", self.index, op, msg)
