@@ -133,6 +133,10 @@ def test_subscription_apply_worker_is_captured_and_named(cluster, dsn: str, conn
         assert "publication everything is FOR ALL TABLES" in text, warnings
         status = runner.status(plan, dsn).data["warnings"]
         assert any(w.startswith("subscription feed ") for w in status), status
+        from orchestrator.report import status_text
+
+        assert "warning    subscription feed writes into public.orders" in \
+            status_text(runner.status(plan, dsn).data)
     finally:
         if sub_created:
             conn.execute("ALTER SUBSCRIPTION feed DISABLE")
