@@ -88,6 +88,7 @@ from psycopg import errors as pgerr
 
 from orchestrator.db import LockAttempt, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
+from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, load_plan, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
 
@@ -511,8 +512,21 @@ class _Pass:
                 else:
                     cur.execute(f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
                                 f"FROM {f.default} WHERE {rng}")
+                # A move is not a delete: between cutover and finalize the reverse trigger
+                # (cloned onto the default partition) would delete the moved rows from the
+                # retired table, and a rollback would lose them. The staging table has no
+                # trigger yet, so the retired table is left as it is. We hold ACCESS
+                # EXCLUSIVE on the default: no other write can slip past the disabled trigger.
+                paused = cur.execute(
+                    "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = %s::regclass "
+                    "AND tgname = %s AND tgenabled <> 'D'", (str(f.default), REVERSE_TRIGGER)).fetchall()
+                for tg, _ in paused:
+                    cur.execute(f"ALTER TABLE {f.default} DISABLE TRIGGER {ident(tg)}")
                 cur.execute(f"DELETE FROM {f.default} WHERE {rng}")
                 moved = cur.rowcount
+                for tg, mode in paused:
+                    verb = {"O": "ENABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[mode]
+                    cur.execute(f"ALTER TABLE {f.default} {verb} TRIGGER {ident(tg)}")
                 cur.execute(f"SELECT count(*) FROM {name}")
                 if cur.fetchone()[0] != moved:  # cannot happen; never attach on a doubt
                     raise PreflightError(f"{name}: moved row count mismatch; nothing changed")
