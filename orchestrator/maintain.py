@@ -86,8 +86,9 @@ import psycopg
 from loguru import logger
 from psycopg import errors as pgerr
 
-from orchestrator.db import with_lock_retry
+from orchestrator.db import LockAttempt, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
+from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, load_plan, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
 
@@ -393,7 +394,8 @@ def maintenance_preview(plan: Plan, conn: psycopg.Connection, now: datetime | No
 
 
 def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[QualifiedName, str]],
-                  lock_timeout_s: float, attempts: int, backoff_max_s: float) -> tuple[Any, float]:
+                  lock_timeout_s: float, attempts: int, backoff_max_s: float,
+                  on_attempt=None) -> tuple[Any, float]:
     """with_lock_retry around body after LOCKing ``locks`` in order; returns (result, ms held)."""
     mark: dict[str, float] = {}
 
@@ -404,7 +406,7 @@ def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[Q
         return body(cur)
 
     out = with_lock_retry(conn, wrapped, what=what, lock_timeout_s=lock_timeout_s, attempts=attempts,
-                          backoff_max_s=backoff_max_s)
+                          backoff_max_s=backoff_max_s, on_attempt=on_attempt)
     return out, (time.monotonic() - mark["t"]) * 1000
 
 
@@ -412,7 +414,13 @@ class _Pass:
     def __init__(self, plan: Plan, conn: psycopg.Connection, now: datetime):
         self.plan, self.conn, self.now = plan, conn, now
         c = plan.cutover
-        self.lock_args = {"lock_timeout_s": c.lock_timeout_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
+        from orchestrator.phases.backfill import batch_lock_timeout_ms
+
+        # Never above half of deadlock_timeout, like a backfill batch: while the swap waits for
+        # the default's lock it holds SHARE on the parent, so writers queue behind it for at
+        # most this long, and it gives up before a writer it blocks could be a deadlock victim.
+        lock_s = batch_lock_timeout_ms(conn, c.lock_timeout_s) / 1000
+        self.lock_args = {"lock_timeout_s": lock_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
         self.result: dict[str, Any] = {
             "table": str(plan.table_name), "now": now.isoformat(), "dry_run": False,
             "created": [], "moved": {}, "copied_under_lock": [], "detached": [], "detach_method": {},
@@ -422,7 +430,24 @@ class _Pass:
     # -- helpers
     def _locked(self, what: str, body, locks: list[tuple[QualifiedName, str]]) -> Any:
         """with_lock_retry around body; measures from the moment the locks are held to commit."""
-        out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args)
+        def note(a: LockAttempt) -> None:
+            if a.ok or not locks:
+                return
+            from orchestrator.phases.backfill import _holder
+
+            try:
+                who = _holder(self.conn, "a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE l.granted AND "
+                              "l.relation = ANY(%s::regclass[]))", [[str(rel) for rel, _ in locks]])
+            except psycopg.Error:
+                who = None
+            why = f"{what}: attempt {a.attempt} gave up after {a.waited_s * 1000:.0f} ms; " + (
+                f"lock held by {who}" if who else "the lock holder has already ended")
+            logger.info("maintain: {}", why)
+            waited = self.result.setdefault("waited_for", [])
+            if len(waited) < 20:
+                waited.append(why)
+
+        out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args, on_attempt=note)
         self.result["lock_held_ms"][what] = round(held, 1)
         if locks:
             logger.info("maintain: {} (locks held {:.1f} ms)", what, held)
@@ -487,8 +512,21 @@ class _Pass:
                 else:
                     cur.execute(f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
                                 f"FROM {f.default} WHERE {rng}")
+                # A move is not a delete: between cutover and finalize the reverse trigger
+                # (cloned onto the default partition) would delete the moved rows from the
+                # retired table, and a rollback would lose them. The staging table has no
+                # trigger yet, so the retired table is left as it is. We hold ACCESS
+                # EXCLUSIVE on the default: no other write can slip past the disabled trigger.
+                paused = cur.execute(
+                    "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = %s::regclass "
+                    "AND tgname = %s AND tgenabled <> 'D'", (str(f.default), REVERSE_TRIGGER)).fetchall()
+                for tg, _ in paused:
+                    cur.execute(f"ALTER TABLE {f.default} DISABLE TRIGGER {ident(tg)}")
                 cur.execute(f"DELETE FROM {f.default} WHERE {rng}")
                 moved = cur.rowcount
+                for tg, mode in paused:
+                    verb = {"O": "ENABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[mode]
+                    cur.execute(f"ALTER TABLE {f.default} {verb} TRIGGER {ident(tg)}")
                 cur.execute(f"SELECT count(*) FROM {name}")
                 if cur.fetchone()[0] != moved:  # cannot happen; never attach on a doubt
                     raise PreflightError(f"{name}: moved row count mismatch; nothing changed")

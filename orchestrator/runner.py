@@ -21,7 +21,7 @@ from orchestrator.db import close_quietly, connect, is_connection_error, with_lo
 from orchestrator.errors import ConnectionFailed, OrchestrateError, StateConflict
 from orchestrator.inspect import resolve
 from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
-from orchestrator.phases.capture import drop_sync
+from orchestrator.phases.capture import drop_sync, replication_warnings
 from orchestrator.phases.prepare import Preflight, describe_names, preflight
 from orchestrator.plan import Plan
 from orchestrator.state.store import PHASES, MigrationLock, Store, ensure_schema
@@ -97,7 +97,7 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         data["validated_against_database"] = True
         data["server_version"] = pf.server_version
         data["estimates"] = pf.estimates
-        data["warnings"] = pf.warnings
+        data["warnings"] = pf.warnings + replication_warnings(conn, plan.table_name, plan.twin)
         data["names"] = describe_names(ctx)
         data["partitions"] = [{"name": plan.partition_name(__import__("datetime").datetime.fromisoformat(lo)).name,
                                "from": lo, "to": hi} for lo, hi in pf.partitions]
@@ -312,7 +312,9 @@ def status(plan: Plan, dsn: str) -> Outcome:
             "ranges": {**ranges, "mismatched_labels": mismatched[:50]},
             "last_checkpoint": ranges["last_checkpoint"],
             "controls": controls,
-            "warnings": m.facts.get("warnings", []),
+            "warnings": m.facts.get("warnings", []) + (
+                replication_warnings(conn, plan.table_name, plan.twin)
+                if m.status in ("running", "cut_over") and resolve(conn.cursor(), plan.table_name) else []),
             "gates": m.facts.get("gates"),
             "recent_events": [{"at": e["at"].isoformat(), "kind": e["kind"], "message": e["message"]}
                               for e in store.events(m.id, limit=10)],
