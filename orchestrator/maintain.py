@@ -86,9 +86,10 @@ import psycopg
 from loguru import logger
 from psycopg import errors as pgerr
 
-from orchestrator.db import close_quietly, connect, with_lock_retry
+from orchestrator.db import LockAttempt, close_quietly, connect, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.owner import as_owner_sql, render, table_executor
+from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, load_plan, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
 
@@ -394,7 +395,8 @@ def maintenance_preview(plan: Plan, conn: psycopg.Connection, now: datetime | No
 
 
 def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[QualifiedName, str]],
-                  lock_timeout_s: float, attempts: int, backoff_max_s: float) -> tuple[Any, float]:
+                  lock_timeout_s: float, attempts: int, backoff_max_s: float,
+                  on_attempt=None) -> tuple[Any, float]:
     """with_lock_retry around body after LOCKing ``locks`` in order; returns (result, ms held)."""
     mark: dict[str, float] = {}
 
@@ -405,7 +407,7 @@ def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[Q
         return body(cur)
 
     out = with_lock_retry(conn, wrapped, what=what, lock_timeout_s=lock_timeout_s, attempts=attempts,
-                          backoff_max_s=backoff_max_s)
+                          backoff_max_s=backoff_max_s, on_attempt=on_attempt)
     return out, (time.monotonic() - mark["t"]) * 1000
 
 
@@ -414,7 +416,13 @@ class _Pass:
         self.plan, self.conn, self.now, self.dsn = plan, conn, now, dsn
         self._executor: tuple[QualifiedName, str] | None = None
         c = plan.cutover
-        self.lock_args = {"lock_timeout_s": c.lock_timeout_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
+        from orchestrator.phases.backfill import batch_lock_timeout_ms
+
+        # Never above half of deadlock_timeout, like a backfill batch: while the swap waits for
+        # the default's lock it holds SHARE on the parent, so writers queue behind it for at
+        # most this long, and it gives up before a writer it blocks could be a deadlock victim.
+        lock_s = batch_lock_timeout_ms(conn, c.lock_timeout_s) / 1000
+        self.lock_args = {"lock_timeout_s": lock_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
         self.result: dict[str, Any] = {
             "table": str(plan.table_name), "now": now.isoformat(), "dry_run": False,
             "created": [], "moved": {}, "copied_under_lock": [], "detached": [], "detach_method": {},
@@ -436,7 +444,24 @@ class _Pass:
 
     def _locked(self, what: str, body, locks: list[tuple[QualifiedName, str]]) -> Any:
         """with_lock_retry around body; measures from the moment the locks are held to commit."""
-        out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args)
+        def note(a: LockAttempt) -> None:
+            if a.ok or not locks:
+                return
+            from orchestrator.phases.backfill import _holder
+
+            try:
+                who = _holder(self.conn, "a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE l.granted AND "
+                              "l.relation = ANY(%s::regclass[]))", [[str(rel) for rel, _ in locks]])
+            except psycopg.Error:
+                who = None
+            why = f"{what}: attempt {a.attempt} gave up after {a.waited_s * 1000:.0f} ms; " + (
+                f"lock held by {who}" if who else "the lock holder has already ended")
+            logger.info("maintain: {}", why)
+            waited = self.result.setdefault("waited_for", [])
+            if len(waited) < 20:
+                waited.append(why)
+
+        out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args, on_attempt=note)
         self.result["lock_held_ms"][what] = round(held, 1)
         if locks:
             logger.info("maintain: {} (locks held {:.1f} ms)", what, held)
@@ -507,7 +532,20 @@ class _Pass:
                 else:
                     self._as_owner(cur, f, f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
                                    f"FROM {f.default} WHERE {rng}")
+                # A move is not a delete: between cutover and finalize the reverse trigger
+                # (cloned onto the default partition) would delete the moved rows from the
+                # retired table, and a rollback would lose them. The staging table has no
+                # trigger yet, so the retired table is left as it is. We hold ACCESS
+                # EXCLUSIVE on the default: no other write can slip past the disabled trigger.
+                paused = cur.execute(
+                    "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = %s::regclass "
+                    "AND tgname = %s AND tgenabled <> 'D'", (str(f.default), REVERSE_TRIGGER)).fetchall()
+                for tg, _ in paused:
+                    cur.execute(f"ALTER TABLE {f.default} DISABLE TRIGGER {ident(tg)}")
                 moved = self._as_owner(cur, f, f"DELETE FROM {f.default} WHERE {rng}")
+                for tg, mode in paused:
+                    verb = {"O": "ENABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[mode]
+                    cur.execute(f"ALTER TABLE {f.default} {verb} TRIGGER {ident(tg)}")
                 cur.execute(f"SELECT count(*) FROM {name}")
                 if cur.fetchone()[0] != moved:  # cannot happen; never attach on a doubt
                     raise PreflightError(f"{name}: moved row count mismatch; nothing changed")

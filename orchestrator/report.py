@@ -94,6 +94,8 @@ def status_text(data: dict) -> str:
         lines.append(f"           {state}; figures of {str(live.get('updated_at', '?'))[:19]}"
                      + ("; paused: the capture trigger keeps writes flowing to the twin" if live.get("paused")
                         else ""))
+    for w in data.get("warnings", []):
+        lines.append(f"warning    {w}")
     lines.append("phases")
     for name, p in data["phases"].items():
         extra = ""

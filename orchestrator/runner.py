@@ -23,7 +23,7 @@ from orchestrator.errors import ConnectionFailed, OrchestrateError, PreflightErr
 from orchestrator.inspect import resolve
 from orchestrator.owner import EXECUTOR, MONITOR_HINT, sees_all_sessions
 from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
-from orchestrator.phases.capture import drop_sync
+from orchestrator.phases.capture import drop_sync, replication_warnings
 from orchestrator.phases.prepare import Preflight, describe_names, preflight
 from orchestrator.plan import Plan
 from orchestrator.sql import ident
@@ -103,7 +103,8 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         data["validated_against_database"] = True
         data["server_version"] = pf.server_version
         data["estimates"] = pf.estimates
-        data["warnings"] = pf.warnings + privilege_warnings(ctx, pf.info)
+        data["warnings"] = (pf.warnings + privilege_warnings(ctx, pf.info)
+                            + replication_warnings(conn, plan.table_name, plan.twin))
         if plan.guard_ddl and not drift.can_guard_ddl(conn)[0]:
             data["warnings"].append(drift.can_guard_ddl(conn)[1])
         data["names"] = describe_names(ctx)
@@ -425,7 +426,9 @@ def status(plan: Plan, dsn: str) -> Outcome:
             "ranges": {**ranges, "mismatched_labels": mismatched[:50]},
             "last_checkpoint": ranges["last_checkpoint"],
             "controls": controls,
-            "warnings": m.facts.get("warnings", []),
+            "warnings": m.facts.get("warnings", []) + (
+                replication_warnings(conn, plan.table_name, plan.twin)
+                if m.status in ("running", "cut_over") and resolve(conn.cursor(), plan.table_name) else []),
             "gates": m.facts.get("gates"),
             "recent_events": [{"at": e["at"].isoformat(), "kind": e["kind"], "message": e["message"]}
                               for e in store.events(m.id, limit=10)],

@@ -563,6 +563,7 @@ class _Statements:
 
         # --- COPY of new rows: (column, how) in COPY order; None if the shape does not allow it.
         plan: list[tuple[str, str]] = []
+        seq_pk = any(c.sequence_default for c in pkc)
         for c in cols:
             if c.generated:
                 continue
@@ -571,6 +572,8 @@ class _Statements:
                     plan.append((c.name, "key"))
                 elif c.sequence_default:
                     plan.append((c.name, "seq"))  # COPY writes given values, identity ALWAYS too
+                elif seq_pk and c.default is None:
+                    plan.append((c.name, "copy"))  # the sequence makes the key unique, as for inserts
                 elif c.default is None and self._pk_generatable(c):
                     plan.append((c.name, "pk"))
                 else:
@@ -709,7 +712,7 @@ class _Client(threading.Thread):
         code = getattr(e, "sqlstate", None) or ""
         self.error_codes[code] += 1
         msg = " ".join(str(e).split()) or type(e).__name__
-        head = f"[{self.kind}] SQLSTATE {code} " if code else f"[{self.kind}] "
+        head = (f"[{self.kind}] " if self.wl.app else "") + (f"SQLSTATE {code} " if code else "")
         self.errors.append((datetime.now(timezone.utc), op, f"{head}{type(e).__name__}: {msg}{why}"))
         del self.errors[20:]
         logger.debug("workload client {} {} failed: {}", self.index, op, msg)
@@ -1230,7 +1233,10 @@ class Workload:
     """Concurrent writes on ``table`` mirrored into a golden copy. See the module doc.
 
     ``key_column`` is the (future) partition key; ``mix`` maps operations (insert,
-    update, update_null, move_key, delete, read) to weights.
+    update, update_null, move_key, delete, read) to weights. ``profile="app"`` (or an
+    ``app`` :class:`AppMix`) runs the application-like clients of ``app.kinds`` instead
+    of ``clients`` simple ones; the report then also counts retries and failures per
+    kind (``WorkloadReport.kinds``).
     """
 
     def __init__(

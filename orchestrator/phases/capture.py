@@ -93,6 +93,42 @@ def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigg
         cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
 
 
+def replication_warnings(conn: psycopg.Connection, table: sql.QualifiedName, twin: sql.QualifiedName) -> list[str]:
+    """One line per publication and subscription that involves the table (for plan and status).
+
+    Publications (pg_publication_tables: listed, FOR TABLES IN SCHEMA and FOR ALL TABLES)
+    publish the writes their tables receive; subscriptions (pg_subscription_rel, this
+    database) write into the table as ``session_replication_role = replica``, which the
+    capture and reverse triggers (ENABLE ALWAYS) capture. A catalog that cannot be read
+    is said so, never fatal.
+    """
+    out: list[str] = []
+    try:
+        pubs = conn.execute(
+            "SELECT DISTINCT p.pubname, p.puballtables, p.pubviaroot FROM pg_catalog.pg_publication p "
+            "JOIN pg_catalog.pg_publication_tables t ON t.pubname = p.pubname "
+            "WHERE t.schemaname = %s AND t.tablename = %s ORDER BY 1", (table.schema, table.name)).fetchall()
+        for name, all_tables, via_root in pubs:
+            if all_tables:
+                out.append(f"publication {sql.ident(name)} is FOR ALL TABLES: it also publishes the twin {twin} "
+                           "and its partitions (every backfilled row); its subscribers need those tables")
+            else:
+                out.append(f"publication {sql.ident(name)} publishes {table}: after cutover it publishes the "
+                           "partitioned table" + ("" if via_root else " as its leaf partitions (publish_via_partition_"
+                                                   "root is off; subscribers keyed on the table name break)"))
+        subs = conn.execute(
+            "SELECT s.subname, s.subenabled FROM pg_catalog.pg_subscription_rel r "
+            "JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid WHERE r.srrelid = %s::regclass ORDER BY 1",
+            (str(table),)).fetchall()
+        for name, enabled in subs:
+            out.append(f"subscription {sql.ident(name)} writes into {table}"
+                       + ("" if enabled else " (disabled now)")
+                       + " as session_replication_role = replica: captured, the triggers are ENABLE ALWAYS")
+    except psycopg.Error as e:
+        out.append(f"publications and subscriptions of {table} could not be read: {str(e).splitlines()[0]}")
+    return out
+
+
 class Capture:
     name = "capture"
 

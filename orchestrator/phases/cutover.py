@@ -18,6 +18,7 @@ The same swap, run the other way, is the rollback after cutover.
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime, timezone
 
@@ -472,6 +473,15 @@ def record_gates(ctx: Context, gates: list[dict]) -> None:
             "ok": all(g["ok"] for g in gates), "gates": gates})
 
 
+def hold_for_tests(point: str) -> None:
+    """Crash tests only: with ``ORCHESTRATE_TEST_HOLD=<point>`` the process logs the point and
+    stops there, so a test can SIGKILL it at a moment no lock wait reaches (right after the
+    renames inside the cutover transaction). Unset, it does nothing."""
+    if os.environ.get("ORCHESTRATE_TEST_HOLD") == point:
+        logger.warning("test hold at {}", point)
+        time.sleep(600)
+
+
 class Cutover:
     name = "cutover"
 
@@ -648,6 +658,7 @@ class Cutover:
                 cur.execute(f"ALTER TABLE {fk.table} DROP CONSTRAINT {ident(fk.name)}")
             cur.execute(f"ALTER TABLE {plan.table_name} RENAME TO {ident(plan.retired.name)}")
             cur.execute(f"ALTER TABLE {plan.twin} RENAME TO {ident(plan.table_name.name)}")
+            hold_for_tests("cutover-renamed")
             done = carry_objects(cur, old, plan.table_name, plan.retired, new_is_partitioned=True)
             if reverse_staged(cur, ctx, plan.table_name):
                 arm_reverse(cur, ctx, True)  # staged at prepare: one catalog row, not one per partition

@@ -155,7 +155,7 @@ def test_app_workload_migration_then_rollback(orders_app: psycopg.Connection, ds
     assert took > 3, f"the migration took only {took:.1f}s: the workload did not overlap it"
     assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "p"
     assert report.reconnects == 0
-    assert_app_clean(wl, report, backfill_met_holder=True)
+    assert_app_clean(wl, report, backfill_met_holder=conn)
     assert wl.compare(table="public.orders_retired").ok
     assert conn.execute("SELECT count(*) FROM ONLY public.orders").fetchone()[0] == 0
 

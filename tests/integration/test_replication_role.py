@@ -91,3 +91,59 @@ def test_control_plain_enable_misses_replica_writes(dsn: str, conn: psycopg.Conn
             w.execute("SET session_replication_role = replica")
             w.execute("TRUNCATE orders")
     assert _diff(conn, TABLE, TWIN) > 0
+
+
+def test_subscription_apply_worker_is_captured_and_named(cluster, dsn: str, conn: psycopg.Connection) -> None:
+    """A real logical replication subscription writes into the table (its apply worker runs
+    as replica): its inserts, updates and deletes reach the twin; plan and status name the
+    subscription and the publications that involve the table."""
+    from helpers import wait_until
+
+    pub_db = conn.info.dbname[:40] + "_pub"
+    cluster.create_database(pub_db)
+    sub_created = False
+    try:
+        with psycopg.connect(cluster.primary_dsn(pub_db), autocommit=True) as pub:
+            create_orders(pub, TABLE, rows=400, days=10, end=END, seed=9)  # same rows as the subscriber's
+            pub.execute("CREATE PUBLICATION upstream FOR TABLE public.orders")
+            # Publisher and subscriber share the cluster: CREATE SUBSCRIPTION would wait for
+            # its own transaction while creating the slot, so the slot is made beforehand.
+            pub.execute("SELECT pg_create_logical_replication_slot('feed', 'pgoutput')")
+        plan = _setup(conn, dsn)
+        conn.execute("CREATE PUBLICATION downstream FOR TABLE public.orders")
+        conn.execute("CREATE PUBLICATION everything FOR ALL TABLES")
+        conn.execute(f"CREATE SUBSCRIPTION feed CONNECTION '{cluster.primary_dsn(pub_db)}' PUBLICATION upstream "
+                     "WITH (copy_data = false, create_slot = false, slot_name = 'feed')")
+        sub_created = True
+        runner.apply(plan, dsn, until="backfill")
+        with psycopg.connect(cluster.primary_dsn(pub_db), autocommit=True) as pub:
+            ids = [r[0] for r in pub.execute("SELECT id FROM orders ORDER BY id")]
+            pub.execute("UPDATE orders SET amount = amount + 3 WHERE id = ANY(%s)", (ids[:30],))
+            pub.execute("DELETE FROM orders WHERE id = ANY(%s)", (ids[100:110],))
+            pub.execute("INSERT INTO orders (id, customer_id, amount, created_at) "
+                        "VALUES (100000, 1, 1, timestamptz '2026-10-14 00:00+00')")
+        wait_until(lambda: conn.execute("SELECT count(*) FROM orders WHERE id = 100000").fetchone()[0] == 1,
+                   timeout=60, message="the subscription never applied the publisher's writes")
+        assert conn.execute("SELECT count(*) FROM orders").fetchone()[0] == 391
+        assert _diff(conn, TABLE, TWIN) == 0
+        warnings = runner.make_plan(plan, dsn).data["warnings"]
+        text = "\n".join(warnings)
+        assert "subscription feed writes into public.orders" in text, warnings
+        assert "publication downstream publishes public.orders" in text, warnings
+        assert "publication everything is FOR ALL TABLES" in text, warnings
+        status = runner.status(plan, dsn).data["warnings"]
+        assert any(w.startswith("subscription feed ") for w in status), status
+        from orchestrator.report import status_text
+
+        assert "warning    subscription feed writes into public.orders" in \
+            status_text(runner.status(plan, dsn).data)
+    finally:
+        if sub_created:
+            conn.execute("ALTER SUBSCRIPTION feed DISABLE")
+            conn.execute("ALTER SUBSCRIPTION feed SET (slot_name = NONE)")
+            conn.execute("DROP SUBSCRIPTION feed")
+        with psycopg.connect(cluster.primary_dsn(pub_db), autocommit=True) as pub:
+            wait_until(lambda: pub.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'feed' "
+                                           "AND active").fetchone()[0] == 0, timeout=30)
+            pub.execute("SELECT pg_drop_replication_slot('feed') FROM pg_replication_slots WHERE slot_name = 'feed'")
+        cluster.drop_database(pub_db)
