@@ -364,7 +364,7 @@ def carry(ctx) -> None:
     the twin, regenerate the sync functions and the sentinel, record the new shape, and
     schedule a re-copy when a column was added. Indexes are built and CHECKs validated
     afterwards, without blocking writers."""
-    from orchestrator.phases import FORWARD_TRIGGER
+    from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER
     from orchestrator.phases.capture import install_sync
     from orchestrator.phases.cutover import lock_both
 
@@ -388,6 +388,11 @@ def carry(ctx) -> None:
         shape["indexes"] = {k: v for k, v in old["indexes"].items() if new["indexes"].get(k) == v}
         shape["checks"] = dict(new["checks"])
         added = False
+        # The reverse side's column guard, staged on the twin at prepare, names every column:
+        # a column carried to the twin takes it off and puts it back with the new list.
+        columns_changed = any(ch.kind in ("add_column", "drop_column") for ch in changes)
+        if columns_changed:
+            drop_column_guard(cur, plan.twin, REVERSE_TRIGGER, ctx.function("reverse_columns"))
         for ch in changes:
             texts.append(ch.text)
             if ch.kind == "add_index":
@@ -410,6 +415,9 @@ def carry(ctx) -> None:
                 cur.execute(stmt)
             added = added or ch.kind == "add_column"
         ctx.info = info
+        if columns_changed:
+            install_column_guard(cur, plan.twin, REVERSE_TRIGGER, info.writable_columns,
+                                 ctx.function("reverse_columns"))
         m = ctx.migration
         if m.done("capture"):
             install_sync(cur, ctx, plan.table_name, plan.twin, FORWARD_TRIGGER, "capture")

@@ -74,7 +74,11 @@ def arm_reverse(cur: psycopg.Cursor, ctx: Context, on: bool) -> None:
     column carried to the twin since prepare is mirrored too."""
     if on:
         shape = ctx.shape()
-        cur.execute(sql.sync_function(ctx.function("reverse"), ctx.plan.retired, shape, dst_key=shape.pk))
+        fn = ctx.function("reverse")
+        cur.execute(sql.sync_function(fn, ctx.plan.retired, shape, dst_key=shape.pk))
+        # CREATE OR REPLACE keeps the owner but resets every property it does not name:
+        # SECURITY DEFINER must be given back, or the reverse sync would run as each writer.
+        give_to_owner(cur, f"{fn}()", ctx.info.owner if ctx.info is not None else ctx.facts["owner"])
     cur.execute(sql.sync_switch(ctx.function("reverse_on"), on))
 
 
