@@ -37,6 +37,7 @@ def check(conn: psycopg.Connection, info: TableInfo, version: int) -> list[str]:
             raise PreflightError(
                 f"primary key column {ident(c)} of {info.name} is of type {col.type if col else '?'}, which has no "
                 "default btree operator class: rows cannot be matched between the tables")
+    warnings += publication_warnings(conn, info)
     if version < 18:
         for fk in info.outgoing_fks:
             if fk.definition.endswith(" NOT VALID"):
@@ -99,3 +100,31 @@ def unique_constraint(twin: QualifiedName, name: str, definition: str, add_key: 
     """The twin's copy of a unique constraint, keeping DEFERRABLE / INITIALLY DEFERRED: a slot
     swap that is legal on the table (checked at commit) stays legal on the twin."""
     return f"ALTER TABLE {twin} ADD CONSTRAINT {ident(name)} " + sql.rewrite_index(definition, "", "", add_key)
+
+
+def publication_warnings(conn: psycopg.Connection, info: TableInfo) -> list[str]:
+    """What the cutover does to publications of the table, and what it cannot fix."""
+    out = []
+    rows = conn.execute(
+        "SELECT p.pubname, p.pubviaroot, p.puballtables, "
+        "  EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_class c ON c.oid = pr.prrelid "
+        "          WHERE pr.prpubid = p.oid AND c.relkind = 'p') "
+        "FROM pg_publication p WHERE p.puballtables OR p.oid IN "
+        "  (SELECT prpubid FROM pg_publication_rel WHERE prrelid = %s) ORDER BY 1", (info.oid,)).fetchall()
+    if conn.info.server_version >= 150000:
+        rows += conn.execute(
+            "SELECT p.pubname, p.pubviaroot, false, false FROM pg_publication p "
+            "JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid "
+            "JOIN pg_class c ON c.relnamespace = pn.pnnspid AND c.oid = %s ORDER BY 1", (info.oid,)).fetchall()
+    for name, viaroot, alltables, other_partitioned in rows:
+        if name not in info.publications:
+            out.append(
+                f"publication {name} publishes {'every table' if alltables else 'the schema'}: the twin's partitions "
+                "(and after cutover the retired table) are published too, and a subscriber without those tables "
+                "stops with 'target relation does not exist'; publish the table explicitly instead")
+        elif not viaroot:
+            more = (" (it also lists other partitioned tables, which subscribers will then receive under their "
+                    "root's name too)" if other_partitioned else "")
+            out.append(f"publication {name}: publish_via_partition_root is set to true at cutover, so its "
+                       f"subscribers keep receiving {info.name} under its own name{more}")
+    return out

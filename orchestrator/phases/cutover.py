@@ -167,12 +167,25 @@ def _carry_publications(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName,
         extra = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
     out = []
     for pub in old.publications:
+        if new_is_partitioned(cur, new):
+            # Without it the publication would publish the partitions under their own names
+            # after the swap: subscribers and CDC consumers keyed on the table break.
+            cur.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (pub,))
+            row = cur.fetchone()
+            if row is not None and not row[0]:
+                cur.execute(f"ALTER PUBLICATION {ident(pub)} SET (publish_via_partition_root = true)")
+                out.append(f"publication {pub}: publish_via_partition_root = true")
         qual, cols = extra.get(pub, (None, None))
         cur.execute(f"ALTER PUBLICATION {ident(pub)} DROP TABLE {retired}")
         cur.execute(f"ALTER PUBLICATION {ident(pub)} ADD TABLE {new}"
                     + (f" ({cols})" if cols else "") + (f" WHERE ({qual})" if qual else ""))
         out.append(f"publication {pub}")
     return out
+
+
+def new_is_partitioned(cur: psycopg.Cursor, table: QualifiedName) -> bool:
+    cur.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = %s::regclass", (str(table),))
+    return bool(cur.fetchone()[0])
 
 
 def _partitions(cur: psycopg.Cursor, parent: QualifiedName) -> list[QualifiedName]:
