@@ -49,8 +49,11 @@ def check(conn: psycopg.Connection, info: TableInfo, version: int) -> list[str]:
 
 
 def skip_foreign_key(definition: str, version: int) -> bool:
-    """A NOT VALID foreign key cannot go on a partitioned table before PostgreSQL 18."""
-    return version < 18 and definition.endswith(" NOT VALID")
+    """NOT VALID foreign keys stay off the twin during the copy: like a CHECK, even a NOT VALID
+    one applies to every row the backfill inserts, and legacy rows may violate it. On
+    PostgreSQL 18+ it is added NOT VALID before the cutover (:func:`add_not_valid_checks`);
+    before 18 a partitioned table cannot have one at all (warned by :func:`check`)."""
+    return definition.endswith(" NOT VALID")
 
 
 def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, str]]:
@@ -66,7 +69,8 @@ def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, st
 
 
 def add_not_valid_checks(ctx) -> list[str]:
-    """Before the cutover lock: the live table's NOT VALID CHECKs onto the twin, NOT VALID
+    """Before the cutover lock: the live table's NOT VALID CHECKs (and, PostgreSQL 18+, foreign
+    keys) onto the twin, NOT VALID
     (catalog only; ACCESS EXCLUSIVE on the twin for milliseconds, capped and retried).
     Idempotent: a CHECK the twin has by that name is left alone."""
     from orchestrator.db import with_lock_retry
@@ -77,6 +81,12 @@ def add_not_valid_checks(ctx) -> list[str]:
         "AND contype = 'c' AND NOT convalidated AND conname NOT IN "
         "(SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c') ORDER BY 1",
         (str(plan.table_name), str(plan.twin))).fetchall()
+    if ctx.conn.info.server_version >= 180000:
+        rows += ctx.conn.execute(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
+            "AND contype = 'f' AND NOT convalidated AND conname NOT IN "
+            "(SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'f') ORDER BY 1",
+            (str(plan.table_name), str(plan.twin))).fetchall()
     if not rows:
         return []
 
