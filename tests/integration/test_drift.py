@@ -9,6 +9,7 @@ nothing. Nothing is ever cut over with a twin whose columns differ.
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -278,3 +279,22 @@ def test_guard_ddl_refuses_schema_changes(items, dsn, tmp_path):
     assert items.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'orchestrate%'").fetchone()[0] == 0
     items.execute("ALTER TABLE public.items ALTER COLUMN note SET DEFAULT 'a'")
 
+
+
+def test_guard_ddl_without_superuser_is_said_by_plan(items, dsn, tmp_path):
+    """PostgreSQL 15 lets only a superuser create an event trigger: plan says the table will
+    not be guarded (without the check it says nothing and apply silently skips the guard)."""
+    role = f"sd_plain_{items.info.backend_pid}"
+    items.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        items.execute(f"GRANT SELECT ON public.items TO {role}")
+        plan = write_plan(tmp_path, guard_ddl=True)
+        code, out, err = run_cli("plan", plan, "--dsn", f"{dsn} user={role}", "-o", "json")
+        assert code == 0, err
+        warnings = json.loads(out)["warnings"]
+        assert any("guard_ddl" in w and "cannot create an event trigger" in w for w in warnings), warnings
+        code, out, err = run_cli("plan", plan, "--dsn", dsn, "-o", "json")  # a superuser: no such warning
+        assert code == 0 and not any("guard_ddl" in w for w in json.loads(out)["warnings"])
+    finally:
+        items.execute(f"DROP OWNED BY {role}")
+        items.execute(f"DROP ROLE {role}")
