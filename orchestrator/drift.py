@@ -285,6 +285,17 @@ def moved(ctx) -> bool:
     return bool(carried or refused)
 
 
+def assert_unchanged(ctx, info: TableInfo) -> None:
+    """ShapeChanged when ``info`` (the table as the cutover inspected it) differs from the
+    recorded shape in anything the twin follows: columns, defaults, CHECKs, indexes, keys."""
+    old = recorded(ctx)
+    if old is None:
+        return
+    carried, refused = diff(old, snapshot(ctx.conn, info, ctx.plan.partition_by.column))
+    if carried or refused:
+        raise ShapeChanged("; ".join([c.text for c in carried] + refused))
+
+
 class Watch:
     """For a phase's coordinator loop: True once the table's catalog entry moved and its shape
     differs from the recorded one. One cheap fingerprint query per call; the full comparison

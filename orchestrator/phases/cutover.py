@@ -582,6 +582,7 @@ class Cutover:
         oid = ctx.facts.get("table_oid")
         fingerprint = catalog_fingerprint(ctx.conn, oid)
         inspected = inspect_table(ctx.conn, plan.table_name)
+        drift.assert_unchanged(ctx, inspected)  # a change since the last check: carried first
 
         def body(cur: psycopg.Cursor) -> list[str]:
             report.begin()
@@ -589,6 +590,8 @@ class Cutover:
             # Under the lock nothing can change the table's shape from here on.
             unchanged = catalog_fingerprint(ctx.conn, oid) == fingerprint
             old = inspected if unchanged else inspect_table(ctx.conn, plan.table_name)
+            if not unchanged:
+                drift.assert_unchanged(ctx, old)
             if old.oid != ctx.facts.get("table_oid"):
                 raise StateConflict(f"{plan.table_name} is not the table this migration started on")
             # Never swap in a twin whose columns differ from the table's (an ALTER that landed

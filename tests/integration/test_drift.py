@@ -155,15 +155,22 @@ def test_add_column_after_verify_is_carried_before_cutover(items, dsn, tmp_path)
     assert items.execute("SELECT count(*) FROM public.items_retired WHERE region = 'after'").fetchone()[0] == 1
 
 
-def test_cutover_lock_refuses_a_twin_with_other_columns(items, dsn, tmp_path):
-    """The last line of defence: a column added after the last check (here: the runner's
-    boundary check is bypassed) aborts the swap under the lock; nothing is cut over."""
+def test_cutover_lock_refuses_a_twin_with_other_columns(items, dsn, tmp_path, monkeypatch):
+    """The last lines of defence: a column added after the runner's boundary check (bypassed
+    here by running the phase directly) is found by the cutover's own inspection; one added
+    after that inspection (simulated by switching it off) by the column comparison under
+    the lock. Either aborts before the swap; nothing is cut over."""
     plan = parse_plan(plan_dict())
     runner.apply(plan, dsn, cutover=False)
     items.execute("ALTER TABLE public.items ADD COLUMN late int")
     with runner.session(plan, dsn) as ctx:
-        with pytest.raises(drift.ShapeChanged, match="late"):
+        with pytest.raises(drift.ShapeChanged, match="column late integer added"):
             Cutover().run(ctx)
+    monkeypatch.setattr(drift, "assert_unchanged", lambda ctx, info: None)
+    with runner.session(plan, dsn) as ctx:
+        with pytest.raises(drift.ShapeChanged, match="late is not in the twin"):
+            Cutover().run(ctx)
+    monkeypatch.undo()
     assert items.execute("SELECT relkind FROM pg_class WHERE oid = 'public.items'::regclass").fetchone()[0] == "r"
     assert items.execute("SELECT to_regclass('public.items_retired')").fetchone()[0] is None
     # The runner carries it, re-copies, verifies and cuts over.
