@@ -300,6 +300,17 @@ def moved(ctx) -> bool:
     return bool(carried or refused)
 
 
+def assert_unchanged(ctx, info: TableInfo) -> None:
+    """ShapeChanged when ``info`` (the table as the cutover inspected it) differs from the
+    recorded shape in anything the twin follows: columns, defaults, CHECKs, indexes, keys."""
+    old = recorded(ctx)
+    if old is None:
+        return
+    carried, refused = diff(old, snapshot(ctx.conn, info, ctx.plan.partition_by.column))
+    if carried or refused:
+        raise ShapeChanged("; ".join([c.text for c in carried] + refused))
+
+
 class Watch:
     """For a phase's coordinator loop: True once the table's catalog entry moved and its shape
     differs from the recorded one. One cheap fingerprint query per call; the full comparison
@@ -354,7 +365,20 @@ def check(ctx) -> bool:
             "and start again")
     if not carried:
         return False
-    carry(ctx)
+    try:
+        carry(ctx)
+    except psycopg.Error as e:
+        from orchestrator.db import is_connection_error
+        from orchestrator.errors import ConnectionFailed
+
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if is_connection_error(e):
+            raise ConnectionFailed(f"lost the database connection while carrying a schema change ({msg}); "
+                                   "run apply again") from None
+        # The twin refused the change (an index the data do not satisfy, say): a known
+        # condition, not a bug. The carry's transaction rolled back; the next apply retries.
+        raise DriftRefused(f"{ctx.plan.table_name} was changed ({'; '.join(c.text for c in carried)}) and the "
+                           f"change could not be carried to the twin: {msg}") from None
     return True
 
 

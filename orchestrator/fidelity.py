@@ -37,6 +37,7 @@ def check(conn: psycopg.Connection, info: TableInfo, version: int) -> list[str]:
             raise PreflightError(
                 f"primary key column {ident(c)} of {info.name} is of type {col.type if col else '?'}, which has no "
                 "default btree operator class: rows cannot be matched between the tables")
+    warnings += publication_warnings(conn, info)
     if version < 18:
         for fk in info.outgoing_fks:
             if fk.definition.endswith(" NOT VALID"):
@@ -48,8 +49,11 @@ def check(conn: psycopg.Connection, info: TableInfo, version: int) -> list[str]:
 
 
 def skip_foreign_key(definition: str, version: int) -> bool:
-    """A NOT VALID foreign key cannot go on a partitioned table before PostgreSQL 18."""
-    return version < 18 and definition.endswith(" NOT VALID")
+    """NOT VALID foreign keys stay off the twin during the copy: like a CHECK, even a NOT VALID
+    one applies to every row the backfill inserts, and legacy rows may violate it. On
+    PostgreSQL 18+ it is added NOT VALID before the cutover (:func:`add_not_valid_checks`);
+    before 18 a partitioned table cannot have one at all (warned by :func:`check`)."""
+    return definition.endswith(" NOT VALID")
 
 
 def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, str]]:
@@ -65,7 +69,8 @@ def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, st
 
 
 def add_not_valid_checks(ctx) -> list[str]:
-    """Before the cutover lock: the live table's NOT VALID CHECKs onto the twin, NOT VALID
+    """Before the cutover lock: the live table's NOT VALID CHECKs (and, PostgreSQL 18+, foreign
+    keys) onto the twin, NOT VALID
     (catalog only; ACCESS EXCLUSIVE on the twin for milliseconds, capped and retried).
     Idempotent: a CHECK the twin has by that name is left alone."""
     from orchestrator.db import with_lock_retry
@@ -76,6 +81,12 @@ def add_not_valid_checks(ctx) -> list[str]:
         "AND contype = 'c' AND NOT convalidated AND conname NOT IN "
         "(SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c') ORDER BY 1",
         (str(plan.table_name), str(plan.twin))).fetchall()
+    if ctx.conn.info.server_version >= 180000:
+        rows += ctx.conn.execute(
+            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
+            "AND contype = 'f' AND NOT convalidated AND conname NOT IN "
+            "(SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'f') ORDER BY 1",
+            (str(plan.table_name), str(plan.twin))).fetchall()
     if not rows:
         return []
 
@@ -99,3 +110,31 @@ def unique_constraint(twin: QualifiedName, name: str, definition: str, add_key: 
     """The twin's copy of a unique constraint, keeping DEFERRABLE / INITIALLY DEFERRED: a slot
     swap that is legal on the table (checked at commit) stays legal on the twin."""
     return f"ALTER TABLE {twin} ADD CONSTRAINT {ident(name)} " + sql.rewrite_index(definition, "", "", add_key)
+
+
+def publication_warnings(conn: psycopg.Connection, info: TableInfo) -> list[str]:
+    """What the cutover does to publications of the table, and what it cannot fix."""
+    out = []
+    rows = conn.execute(
+        "SELECT p.pubname, p.pubviaroot, p.puballtables, "
+        "  EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_class c ON c.oid = pr.prrelid "
+        "          WHERE pr.prpubid = p.oid AND c.relkind = 'p') "
+        "FROM pg_publication p WHERE p.puballtables OR p.oid IN "
+        "  (SELECT prpubid FROM pg_publication_rel WHERE prrelid = %s) ORDER BY 1", (info.oid,)).fetchall()
+    if conn.info.server_version >= 150000:
+        rows += conn.execute(
+            "SELECT p.pubname, p.pubviaroot, false, false FROM pg_publication p "
+            "JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid "
+            "JOIN pg_class c ON c.relnamespace = pn.pnnspid AND c.oid = %s ORDER BY 1", (info.oid,)).fetchall()
+    for name, viaroot, alltables, other_partitioned in rows:
+        if name not in info.publications:
+            out.append(
+                f"publication {name} publishes {'every table' if alltables else 'the schema'}: the twin's partitions "
+                "(and after cutover the retired table) are published too, and a subscriber without those tables "
+                "stops with 'target relation does not exist'; publish the table explicitly instead")
+        elif not viaroot:
+            more = (" (it also lists other partitioned tables, which subscribers will then receive under their "
+                    "root's name too)" if other_partitioned else "")
+            out.append(f"publication {name}: publish_via_partition_root is set to true at cutover, so its "
+                       f"subscribers keep receiving {info.name} under its own name{more}")
+    return out

@@ -331,6 +331,9 @@ class Plan(_Strict):
     throttle: Throttle = Throttle()
     retention: Retention = Retention()
     maintenance: Maintenance = Maintenance()
+    acknowledge_statements: list[str] = Field(
+        default_factory=list, description="queryids (pg_stat_statements) of the application's statements that "
+        "`plan` says will fail after cutover, acknowledged: apply refuses while one is not listed here.")
     guard_ddl: bool = Field(False, description="While migrated, refuse ALTER TABLE / CREATE INDEX / DROP on the "
                             "table with an event trigger (needs a superuser; `plan` says when it cannot).")
 

@@ -175,12 +175,25 @@ def _carry_publications(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName,
         extra = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
     out = []
     for pub in old.publications:
+        if new_is_partitioned(cur, new):
+            # Without it the publication would publish the partitions under their own names
+            # after the swap: subscribers and CDC consumers keyed on the table break.
+            cur.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (pub,))
+            row = cur.fetchone()
+            if row is not None and not row[0]:
+                cur.execute(f"ALTER PUBLICATION {ident(pub)} SET (publish_via_partition_root = true)")
+                out.append(f"publication {pub}: publish_via_partition_root = true")
         qual, cols = extra.get(pub, (None, None))
         cur.execute(f"ALTER PUBLICATION {ident(pub)} DROP TABLE {retired}")
         cur.execute(f"ALTER PUBLICATION {ident(pub)} ADD TABLE {new}"
                     + (f" ({cols})" if cols else "") + (f" WHERE ({qual})" if qual else ""))
         out.append(f"publication {pub}")
     return out
+
+
+def new_is_partitioned(cur: psycopg.Cursor, table: QualifiedName) -> bool:
+    cur.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = %s::regclass", (str(table),))
+    return bool(cur.fetchone()[0])
 
 
 def _partitions(cur: psycopg.Cursor, parent: QualifiedName, not_owned_by: str | None = None,
@@ -632,6 +645,7 @@ class Cutover:
         oid = ctx.facts.get("table_oid")
         fingerprint = catalog_fingerprint(ctx.conn, oid)
         inspected = inspect_table(ctx.conn, plan.table_name)
+        drift.assert_unchanged(ctx, inspected)  # a change since the last check: carried first
 
         def body(cur: psycopg.Cursor) -> list[str]:
             report.begin()
@@ -639,6 +653,8 @@ class Cutover:
             # Under the lock nothing can change the table's shape from here on.
             unchanged = catalog_fingerprint(ctx.conn, oid) == fingerprint
             old = inspected if unchanged else inspect_table(ctx.conn, plan.table_name)
+            if not unchanged:
+                drift.assert_unchanged(ctx, old)
             if old.oid != ctx.facts.get("table_oid"):
                 raise StateConflict(f"{plan.table_name} is not the table this migration started on")
             # Never swap in a twin whose columns differ from the table's (an ALTER that landed

@@ -15,7 +15,7 @@ from datetime import datetime
 import psycopg
 from loguru import logger
 
-from orchestrator import drift, fidelity, sql
+from orchestrator import drift, fidelity, sql, statements
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
 from orchestrator.inspect import KEY_TYPES, TableInfo, base_type, exists, has_index_on, inspect_table, key_bounds
@@ -125,6 +125,7 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
         raise PreflightError(
             f"a nullable key column needs PostgreSQL 15 (UNIQUE NULLS NOT DISTINCT); {ident(key)} is nullable")
     warnings: list[str] = fidelity.check(conn, info, version)
+    warnings += statements.check(conn, info, key, plan.acknowledge_statements)
     with conn.cursor() as cur:
         cur.execute(
             "SELECT count(*) FROM pg_inherits WHERE inhrelid = %s OR inhparent = %s", (info.oid, info.oid)

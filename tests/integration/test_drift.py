@@ -9,6 +9,7 @@ nothing. Nothing is ever cut over with a twin whose columns differ.
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
@@ -154,15 +155,22 @@ def test_add_column_after_verify_is_carried_before_cutover(items, dsn, tmp_path)
     assert items.execute("SELECT count(*) FROM public.items_retired WHERE region = 'after'").fetchone()[0] == 1
 
 
-def test_cutover_lock_refuses_a_twin_with_other_columns(items, dsn, tmp_path):
-    """The last line of defence: a column added after the last check (here: the runner's
-    boundary check is bypassed) aborts the swap under the lock; nothing is cut over."""
+def test_cutover_lock_refuses_a_twin_with_other_columns(items, dsn, tmp_path, monkeypatch):
+    """The last lines of defence: a column added after the runner's boundary check (bypassed
+    here by running the phase directly) is found by the cutover's own inspection; one added
+    after that inspection (simulated by switching it off) by the column comparison under
+    the lock. Either aborts before the swap; nothing is cut over."""
     plan = parse_plan(plan_dict())
     runner.apply(plan, dsn, cutover=False)
     items.execute("ALTER TABLE public.items ADD COLUMN late int")
     with runner.session(plan, dsn) as ctx:
-        with pytest.raises(drift.ShapeChanged, match="late"):
+        with pytest.raises(drift.ShapeChanged, match="column late integer added"):
             Cutover().run(ctx)
+    monkeypatch.setattr(drift, "assert_unchanged", lambda ctx, info: None)
+    with runner.session(plan, dsn) as ctx:
+        with pytest.raises(drift.ShapeChanged, match="late is not in the twin"):
+            Cutover().run(ctx)
+    monkeypatch.undo()
     assert items.execute("SELECT relkind FROM pg_class WHERE oid = 'public.items'::regclass").fetchone()[0] == "r"
     assert items.execute("SELECT to_regclass('public.items_retired')").fetchone()[0] is None
     # The runner carries it, re-copies, verifies and cuts over.
@@ -278,3 +286,76 @@ def test_guard_ddl_refuses_schema_changes(items, dsn, tmp_path):
     assert items.execute("SELECT count(*) FROM pg_event_trigger WHERE evtname LIKE 'orchestrate%'").fetchone()[0] == 0
     items.execute("ALTER TABLE public.items ALTER COLUMN note SET DEFAULT 'a'")
 
+
+
+def test_guard_ddl_without_superuser_is_said_by_plan(items, dsn, tmp_path):
+    """PostgreSQL 15 lets only a superuser create an event trigger: plan says the table will
+    not be guarded (without the check it says nothing and apply silently skips the guard)."""
+    role = f"sd_plain_{items.info.backend_pid}"
+    items.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        items.execute(f"GRANT SELECT ON public.items TO {role}")
+        plan = write_plan(tmp_path, guard_ddl=True)
+        code, out, err = run_cli("plan", plan, "--dsn", f"{dsn} user={role}", "-o", "json")
+        assert code == 0, err
+        warnings = json.loads(out)["warnings"]
+        assert any("guard_ddl" in w and "cannot create an event trigger" in w for w in warnings), warnings
+        code, out, err = run_cli("plan", plan, "--dsn", dsn, "-o", "json")  # a superuser: no such warning
+        assert code == 0 and not any("guard_ddl" in w for w in json.loads(out)["warnings"])
+    finally:
+        items.execute(f"DROP OWNED BY {role}")
+        items.execute(f"DROP ROLE {role}")
+
+
+# Each compatible change kind, made while the backfill runs and after verify, then cut over:
+# (DDL, query on the new table, expected answer).
+KINDS = {
+    "add_column": ("ALTER TABLE public.items ADD COLUMN extra int",
+                   "SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.items'::regclass AND attname = 'extra'",
+                   1),
+    "add_column_not_null_default": (
+        "ALTER TABLE public.items ADD COLUMN flag text NOT NULL DEFAULT 'on'",
+        "SELECT count(*) FILTER (WHERE flag = 'on') = count(*) FROM public.items", True),
+    "drop_column_cascade": ("ALTER TABLE public.items DROP COLUMN note CASCADE",
+                            "SELECT count(*) FROM pg_attribute WHERE attrelid = 'public.items'::regclass "
+                            "AND attname = 'note' AND NOT attisdropped", 0),
+    "set_default": ("ALTER TABLE public.items ALTER COLUMN note SET DEFAULT 'dflt'",
+                    "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef WHERE adrelid = 'public.items'::regclass "
+                    "AND adnum = 4", "'dflt'::text"),
+    "drop_default": ("ALTER TABLE public.items ALTER COLUMN id DROP DEFAULT",
+                     "SELECT count(*) FROM pg_attrdef WHERE adrelid = 'public.items'::regclass AND adnum = 1", 0),
+    "add_check": ("ALTER TABLE public.items ADD CONSTRAINT qty_range CHECK (qty BETWEEN 0 AND 1000)",
+                  "SELECT convalidated FROM pg_constraint WHERE conrelid = 'public.items'::regclass "
+                  "AND conname = 'qty_range'", True),
+    "add_unique_index": ("CREATE UNIQUE INDEX items_note_id ON public.items (note, id)",
+                         "SELECT pg_get_indexdef(indexrelid) LIKE '%(note, id, created_at)' FROM pg_index "
+                         "WHERE indrelid = 'public.items'::regclass AND indisunique AND NOT indisprimary", True),
+}
+
+
+@pytest.mark.parametrize("when", ["during_backfill", "after_verify"])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_each_change_kind_is_carried(items, dsn, tmp_path, kind, when):
+    ddl, query, expected = KINDS[kind]
+    if when == "during_backfill":
+        plan = write_plan(tmp_path, backfill={"range": "1 day", "batch_size": 100, "fixed_batch_size": True,
+                                              "sleep_ratio": 2})
+        proc = start_apply(tmp_path, plan, dsn)
+        try:
+            wait_until(lambda: rows_copied(items) > 300, timeout=120, message="backfill never started")
+            assert proc.poll() is None, "the backfill ended before the change: slow it down"
+            items.execute(ddl)
+            assert proc.wait(300) == 0, apply_log(proc)
+        finally:
+            stop(proc)
+        assert "schema change carried" in apply_log(proc)
+    else:
+        code, _, err = run_cli("apply", plan := write_plan(tmp_path), "--dsn", dsn, "--no-cutover")
+        assert code == 0, err
+        items.execute(ddl)
+        code, _, err = run_cli("apply", plan, "--dsn", dsn, "--cutover")
+        assert code == 0, err
+    assert items.execute("SELECT relkind FROM pg_class WHERE oid = 'public.items'::regclass").fetchone()[0] == "p"
+    assert items.execute(query).fetchone()[0] == expected
+    assert columns(items, "public.items") == columns(items, "public.items_retired")
+    same_rows(items, "public.items", "public.items_retired")
