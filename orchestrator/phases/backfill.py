@@ -459,7 +459,8 @@ class Backfill:
             f"(start {b.batch_size} rows, {b.workers} worker(s)), checkpoint in the same transaction",
             sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, True, True, False),
             f"ROW SHARE on {ctx.plan.table_name} and FOR SHARE row locks on the batch's rows until it commits "
-            "(writers of those rows wait for one batch)",
+            f"(writers of those rows wait for one batch); each batch waits at most lock_timeout {b.lock_timeout} "
+            "(capped at half of deadlock_timeout) for the application's locks, then rolls back and retries",
         )]
 
     def ensure_ranges(self, ctx: Context) -> None:
