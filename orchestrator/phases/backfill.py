@@ -87,7 +87,12 @@ class Counters:
     batches: int = 0
     ranges_done: int = 0
     batches_redone: int = 0  # rolled back by a unique violation and redone with ON CONFLICT
+    yields: int = 0  # rolled back on a lock held by the application, then retried
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def yielded(self) -> None:
+        with self.lock:
+            self.yields += 1
 
     def redone(self) -> None:
         with self.lock:
@@ -333,6 +338,7 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
             # A row of the window is locked by the application (idle in transaction, say).
             # The batch has rolled back and released its FOR SHARE locks, so writers of the
             # rows it had locked go on; back off and try a smaller window.
+            counters.yielded()
             stop.wait(yielding.failed(e, size))
             continue
         except psycopg.errors.UniqueViolation as e:
@@ -474,7 +480,8 @@ class Backfill:
             f"(start {b.batch_size} rows, {b.workers} worker(s)), checkpoint in the same transaction",
             sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, True, True, False),
             f"ROW SHARE on {ctx.plan.table_name} and FOR SHARE row locks on the batch's rows until it commits "
-            "(writers of those rows wait for one batch)",
+            f"(writers of those rows wait for one batch); each batch waits at most lock_timeout {b.lock_timeout} "
+            "(capped at half of deadlock_timeout) for the application's locks, then rolls back and retries",
         )]
 
     def ensure_ranges(self, ctx: Context) -> None:
@@ -515,8 +522,13 @@ class Backfill:
             ).fetchone()[0]
             if left:
                 raise OrchestrateError(f"backfill stopped with {left} ranges left; run apply again to resume")
+            # An xid newer than every batch (they all committed before this transaction began):
+            # a snapshot older than it may miss copied rows; the cutover waits for those
+            # snapshots to end (see cutover_gates, GATE_SNAPSHOTS).
+            copied_xid = cur.execute("SELECT (pg_catalog.txid_current() % 4294967296)::text").fetchone()[0]
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, rows=counters.rows,
-                                 batches_redone=counters.batches_redone)
+                                 batches_redone=counters.batches_redone, copied_xid=copied_xid,
+                                 yields=counters.yields)
 
     def _run_workers(self, ctx: Context, pending: list[dict], pace: Pace, counters: Counters, total: int) -> None:
         if not pending:

@@ -434,6 +434,7 @@ GATE_VERIFY = "verification passed"
 GATE_LAG = "replica lag below threshold"
 GATE_PARTITIONS = "partitions exist up to now + premake"
 GATE_BLOCKERS = "no old transaction holding a lock on the table"
+GATE_SNAPSHOTS = "no snapshot older than the copy"
 
 
 def cutover_gates(ctx: Context, probe: LagProbe | None = None) -> list[dict]:
@@ -473,7 +474,37 @@ def cutover_gates(ctx: Context, probe: LagProbe | None = None) -> list[dict]:
         (f"{_describe(old[0])}" + (f" (and {len(old) - 1} more)" if len(old) > 1 else "") +
          f"; older than {plan.cutover.max_blocker_age}") if old else f"none older than {plan.cutover.max_blocker_age}",
         True)
+    stale = old_snapshots(ctx)
+    add(GATE_SNAPSHOTS, not stale,
+        f"{stale[0]} (and {len(stale) - 1} more) holds a snapshot older than the copy: after the swap it would see "
+        "the table without the rows copied since, and its updates and deletes of them would touch nothing"
+        if stale else "none", True)
     return out
+
+
+def old_snapshots(ctx: Context) -> list[str]:
+    """Sessions of this database whose snapshot predates the end of the backfill.
+
+    Why: the twin's rows were written by the backfill's transactions. A REPEATABLE READ or
+    SERIALIZABLE transaction whose snapshot is older than some of them, and which first
+    touches the table after the swap, finds the new table without those rows; its UPDATE
+    or DELETE of one silently affects nothing (PostgreSQL's own limit for any table swap).
+    Snapshots taken after the check see every copied row, so checking before the lock is
+    enough. ``copied_xid`` is recorded by the backfill when it finishes (a transaction newer
+    than every batch); without it (a run recorded by an older version) nothing is checked.
+    """
+    m = ctx.migration
+    xid = ((m.phases.get("backfill") or {}).get("detail") or {}).get("copied_xid") if m else None
+    if xid is None:
+        return []
+    rows = ctx.conn.execute(
+        "SELECT pid, coalesce(state, ''), extract(epoch FROM now() - xact_start)::bigint "
+        "FROM pg_catalog.pg_stat_activity WHERE datname = pg_catalog.current_database() "
+        "AND pid <> pg_catalog.pg_backend_pid() "
+        "AND backend_type = 'client backend' AND application_name NOT LIKE 'orchestrate:%%' "
+        "AND backend_xmin IS NOT NULL AND pg_catalog.age(backend_xmin) > pg_catalog.age(%s::xid) "
+        "ORDER BY xact_start", (xid,)).fetchall()
+    return [f"pid {pid} ({state}, transaction open {age} s)" for pid, state, age in rows]
 
 
 def record_gates(ctx: Context, gates: list[dict]) -> None:
@@ -505,7 +536,8 @@ class Cutover:
         return [
             Step(self.name, "readiness gates: backfill complete, verification passed, replica lag below "
                  f"{p.throttle.max_replica_lag_s:g}s, partitions up to now + premake, no transaction older than "
-                 f"{p.cutover.max_blocker_age} holding a lock on the table (waits up to {p.cutover.gate_timeout})",
+                 f"{p.cutover.max_blocker_age} holding a lock on the table, no snapshot older than the copy "
+                 f"(waits up to {p.cutover.gate_timeout})",
                  "(state and catalog reads)", "none"),
             Step(self.name, "storage parameters of the table onto each partition (a partitioned parent takes none)",
                  "ALTER TABLE <partition> SET (...)", "SHARE UPDATE EXCLUSIVE on each partition of the twin"),

@@ -293,3 +293,30 @@ def test_nullable_key_composite_pk_identity_generated(dsn: str, conn: psycopg.Co
         for s in stale:
             s.close()
     assert _diff(conn, "public.events", "public.events_partitioned") == 0
+
+
+def test_cutover_waits_for_snapshots_older_than_the_copy(captured, dsn: str, conn: psycopg.Connection) -> None:
+    """A REPEATABLE READ transaction open across the backfill would see the new table
+    without the rows copied after its snapshot (its UPDATE touching nothing, silently). The
+    cutover waits for it (gate), gives up after gate_timeout with nothing changed (exit 8),
+    and cuts over once it has ended; a transaction opened after the copy does not hold it."""
+    from orchestrator.errors import StateConflict
+
+    plan = captured
+    app = _snapshot(dsn, "REPEATABLE READ")
+    try:
+        runner.apply(plan, dsn, until="verify")
+        fresh = _snapshot(dsn, "REPEATABLE READ")  # after the copy: harmless
+        short = parse_plan({**plan.model_dump(mode="json", exclude_none=True),
+                            "cutover": {"gate_timeout": "2s"}})
+        with pytest.raises(StateConflict, match="no snapshot older than the copy.*pid "
+                           f"{app.info.backend_pid}"):
+            runner.apply(short, dsn)
+        assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "r"
+        app.commit()
+        runner.apply(short, dsn)
+        fresh.commit()
+    finally:
+        app.close()
+    assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "p"
+    assert _diff(conn, TABLE, RETIRED) == 0
