@@ -294,7 +294,11 @@ def test_guard_ddl_without_superuser_is_said_by_plan(items, dsn, tmp_path):
     role = f"sd_plain_{items.info.backend_pid}"
     items.execute(f"CREATE ROLE {role} LOGIN")
     try:
-        items.execute(f"GRANT SELECT ON public.items TO {role}")
+        # The table's owner, with the grants a whole migration needs (README "Security model"),
+        # but no superuser: everything plan checks passes except the guard.
+        items.execute(f"ALTER TABLE public.items OWNER TO {role}")
+        items.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+        items.execute(f"GRANT CREATE ON DATABASE {items.info.dbname} TO {role}")
         plan = write_plan(tmp_path, guard_ddl=True)
         code, out, err = run_cli("plan", plan, "--dsn", f"{dsn} user={role}", "-o", "json")
         assert code == 0, err
@@ -303,6 +307,7 @@ def test_guard_ddl_without_superuser_is_said_by_plan(items, dsn, tmp_path):
         code, out, err = run_cli("plan", plan, "--dsn", dsn, "-o", "json")  # a superuser: no such warning
         assert code == 0 and not any("guard_ddl" in w for w in json.loads(out)["warnings"])
     finally:
+        items.execute(f"REASSIGN OWNED BY {role} TO CURRENT_USER")
         items.execute(f"DROP OWNED BY {role}")
         items.execute(f"DROP ROLE {role}")
 
