@@ -205,7 +205,12 @@ def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName | None, trigger:
     """Idempotent; ``table`` None when it no longer exists."""
     if table is not None:
         cur.execute(f"DROP TRIGGER IF EXISTS {ident(trigger + '_columns')} ON {table}")
-    cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
+    # The forward and the reverse guard share the function: it goes with the last of them
+    # (the cutover drops the forward guard while the reverse one, staged at prepare, stays).
+    cur.execute("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgfoid = pg_catalog.to_regprocedure(%s)",
+                (f"{fn}()",))
+    if cur.fetchone()[0] == 0:
+        cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
 
 
 # --- the opt-in guard: an event trigger (superuser) -------------------------------------------
@@ -365,7 +370,7 @@ def carry(ctx) -> None:
     schedule a re-copy when a column was added. Indexes are built and CHECKs validated
     afterwards, without blocking writers."""
     from orchestrator.phases import FORWARD_TRIGGER
-    from orchestrator.phases.capture import install_sync
+    from orchestrator.phases.capture import install_capture
     from orchestrator.phases.cutover import lock_both
 
     plan = ctx.plan
@@ -412,7 +417,7 @@ def carry(ctx) -> None:
         ctx.info = info
         m = ctx.migration
         if m.done("capture"):
-            install_sync(cur, ctx, plan.table_name, plan.twin, FORWARD_TRIGGER, "capture")
+            install_capture(cur, ctx)
             install_column_guard(cur, plan.table_name, FORWARD_TRIGGER, info.writable_columns,
                                  ctx.function("columns"))
         ctx.store.set_facts(cur, ctx.mid, shape=shape)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import psycopg
 from loguru import logger
 
-from orchestrator import drift, horizon
+from orchestrator import changelog, drift, horizon
 from orchestrator.db import close_quietly, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, PreflightError, StateConflict
 from orchestrator.inspect import resolve
@@ -166,6 +166,8 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                            {"status": "cut_over", "migration_id": m.id})
         # Throttle, operator controls, live figures and metrics: ctx.options "throttle", "controls".
         running.enter_context(steering(ctx))
+        # Async capture: the replay thread runs beside every phase (pause holds only the backfill).
+        running.enter_context(changelog.replaying(ctx))
         if recopy:
             _mark_recopy(ctx, recopy)
         ctx.refresh()
@@ -346,6 +348,8 @@ def rollback(plan: Plan, dsn: str) -> Outcome:
             for kind in ("capture", "reverse"):
                 for k in (kind, kind + "_truncate", kind + "_on"):
                     cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+            changelog.drop(cur, ctx)  # async capture's log, even after a crash mid-phase
+            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function('columns')}()")  # the guards' (both gone now)
             cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
             ctx.store.set_status(cur, m.id, "rolled_back")
         ctx.store.event(m.id, "rolled_back", f"rolled back from {m.status}/{m.phase}")
@@ -370,6 +374,7 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
             drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
             if resolve(cur, plan.retired) is not None:
                 cur.execute(f"DROP TABLE {plan.retired}")
+            changelog.drop(cur, ctx)
             cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
             ctx.store.set_status(cur, m.id, "finalized")
 

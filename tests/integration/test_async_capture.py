@@ -1,0 +1,250 @@
+"""Async capture (``capture: {mode: async}``): the change log and its replay, deterministically.
+
+Each test drives the pieces one at a time against the real server: ``apply`` with the
+replay thread off (``options={"replay": False}``) leaves changes pending in the log; the
+test then calls the owner's replay function itself (``orchestrate.replay_<id>(n)``),
+in batches as small as one row, and compares the twin with the live table column by column.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timezone
+
+import psycopg
+import pytest
+
+from orchestrator import runner
+from orchestrator.plan import parse_plan
+from orchestrator.sample import create_orders
+
+END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
+TABLE, TWIN, LOG = "public.orders", "public.orders_partitioned", "public.orders_changes"
+
+
+def _plan(**capture):
+    return parse_plan({"table": TABLE, "partition_by": {"column": "created_at", "interval": "1 month"},
+                       "backfill": {"range": "1 day", "batch_size": 50, "fixed_batch_size": True},
+                       "cutover": {"lock_timeout": "300ms", "attempts": 20, "backoff_max": "200ms",
+                                   "gate_timeout": "20s"},
+                       "capture": {"mode": "async", **capture}})
+
+
+def _diff(conn: psycopg.Connection, a: str = TABLE, b: str = TWIN) -> int:
+    return conn.execute(
+        f"SELECT count(*) FROM ((SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) UNION ALL "
+        f"(SELECT * FROM {b} EXCEPT ALL SELECT * FROM {a})) d").fetchone()[0]
+
+
+def _mid(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT max(id) FROM orchestrate.migrations").fetchone()[0]
+
+
+def _replay(conn: psycopg.Connection, n: int = 1000) -> int:
+    """Replay the whole log, ``n`` rows per batch; returns the number of batches."""
+    batches = 0
+    while conn.execute(f"SELECT orchestrate.replay_{_mid(conn)}(%s)", (n,)).fetchone()[0]:
+        batches += 1
+    return batches
+
+
+def _pending(conn: psycopg.Connection) -> int:
+    return conn.execute(f"SELECT count(*) FROM {LOG}").fetchone()[0]
+
+
+@pytest.fixture
+def copied(dsn: str, conn: psycopg.Connection):
+    """orders (400 rows over 10 days), async capture on, backfill done, no replay thread."""
+    create_orders(conn, TABLE, rows=400, days=10, end=END, seed=5)
+    plan = _plan()
+    runner.apply(plan, dsn, until="backfill", options={"replay": False})
+    assert _diff(conn) == 0
+    return plan
+
+
+def _ids(conn: psycopg.Connection) -> list[int]:
+    return [r[0] for r in conn.execute("SELECT id FROM orders ORDER BY id")]
+
+
+def test_capture_writes_only_the_log(copied, conn: psycopg.Connection) -> None:
+    ids = _ids(conn)
+    twin_before = conn.execute(f"SELECT count(*) FROM {TWIN}").fetchone()[0]
+    conn.execute("UPDATE orders SET amount = amount + 1 WHERE id = %s", (ids[0],))
+    conn.execute("DELETE FROM orders WHERE id = %s", (ids[1],))
+    # The twin is untouched in the writer's transaction; the log holds the keys.
+    assert conn.execute(f"SELECT count(*) FROM {TWIN}").fetchone()[0] == twin_before
+    assert _diff(conn) == 3  # the updated row differs (one on each side), the deleted one is still there
+    assert _pending(conn) == 2
+    # The trigger is ENABLE ALWAYS and its function the owner's, SECURITY DEFINER, path pinned.
+    assert conn.execute("SELECT tgenabled FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass "
+                        "AND tgname = 'orchestrate_capture'").fetchone()[0] == "A"
+    assert conn.execute(f"SELECT prosecdef, proconfig FROM pg_proc WHERE oid = 'orchestrate.capture_{_mid(conn)}'"
+                        "::regproc").fetchone() == (True, ["search_path=pg_catalog, pg_temp"])
+    _replay(conn)
+    assert _diff(conn) == 0 and _pending(conn) == 0
+
+
+def test_replay_of_every_kind_of_change_in_batches_of_one(copied, conn: psycopg.Connection) -> None:
+    ids = _ids(conn)
+    with conn.transaction():
+        conn.execute("UPDATE orders SET amount = amount + 1 WHERE id = %s", (ids[0],))
+        conn.execute("UPDATE orders SET amount = amount + 1, note = NULL WHERE id = %s", (ids[0],))  # logged twice
+        # A key move across a month: OLD and NEW keys logged.
+        conn.execute("UPDATE orders SET created_at = created_at - interval '40 days' WHERE id = %s", (ids[2],))
+        # A primary-key move.
+        conn.execute("UPDATE orders SET id = id + 1000000 WHERE id = %s", (ids[3],))
+    conn.execute("UPDATE orders SET status = 'paid' WHERE id = %s", (ids[4],))
+    conn.execute("DELETE FROM orders WHERE id = %s", (ids[4],))  # update then delete
+    conn.execute("INSERT INTO orders (customer_id, amount, created_at) VALUES (1, 2, %s)", (END,))
+    conn.execute("DELETE FROM orders WHERE id = ANY(%s)", (ids[100:120],))  # bulk
+    conn.execute("INSERT INTO orders SELECT * FROM orders WHERE id = %s ON CONFLICT (id) DO UPDATE "
+                 "SET amount = 77", (ids[5],))  # upsert
+    with conn.cursor().copy("COPY orders (customer_id, amount, note, created_at) FROM STDIN") as cp:
+        for i in range(5):
+            cp.write_row((9, i, f"copied {i}", datetime(2026, 10, 12, i, tzinfo=timezone.utc)))
+    assert _diff(conn) > 0
+    pending = _pending(conn)
+    assert _replay(conn, 1) == pending  # one log row per batch, every batch idempotent
+    assert _diff(conn) == 0
+    # Replaying a key again changes nothing (a pk logged twice, a batch redone after a crash).
+    conn.execute(f"INSERT INTO {LOG} (id, created_at) SELECT id, created_at FROM orders WHERE id = ANY(%s)",
+                 (ids[:50],))
+    _replay(conn, 7)
+    assert _diff(conn) == 0
+
+
+def test_truncate_between_logged_rows(copied, conn: psycopg.Connection) -> None:
+    ids = _ids(conn)
+    conn.execute("UPDATE orders SET amount = 1 WHERE id = ANY(%s)", (ids[:3],))
+    conn.execute("TRUNCATE orders")
+    conn.execute("INSERT INTO orders (customer_id, amount, created_at) "
+                 "SELECT g, g, %s::timestamptz - g * interval '1 hour' FROM generate_series(1, 30) g", (END,))
+    conn.execute("UPDATE orders SET amount = 0, note = 'after' WHERE customer_id < 5")
+    assert conn.execute(f"SELECT count(*) FROM {LOG} WHERE orchestrate_truncate").fetchone()[0] == 1
+    # Batches of 2: the marker arrives in the middle of a batch, rows logged before and after it.
+    _replay(conn, 2)
+    assert _diff(conn) == 0
+    assert conn.execute(f"SELECT count(*) FROM {TWIN}").fetchone()[0] == 30
+
+
+def test_replay_killed_mid_batch_then_replayed(copied, dsn: str, conn: psycopg.Connection) -> None:
+    ids = _ids(conn)
+    conn.execute("UPDATE orders SET amount = amount * 2 WHERE id = ANY(%s)", (ids[:40],))
+    conn.execute("DELETE FROM orders WHERE id = ANY(%s)", (ids[40:60],))
+    before = _pending(conn)
+    victim = psycopg.connect(dsn)
+    pid = victim.info.backend_pid
+    victim.execute(f"SELECT orchestrate.replay_{_mid(conn)}(1000)")  # the batch, not committed
+    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    with pytest.raises(psycopg.OperationalError):
+        victim.execute("SELECT 1")
+    victim.close()
+    # Nothing of the batch survived the crash: the log still holds it, the twin is as it was.
+    assert _pending(conn) == before
+    assert _diff(conn) == 100  # 40 updated rows (one on each side) and 20 deleted ones
+    _replay(conn)
+    assert _diff(conn) == 0
+
+
+def test_change_committed_after_the_batch_read_the_table_is_replayed_again(copied, dsn: str,
+                                                                           conn: psycopg.Connection) -> None:
+    """The one ordering replay relies on: a change that commits after the batch read the live
+    row has its own log row, which the batch does not take (it deletes its log rows by
+    sequence number, never by key). The interleaving is forced with an advisory lock that a
+    trigger on the twin's partition waits for, between replay's read and its write."""
+    ids = _ids(conn)
+    victim = ids[7]
+    conn.execute("UPDATE orders SET amount = 1 WHERE id = %s", (victim,))  # pending: v1
+    part = conn.execute("SELECT tableoid::regclass::text FROM orders_partitioned WHERE id = %s",
+                        (victim,)).fetchone()[0]
+    conn.execute("CREATE FUNCTION public.hold() RETURNS trigger LANGUAGE plpgsql AS "
+                 "$$BEGIN PERFORM pg_advisory_xact_lock(4242); RETURN NEW; END$$")
+    conn.execute(f"CREATE TRIGGER hold BEFORE INSERT ON {part} FOR EACH ROW EXECUTE FUNCTION public.hold()")
+    holder = psycopg.connect(dsn)
+    holder.execute("BEGIN")
+    holder.execute("SELECT pg_advisory_xact_lock(4242)")
+    result: dict = {}
+
+    def replay() -> None:
+        with psycopg.connect(dsn, autocommit=True) as r:
+            result["n"] = r.execute(f"SELECT orchestrate.replay_{_mid(conn)}(1000)").fetchone()[0]
+
+    t = threading.Thread(target=replay)
+    t.start()
+    deadline = time.monotonic() + 30
+    while not conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                           ).fetchone()[0]:
+        assert time.monotonic() < deadline, "replay never reached the twin"
+        time.sleep(0.02)
+    # Replay has read v1 from the live table; v2 commits now.
+    conn.execute("UPDATE orders SET amount = 2 WHERE id = %s", (victim,))
+    holder.rollback()
+    holder.close()
+    t.join(timeout=30)
+    assert result["n"] == 1
+    conn.execute(f"DROP TRIGGER hold ON {part}")
+    assert conn.execute("SELECT amount FROM orders_partitioned WHERE id = %s", (victim,)).fetchone()[0] == 1
+    assert _pending(conn) == 1  # v2's log row is still there
+    _replay(conn)
+    assert conn.execute("SELECT amount FROM orders_partitioned WHERE id = %s", (victim,)).fetchone()[0] == 2
+    assert _diff(conn) == 0
+
+
+def test_verify_excludes_pending_keys_and_passes(copied, dsn: str, conn: psycopg.Connection) -> None:
+    ids = _ids(conn)
+    conn.execute("UPDATE orders SET amount = amount + 5 WHERE id = ANY(%s)", (ids[:30],))
+    conn.execute("DELETE FROM orders WHERE id = ANY(%s)", (ids[30:40],))
+    conn.execute("UPDATE orders SET created_at = created_at - interval '40 days' WHERE id = ANY(%s)", (ids[40:45],))
+    assert _diff(conn) > 0 and _pending(conn) > 0
+    # No replay at all: the differing rows are exactly the pending ones; verify passes.
+    runner.apply(copied, dsn, until="verify", options={"replay": False})
+    assert runner.status(copied, dsn).data["phases"]["verify"]["state"] == "done"
+    assert _diff(conn) > 0
+
+
+def test_cutover_replays_the_rest_under_the_lock(copied, dsn: str, conn: psycopg.Connection) -> None:
+    """No replay thread at all: everything pending is replayed inside the cutover's lock."""
+    runner.apply(copied, dsn, until="verify", options={"replay": False})
+    ids = _ids(conn)
+    conn.execute("UPDATE orders SET amount = amount + 5 WHERE id = ANY(%s)", (ids[:30],))
+    conn.execute("DELETE FROM orders WHERE id = ANY(%s)", (ids[30:40],))
+    golden = conn.execute("SELECT * FROM orders ORDER BY id").fetchall()
+    plan = _plan(max_pending_at_cutover=1000)
+    runner.apply(plan, dsn, options={"replay": False})
+    assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "p"
+    assert conn.execute("SELECT * FROM orders ORDER BY id").fetchall() == golden
+    facts = conn.execute("SELECT facts FROM orchestrate.migrations WHERE id = %s", (_mid(conn),)).fetchone()[0]
+    assert facts["replayed_under_lock"] == 40
+    # The log and the replay functions are gone with the capture.
+    assert conn.execute(f"SELECT to_regclass('{LOG}')").fetchone()[0] is None
+    assert conn.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = 'orchestrate'::regnamespace "
+                        "AND proname ~ '^(replay|capture)'").fetchone()[0] == 0
+
+
+def test_cutover_refuses_a_drain_beyond_the_lock_budget(copied, dsn: str, conn: psycopg.Connection) -> None:
+    runner.apply(copied, dsn, until="verify", options={"replay": False})
+    conn.execute("UPDATE orders SET amount = amount + 5")
+    plan = _plan(max_pending_at_cutover=100000, max_lock_replay=10).model_copy(
+        update={"cutover": _plan().cutover.model_copy(update={"attempts": 2})})
+    from orchestrator.errors import LockNotAcquired
+
+    with pytest.raises(LockNotAcquired, match="max_lock_replay"):
+        runner.apply(plan, dsn, options={"replay": False})
+    assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "r"
+    assert _pending(conn) == 400
+
+
+def test_rollback_after_capture_drops_the_log(dsn: str, conn: psycopg.Connection) -> None:
+    create_orders(conn, TABLE, rows=100, days=5, end=END, seed=3)
+    conn.execute("CREATE TABLE public.orders_changes_keep (x int)")
+    runner.apply(_plan(), dsn, until="capture", options={"replay": False})
+    conn.execute("UPDATE orders SET amount = 1")
+    assert _pending(conn) == 100
+    runner.rollback(_plan(), dsn)
+    assert conn.execute(f"SELECT to_regclass('{LOG}')").fetchone()[0] is None
+    assert conn.execute("SELECT to_regclass('public.orders_changes_keep')").fetchone()[0] is not None
+    assert conn.execute("SELECT array_agg(proname) FROM pg_proc WHERE pronamespace = 'orchestrate'::regnamespace"
+                        ).fetchone()[0] is None
+    assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass "
+                        "AND NOT tgisinternal").fetchone()[0] == 0
