@@ -15,7 +15,8 @@ from datetime import datetime, timezone
 import psycopg
 import pytest
 
-from orchestrator import runner
+from helpers import drain, wait_until
+from orchestrator import runner, sql
 from orchestrator.plan import parse_plan
 from orchestrator.sample import create_orders
 
@@ -248,3 +249,175 @@ def test_rollback_after_capture_drops_the_log(dsn: str, conn: psycopg.Connection
                         ).fetchone()[0] is None
     assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass "
                         "AND NOT tgisinternal").fetchone()[0] == 0
+
+
+# --- the isolation-level cases (tests/integration/test_isolation.py) in async mode -------------
+# A REPEATABLE READ / SERIALIZABLE writer whose snapshot predates the copy changes rows after
+# it. The sync trigger must refuse that with 40001 (its by-key write cannot see the copied
+# row); async capture only appends keys, so the writer commits, and replay, which re-reads
+# the committed row, makes the twin exact.
+
+OPS = {
+    "update": ["UPDATE orders SET amount = amount + 1000, note = NULL WHERE id = %(a)s"],
+    "delete": ["DELETE FROM orders WHERE id = %(b)s"],
+    "move": ["UPDATE orders SET created_at = created_at - interval '40 days' WHERE id = %(c)s"],
+    "all three": ["UPDATE orders SET amount = amount + 1000, note = NULL WHERE id = %(a)s",
+                  "DELETE FROM orders WHERE id = %(b)s",
+                  "UPDATE orders SET created_at = created_at - interval '40 days' WHERE id = %(c)s"],
+}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("level", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_old_snapshot_writer_after_the_copy_commits_and_is_replayed_exactly(dsn: str, conn: psycopg.Connection,
+                                                                              level: str, op: str) -> None:
+    create_orders(conn, TABLE, rows=400, days=10, end=END, seed=5)
+    plan = _plan()
+    runner.apply(plan, dsn, until="capture", options={"replay": False})
+    ids = _ids(conn)
+    victims = {"a": ids[10], "b": ids[200], "c": ids[300]}
+    app = psycopg.connect(dsn)
+    try:
+        app.execute(f"BEGIN ISOLATION LEVEL {level}")
+        app.execute("SELECT 1").fetchone()  # the snapshot, before the copy
+        runner.apply(plan, dsn, until="backfill", options={"replay": False})
+        for s in OPS[op]:
+            app.execute(s, victims)
+        app.commit()
+    finally:
+        app.close()
+    assert _diff(conn) > 0
+    drain(conn)
+    assert _diff(conn) == 0
+
+
+SHAPED = """
+CREATE TABLE public.events (
+    tenant int NOT NULL,
+    id bigint GENERATED ALWAYS AS IDENTITY,
+    at timestamptz,
+    body text,
+    body_len int GENERATED ALWAYS AS (length(body)) STORED,
+    PRIMARY KEY (tenant, id)
+);
+INSERT INTO public.events (tenant, at, body)
+SELECT g % 3, CASE WHEN g % 10 = 0 THEN NULL ELSE timestamptz '2026-10-01 00:00+00' + g * interval '1 hour' END,
+       'b' || g
+FROM generate_series(1, 120) g;
+"""
+
+
+@pytest.mark.parametrize("level", ["READ COMMITTED", "SERIALIZABLE"])
+def test_composite_key_null_keys_identity_generated(dsn: str, conn: psycopg.Connection, level: str) -> None:
+    """Replay matches a composite primary key exactly (tenant 1 id 5 is not tenant 2 id 5),
+    finds NULL-key rows in the default partition, copies identity values, computes the
+    generated column; NULL keys moving to dates and back."""
+    conn.execute(SHAPED)
+    plan = parse_plan({"table": "public.events", "partition_by": {"column": "at", "interval": "1 month"},
+                       "backfill": {"batch_size": 20, "fixed_batch_size": True}, "capture": {"mode": "async"}})
+    runner.apply(plan, dsn, until="backfill", options={"replay": False})
+    twin = "public.events_partitioned"
+    assert _diff(conn, "public.events", twin) == 0
+    with psycopg.connect(dsn) as app:
+        app.execute(f"BEGIN ISOLATION LEVEL {level}")
+        app.execute("UPDATE events SET body = body || '!' WHERE at IS NULL AND tenant = 1")
+        app.execute("UPDATE events SET at = NULL WHERE id IN (3, 4)")
+        app.execute("UPDATE events SET at = timestamptz '2026-10-02 00:00+00' WHERE id = 10")
+        app.execute("DELETE FROM events WHERE tenant = 2 AND id IN (5, 20)")  # (0, 20) etc. stay
+        app.execute("UPDATE events SET tenant = 7 WHERE tenant = 0 AND id = 6")  # a primary-key move
+        app.execute("INSERT INTO events (tenant, at, body) VALUES (1, NULL, 'n'), (1, '2026-10-03', 'd')")
+        app.commit()
+    assert _diff(conn, "public.events", twin) > 0
+    drain(conn)
+    assert _diff(conn, "public.events", twin) == 0
+
+
+# --- the resurrection race (tests/integration/test_race.py) in async mode ----------------------
+
+WRITES = {
+    "delete": "DELETE FROM orders WHERE id = %s",
+    "update": "UPDATE orders SET amount = amount + 1000, note = NULL, status = 'refunded' WHERE id = %s",
+    "move_out": "UPDATE orders SET created_at = created_at - interval '3 days', amount = amount + 1 WHERE id = %s",
+    "move_within": "UPDATE orders SET created_at = created_at + interval '1 second', amount = amount + 2 WHERE id = %s",
+}
+
+
+@pytest.fixture
+def captured_async(dsn: str, conn: psycopg.Connection):
+    create_orders(conn, TABLE, rows=3000, days=20, end=END, seed=3)
+    plan = _plan()
+    runner.apply(plan, dsn, until="capture", options={"replay": False})
+    from orchestrator.inspect import inspect_table
+    from orchestrator.phases import Context
+
+    info = inspect_table(conn, plan.table_name)
+    shape = Context(plan=plan, dsn=dsn, conn=conn, store=None, migration=None).shape(info)  # type: ignore[arg-type]
+    where, params = sql.range_predicate(shape, "2026-10-10 00:00:00", "2026-10-11 00:00:00", False)
+    ids = [r[0] for r in conn.execute(f"SELECT id FROM orders WHERE {where} ORDER BY created_at, id", params)]
+    return plan, shape, where, params, ids[len(ids) // 2]
+
+
+def _window_diff(conn: psycopg.Connection, where: str, params: list) -> int:
+    return conn.execute(
+        f"SELECT count(*) FROM ((SELECT * FROM orders WHERE {where} EXCEPT ALL "
+        f"SELECT * FROM orders_partitioned WHERE {where}) UNION ALL "
+        f"(SELECT * FROM orders_partitioned WHERE {where} EXCEPT ALL SELECT * FROM orders WHERE {where})) d",
+        params * 4).fetchone()[0]
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_naive_copy_with_replay_in_between_resurrects(captured_async, dsn: str, conn: psycopg.Connection,
+                                                     write: str) -> None:
+    """The race exists in async mode too: a copy without row locks whose snapshot predates a
+    write, committing after replay already synced that write's key, brings the old row back."""
+    plan, shape, where, params, victim = captured_async
+    c = sql.column_list(list(shape.columns))
+    with psycopg.connect(dsn) as copier:
+        copier.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        copier.execute("SELECT count(*) FROM orders").fetchone()
+        conn.execute(WRITES[write], (victim,))
+        drain(conn)  # the write's key is synced (nothing in the twin yet) and its log row gone
+        if write == "update":
+            # Replay inserted the updated row: the stale copy collides instead of winning.
+            with pytest.raises(psycopg.errors.UniqueViolation):
+                copier.execute(f"INSERT INTO {TWIN} ({c}) SELECT {c} FROM orders WHERE {where}", params)
+            return
+        copier.execute(f"INSERT INTO {TWIN} ({c}) SELECT {c} FROM orders WHERE {where}", params)
+        copier.commit()
+    drain(conn)  # nothing left to replay: the stale row stays
+    live = conn.execute("SELECT count(*) FROM orders WHERE id = %s", (victim,)).fetchone()[0]
+    twin = conn.execute(f"SELECT count(*) FROM {TWIN} WHERE id = %s", (victim,)).fetchone()[0]
+    assert (live, twin) == ((0, 1) if write == "delete" else (1, 2)), "the interleaving is not the race"
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_backfill_batch_with_replay_in_between_is_exact(captured_async, dsn: str, conn: psycopg.Connection,
+                                                       write: str) -> None:
+    """Our batch (FOR SHARE) waits for the uncommitted write and copies its outcome; replay
+    runs at the worst moment (after the write commits, while the batch is in flight) and
+    again afterwards: the window is exact."""
+    plan, shape, where, params, victim = captured_async
+    stmt = sql.backfill_copy(plan.table_name, plan.twin, shape, where, False, False, False, True)
+    result: dict = {}
+    with psycopg.connect(dsn) as writer, psycopg.connect(dsn, autocommit=True) as copier:
+        writer.execute(WRITES[write], (victim,))  # uncommitted, row lock held, key logged
+
+        def batch() -> None:
+            try:
+                with copier.transaction():
+                    copier.execute(stmt, params)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                result["error"] = e
+
+        t = threading.Thread(target=batch, daemon=True)
+        t.start()
+        wait_until(lambda: not t.is_alive() or conn.execute(
+            "SELECT %s = ANY (pg_blocking_pids(%s))", (writer.info.backend_pid, copier.info.backend_pid)
+        ).fetchone()[0], timeout=10, message="the batch neither blocked nor finished")
+        assert t.is_alive(), "the batch did not wait for the uncommitted write"
+        writer.commit()
+        drain(conn)
+        t.join(timeout=30)
+    assert "error" not in result, result
+    drain(conn)
+    assert _window_diff(conn, where, params) == 0
