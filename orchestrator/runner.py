@@ -426,6 +426,14 @@ def status(plan: Plan, dsn: str) -> Outcome:
         live = m.facts.get("live") or {}
         if live:
             data["live"] = live
+        if m.status == "running" and plan.capture.mode == "async":
+            # Read now, running apply or not: the log grows while no apply replays it.
+            try:
+                pending, oldest = conn.execute(
+                    f"SELECT * FROM orchestrate.{ident(f'replay_lag_{m.id}')}()").fetchone()
+                data["replay"] = {"pending": int(pending), "oldest_s": round(float(oldest), 3)}
+            except psycopg.Error as e:
+                data["replay"] = {"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}
         return Outcome(f"{table}: {m.status}, phase {m.phase}", data)
     finally:
         conn.close()
