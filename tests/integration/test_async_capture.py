@@ -437,3 +437,51 @@ def test_a_column_added_mid_migration_is_replayed_too(copied, dsn: str, conn: ps
     runner.apply(copied, dsn)
     assert conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "p"
     assert _diff(conn, "public.orders", "public.orders_retired") == 0
+
+
+def test_status_and_metrics_show_the_replay_lag(copied, dsn: str, conn: psycopg.Connection) -> None:
+    from orchestrator.metrics import render
+
+    conn.execute("UPDATE orders SET amount = amount + 1 WHERE id = ANY(%s)", (_ids(conn)[:25],))
+    time.sleep(0.2)
+    replay = runner.status(copied, dsn).data["replay"]
+    assert replay["pending"] == 25 and replay["oldest_s"] >= 0.2  # no apply running: the log waits
+    text = render({"replay_pending": 25, "replay_lag_s": 1.5, "replayed": 3}, TABLE)
+    assert 'orchestrate_replay_pending{table="public.orders"} 25' in text
+    assert 'orchestrate_replay_lag_seconds{table="public.orders"} 1.5' in text
+    drain(conn)
+    assert runner.status(copied, dsn).data["replay"]["pending"] == 0
+
+
+def test_pause_holds_the_backfill_not_the_replay(dsn: str, conn: psycopg.Connection, tmp_path) -> None:
+    import yaml
+
+    from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop
+
+    create_orders(conn, TABLE, rows=3000, days=20, end=END, seed=4)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"table": TABLE, "partition_by": {"column": "created_at", "interval": "1 month"},
+                                    "backfill": {"batch_size": 50, "fixed_batch_size": True, "sleep_ratio": 2},
+                                    "capture": {"mode": "async"}}))
+    code, out, err = run_cli("pause", str(path), "--dsn", dsn)
+    assert code == 0, err
+    proc = start_apply(tmp_path, path, dsn, "--until", "backfill")
+    try:
+        wait_until(lambda: proc.poll() is not None or live(conn).get("replay_pending") is not None, timeout=90,
+                   message="apply never reported the replay")
+        assert proc.poll() is None, apply_log(proc)
+        before = rows_copied(conn)
+        ids = _ids(conn)
+        conn.execute("UPDATE orders SET note = 'while paused' WHERE id = ANY(%s)", (ids[:40],))
+        # The replay syncs the keys into the twin while the backfill stays paused.
+        wait_until(lambda: conn.execute(f"SELECT count(*) FROM {TWIN} WHERE note = 'while paused'").fetchone()[0]
+                   == 40 and _pending(conn) == 0, timeout=60, message="the replay did not run while paused")
+        assert rows_copied(conn) == before, "the backfill copied while paused"
+        assert live(conn)["paused"] is True
+        code, out, err = run_cli("resume", str(path), "--dsn", dsn)
+        assert code == 0, err
+        assert proc.wait(180) == 0, apply_log(proc)
+    finally:
+        stop(proc)
+    drain(conn)
+    assert _diff(conn) == 0
