@@ -121,12 +121,15 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
        would wait for the backfill). Every row the table holds now was inserted after that
        TRUNCATE, so it has a log row later than the marker, which a batch can only take with
        or after the marker: it is copied again.
-    3. Delete the twin's rows with the batch's keys (the partition key prunes the partitions;
-       the primary-key columns are matched exactly).
-    4. Insert the live table's current rows with the batch's primary keys (read after step 1:
-       a change committed after this read has a log row this batch did not take). ON CONFLICT
-       DO UPDATE: a backfill window in flight may have inserted the same row (it copies the
-       same latest version: it holds the row with FOR SHARE).
+    3. Delete the twin's rows with the batch's keys that the live table no longer has at that
+       (pk..., key): deleted or moved away (the partition key prunes the partitions; the
+       primary-key columns are matched exactly).
+    4. Upsert the live table's current rows with the batch's primary keys (read after step 1:
+       a change committed after this read has a log row this batch did not take): an UPDATE
+       in place for a row the twin holds (HOT where no indexed column changed: a delete and
+       insert would write every index again), an INSERT otherwise. A backfill window in
+       flight may insert the same row: it copies the same latest version (it holds the row
+       with FOR SHARE), so either write is right.
     5. Delete exactly the batch's log rows, by sequence number, never by key.
     """
     pk, key = shape.pk, shape.key
@@ -144,6 +147,15 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
             # The arrays drive the index scan; the exact key tuple comes from the batch itself.
             conds.append(f"EXISTS (SELECT 1 FROM {log} l WHERE {batch} AND {_match(shape, tuple(pk), alias, 'l')})")
         return " AND ".join(conds)
+
+    def still_there() -> str:
+        # The live row with this twin row's (pk..., key), if any: then the row stays (the
+        # upsert below refreshes it in place, a HOT update where the indexes allow).
+        conds = [f"s.{ident(c)} {shape.eq(c)} t.{ident(c)}" for c in tk if c != key or not shape.key_nullable]
+        if shape.key_nullable:
+            k = ident(key)
+            conds.append(f"(s.{k} = t.{k} OR (s.{k} IS NULL AND t.{k} IS NULL))")
+        return f"EXISTS (SELECT 1 FROM ONLY {src} s WHERE {' AND '.join(conds)})"
 
     key_cond = f"(t.{ident(key)} = ANY ({values(key)})"
     if shape.key_nullable:
@@ -172,7 +184,7 @@ BEGIN
   SELECT pg_catalog.count(*) > 0, pg_catalog.bool_or(l.{ident(key)} IS NULL) INTO STRICT trunc, has_null
     FROM {log} l WHERE {batch};
   IF trunc THEN
-    DELETE FROM {twin} t WHERE {key_cond} AND {in_batch('t')};
+    DELETE FROM {twin} t WHERE {key_cond} AND {in_batch('t')} AND NOT {still_there()};
     INSERT INTO {twin} ({cols}) OVERRIDING SYSTEM VALUE
       SELECT {cols} FROM ONLY {src} t WHERE {in_batch('t')}
       ON CONFLICT ({column_list(list(tk))}) {conflict};
