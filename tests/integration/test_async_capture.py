@@ -485,3 +485,16 @@ def test_pause_holds_the_backfill_not_the_replay(dsn: str, conn: psycopg.Connect
         stop(proc)
     drain(conn)
     assert _diff(conn) == 0
+
+
+def test_plan_shows_the_capture_mode_and_its_steps(dsn: str, conn: psycopg.Connection) -> None:
+    create_orders(conn, TABLE, rows=100, days=5, end=END, seed=3)
+    data = runner.make_plan(_plan(), dsn).data
+    assert data["capture"]["mode"] == "async" and "orders_changes" in data["capture"]["how"]
+    capture = [s for s in data["steps"] if s["phase"] == "capture"]
+    assert any("CREATE TABLE public.orders_changes" in s["sql"] for s in capture)
+    assert runner.make_plan(parse_plan({"table": TABLE, "partition_by": {"column": "created_at",
+                                                                          "interval": "1 month"}}),
+                            dsn).data["capture"]["mode"] == "sync"
+    # Nothing was created by looking.
+    assert conn.execute(f"SELECT to_regclass('{LOG}')").fetchone()[0] is None
