@@ -498,3 +498,41 @@ def test_plan_shows_the_capture_mode_and_its_steps(dsn: str, conn: psycopg.Conne
                             dsn).data["capture"]["mode"] == "sync"
     # Nothing was created by looking.
     assert conn.execute(f"SELECT to_regclass('{LOG}')").fetchone()[0] is None
+
+
+def test_sigkill_mid_backfill_then_rollback_leaves_no_log(dsn: str, conn: psycopg.Connection, tmp_path) -> None:
+    import signal
+
+    import yaml
+
+    from helpers import apply_log, run_cli, start_apply, stop
+
+    create_orders(conn, TABLE, rows=3000, days=20, end=END, seed=6)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"table": TABLE, "partition_by": {"column": "created_at", "interval": "1 month"},
+                                    "backfill": {"batch_size": 50, "fixed_batch_size": True, "sleep_ratio": 2},
+                                    "capture": {"mode": "async"}}))
+    proc = start_apply(tmp_path, path, dsn)
+    try:
+        wait_until(lambda: proc.poll() is not None or (conn.execute(
+            "SELECT to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0] and conn.execute(
+            "SELECT coalesce((SELECT phase FROM orchestrate.migrations) = 'backfill', false)").fetchone()[0]),
+            timeout=90,
+            message="apply never reached the backfill")
+        assert proc.poll() is None, apply_log(proc)
+        conn.execute("UPDATE orders SET amount = amount + 1 WHERE id = ANY(%s)", (_ids(conn)[:30],))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        stop(proc)
+    assert conn.execute(f"SELECT to_regclass('{LOG}')").fetchone()[0] is not None  # left behind by the crash
+    wait_until(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                                    "'orchestrate:%%' AND datname = current_database()").fetchone()[0] == 0,
+               timeout=60, message="the killed apply's sessions stay")
+    code, out, err = run_cli("rollback", str(path), "--dsn", dsn)
+    assert code == 0, err
+    assert conn.execute(f"SELECT to_regclass('{LOG}'), to_regclass('{TWIN}')").fetchone() == (None, None)
+    assert conn.execute("SELECT array_agg(proname) FROM pg_proc WHERE pronamespace = 'orchestrate'::regnamespace"
+                        ).fetchone()[0] is None
+    assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass "
+                        "AND NOT tgisinternal").fetchone()[0] == 0
