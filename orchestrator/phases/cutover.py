@@ -501,7 +501,15 @@ class Cutover:
         p = ctx.plan
         lock = (f"ACCESS EXCLUSIVE on {p.table_name} and {p.twin}, lock_timeout {p.cutover.lock_timeout}, "
                 f"up to {p.cutover.attempts} attempts with jittered backoff (cap {p.cutover.backoff_max})")
-        return [
+        drain = []
+        if changelog.is_async(ctx):
+            log = changelog.log_table(p)
+            drain = [Step(self.name, f"async capture: a readiness gate waits until at most "
+                          f"{p.capture.max_pending_at_cutover} changes wait in {log}; under the lock the rest is "
+                          f"replayed (more than {p.capture.max_lock_replay}: the attempt rolls back and retries), "
+                          "then the log is dropped", f"SELECT orchestrate.replay_<id>(n); DROP TABLE {log}",
+                          "same transaction as the swap")]
+        return drain + [
             Step(self.name, "readiness gates: backfill complete, verification passed, replica lag below "
                  f"{p.throttle.max_replica_lag_s:g}s, partitions up to now + premake, no transaction older than "
                  f"{p.cutover.max_blocker_age} holding a lock on the table (waits up to {p.cutover.gate_timeout})",
