@@ -46,6 +46,7 @@ from orchestrator.sql import QualifiedName, Shape, column_list, fit_name, ident,
 SEQ = "orchestrate_seq"
 TRUNCATE = "orchestrate_truncate"
 AT = "orchestrate_at"
+GONE = "orchestrate_gone"
 REPLAY = "replay"
 LAG = "replay_lag"
 
@@ -69,6 +70,7 @@ def create_log(log: QualifiedName, src: QualifiedName, shape: Shape) -> list[str
         f"CREATE TABLE {log} AS SELECT {column_list(list(shape.twin_key))} FROM ONLY {src} WITH NO DATA",
         f"ALTER TABLE {log} ADD COLUMN {SEQ} bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
         f"ADD COLUMN {TRUNCATE} boolean NOT NULL DEFAULT false, "
+        f"ADD COLUMN {GONE} boolean NOT NULL DEFAULT false, "
         f"ADD COLUMN {AT} timestamptz NOT NULL DEFAULT pg_catalog.statement_timestamp()",
         # Replay and verify read the log by key; an index keeps the anti-join cheap when it grows.
         f"CREATE INDEX ON {log} ({column_list(list(shape.pk))})",
@@ -77,8 +79,10 @@ def create_log(log: QualifiedName, src: QualifiedName, shape: Shape) -> list[str
 
 def log_function(fn: QualifiedName, log: QualifiedName, shape: Shape) -> str:
     """The row trigger: one narrow INSERT of the changed row's twin key (OLD and NEW when an
-    UPDATE changes it). Nothing else; no read of any table."""
+    UPDATE changes it). Nothing else; no read of any table. A key the row left (DELETE, the
+    OLD key of a move) is marked ``gone``: only such keys can leave a twin row to delete."""
     cols = column_list(list(shape.twin_key))
+    gcols = cols + f", {GONE}"
     new, old = column_list(list(shape.twin_key), "NEW."), column_list(list(shape.twin_key), "OLD.")
     changed = sql._key_changed(shape)
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
@@ -87,9 +91,9 @@ BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO {log} ({cols}) VALUES ({new});
   ELSIF TG_OP = 'DELETE' THEN
-    INSERT INTO {log} ({cols}) VALUES ({old});
+    INSERT INTO {log} ({gcols}) VALUES ({old}, true);
   ELSIF {changed} THEN
-    INSERT INTO {log} ({cols}) VALUES ({old}), ({new});
+    INSERT INTO {log} ({gcols}) VALUES ({old}, true), ({new}, false);
   ELSE
     INSERT INTO {log} ({cols}) VALUES ({new});
   END IF;
@@ -121,8 +125,8 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
        would wait for the backfill). Every row the table holds now was inserted after that
        TRUNCATE, so it has a log row later than the marker, which a batch can only take with
        or after the marker: it is copied again.
-    3. Delete the twin's rows with the batch's keys that the live table no longer has at that
-       (pk..., key): deleted or moved away (the partition key prunes the partitions; the
+    3. Delete the twin's rows with the batch's gone keys (DELETEs, the OLD keys of moves)
+       that the live table no longer has at that (pk..., key) (the partition key prunes the partitions; the
        primary-key columns are matched exactly).
     4. Upsert the live table's current rows with the batch's primary keys (read after step 1:
        a change committed after this read has a log row this batch did not take): an UPDATE
@@ -137,15 +141,20 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
     cols = column_list(list(shape.columns))
     batch = f"l.{SEQ} OPERATOR(pg_catalog.=) ANY (s) AND NOT l.{TRUNCATE}"
 
-    def values(c: str) -> str:
-        # An initplan: evaluated once, then an index condition (and partition pruning for the key).
-        return f"ARRAY(SELECT DISTINCT l.{ident(c)} FROM {log} l WHERE {batch})"
+    # A twin row (pk, k) exists only because the live table had a row at (pk, k) when it was
+    # copied; the row leaves (pk, k) only by a DELETE or a move, logged as gone (or by a
+    # TRUNCATE, the marker): the delete step looks at those keys alone.
+    gone = f"{batch} AND l.{GONE}"
 
-    def in_batch(alias: str) -> str:
-        conds = [f"{alias}.{ident(c)} {shape.eq(c)} ANY ({values(c)})" for c in pk if c != key]
+    def values(c: str, where: str = batch) -> str:
+        # An initplan: evaluated once, then an index condition (and partition pruning for the key).
+        return f"ARRAY(SELECT DISTINCT l.{ident(c)} FROM {log} l WHERE {where})"
+
+    def in_batch(alias: str, where: str = batch) -> str:
+        conds = [f"{alias}.{ident(c)} {shape.eq(c)} ANY ({values(c, where)})" for c in pk if c != key]
         if len(pk) > 1 or not conds:
             # The arrays drive the index scan; the exact key tuple comes from the batch itself.
-            conds.append(f"EXISTS (SELECT 1 FROM {log} l WHERE {batch} AND {_match(shape, tuple(pk), alias, 'l')})")
+            conds.append(f"EXISTS (SELECT 1 FROM {log} l WHERE {where} AND {_match(shape, tuple(pk), alias, 'l')})")
         return " AND ".join(conds)
 
     def still_there() -> str:
@@ -157,7 +166,7 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
             conds.append(f"(s.{k} = t.{k} OR (s.{k} IS NULL AND t.{k} IS NULL))")
         return f"EXISTS (SELECT 1 FROM ONLY {src} s WHERE {' AND '.join(conds)})"
 
-    key_cond = f"(t.{ident(key)} = ANY ({values(key)})"
+    key_cond = f"(t.{ident(key)} = ANY ({values(key, gone)})"
     if shape.key_nullable:
         key_cond += f" OR (has_null AND t.{ident(key)} IS NULL)"
     key_cond += ")"
@@ -169,6 +178,8 @@ DECLARE
   s bigint[];
   trunc boolean;
   has_null boolean;
+  any_gone boolean;
+  has_rows boolean;
 BEGIN
   IF current_user OPERATOR(pg_catalog.<>) {literal(owner)}::pg_catalog.name THEN
     RAISE EXCEPTION 'orchestrate: % runs as %, not as the table owner', {literal(str(fn))}, current_user;
@@ -181,10 +192,13 @@ BEGIN
   IF trunc THEN
     DELETE FROM {twin};
   END IF;
-  SELECT pg_catalog.count(*) > 0, pg_catalog.bool_or(l.{ident(key)} IS NULL) INTO STRICT trunc, has_null
+  SELECT pg_catalog.count(*) > 0, pg_catalog.bool_or(l.{GONE}), pg_catalog.bool_or(l.{GONE} AND
+         l.{ident(key)} IS NULL) INTO STRICT has_rows, any_gone, has_null
     FROM {log} l WHERE {batch};
-  IF trunc THEN
-    DELETE FROM {twin} t WHERE {key_cond} AND {in_batch('t')} AND NOT {still_there()};
+  IF any_gone THEN
+    DELETE FROM {twin} t WHERE {key_cond} AND {in_batch('t', gone)} AND NOT {still_there()};
+  END IF;
+  IF has_rows THEN
     INSERT INTO {twin} ({cols}) OVERRIDING SYSTEM VALUE
       SELECT {cols} FROM ONLY {src} t WHERE {in_batch('t')}
       ON CONFLICT ({column_list(list(tk))}) {conflict};

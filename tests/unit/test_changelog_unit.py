@@ -16,8 +16,8 @@ SHAPE = Shape(columns=("id", "amount", "created_at"), all_columns=("id", "amount
 def test_the_capture_trigger_only_appends_keys() -> None:
     fn = changelog.log_function(QualifiedName("orchestrate", "capture_1"), LOG, SHAPE)
     assert "SET search_path = pg_catalog, pg_temp" in fn
-    assert fn.count("INSERT INTO public.orders_changes (id, created_at)") == 4
-    assert "VALUES (OLD.id, OLD.created_at), (NEW.id, NEW.created_at)" in fn  # a move: both keys
+    assert fn.count("INSERT INTO public.orders_changes (id, created_at") == 4
+    assert "VALUES (OLD.id, OLD.created_at, true), (NEW.id, NEW.created_at, false)" in fn  # a move: both keys
     assert "orders_partitioned" not in fn and "UPDATE " not in fn and "DELETE " not in fn
 
 
