@@ -60,6 +60,7 @@ TARGETS = {
     "backfill_single": 0.85,
     "backfill_two_workers": 1.0,
     "dual_write": 0.80,
+    "async_capture": 0.90,
     "cutover_lock_ms": 100.0,
     "latency_margin_ms": 100.0,
     "peak_rss_mb": 150.0,
@@ -148,6 +149,31 @@ class LoadSampler(threading.Thread):
                 # The load average counts the benchmark's own clients and server processes
                 # (up to ~4 busy at once): judged on the mean, not on one peak.
                 "quiet": mean <= cores + 0.5}
+
+
+class ReplayLoop:
+    """Async capture's replay as apply runs it (one session, batches, a short nap when the log
+    is empty), on a thread for the length of a pgbench run; stop() returns the changes replayed."""
+
+    def __init__(self, dsn: str, query: str):
+        self.dsn, self.query = dsn, query
+        self.replayed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bench-replay", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while not self._stop.is_set():
+                n = conn.execute(self.query).fetchone()[0]
+                self.replayed += n
+                if n < 2000:
+                    self._stop.wait(0.05)
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        return self.replayed
 
 
 class Bench:
@@ -338,6 +364,10 @@ class Bench:
             self.rollback(dsn)
             self.sql(dsn, f"DELETE FROM {TABLE} WHERE id > %s", (self.rows,))
             self.vacuum(dsn)
+            # The same pgbench with async capture (change log + replay in this server).
+            self.results["dual_write"]["async"] = self.async_capture(dsn)
+            self.sql(dsn, f"DELETE FROM {TABLE} WHERE id > %s", (self.rows,))
+            self.vacuum(dsn)
 
             # Migration 2: ceiling #2, two workers, verify, cutover under pgbench.
             self.apply(dsn, "m2", "--until", "prepare")
@@ -506,6 +536,66 @@ class Bench:
                 "script": "BEGIN; INSERT one order; UPDATE a random existing order by id; END",
                 "state": "after backfill (the twin holds every row, so the trigger's UPDATE finds it)"}
 
+    def async_capture(self, dsn: str) -> dict:
+        """pgbench with no capture, sync capture and async capture, alternated (A B C A B C), on
+        one migration of its own (capture.mode async, backfilled), so the three share the table,
+        the twin and the moment. Sync: the dual-write trigger as capture installs it (under
+        another name). Async: while its trigger is on, a replay loop like apply's
+        (orchestrator/changelog.py) runs in the same server, and the log is drained after each
+        run, so the figure includes the replay's cost."""
+        from orchestrator.inspect import inspect_table
+        from orchestrator.phases import Context
+        from orchestrator.sql import QualifiedName, create_sync_triggers, sync_function
+
+        data = {**self.plan_data, "capture": {"mode": "async"}}
+        plan = parse_plan(data, "bench plan")
+        plan_file = self.workdir / "plan-async.yaml"
+        plan_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        for step in ("prepare", "capture", "backfill"):
+            self.apply(dsn, "async", "--until", step, plan_file=plan_file)
+        mid = int(self.sql(dsn, "SELECT max(id) FROM orchestrate.migrations", fetch=True)[0][0])
+        replay = f"SELECT orchestrate.replay_{mid}(2000)"
+        sync_fn, sync_trigger = QualifiedName("orchestrate", f"bench_sync_{mid}"), "orchestrate_bench_sync"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            shape = Context(plan=plan, dsn=dsn, conn=conn, store=None,  # type: ignore[arg-type]
+                            migration=None).shape(inspect_table(conn, plan.table_name))
+            conn.execute(sync_function(sync_fn, plan.twin, shape))
+            for stmt in create_sync_triggers(plan.table_name, sync_trigger, sync_fn, sync_fn)[:1]:
+                conn.execute(stmt)
+        triggers = {"without": (), "sync": (sync_trigger,), "async": (FORWARD_TRIGGER,)}
+        runs = []
+        try:
+            for i, mode in enumerate(("without", "sync", "async") * 2):
+                for name in (sync_trigger, FORWARD_TRIGGER):
+                    state = "ENABLE ALWAYS" if name in triggers[mode] else "DISABLE"
+                    self.sql(dsn, f"ALTER TABLE {TABLE} {state} TRIGGER {ident(name)}")
+                self.sql(dsn, "CHECKPOINT")
+                loop = ReplayLoop(dsn, replay) if mode == "async" else None
+                try:
+                    r = self.pgbench(dsn, self.pgbench_seconds, self.rows)
+                finally:
+                    replayed = loop.stop() if loop else 0
+                pending = self.count(dsn, "public.orders_changes")
+                runs.append({"round": i // 3 + 1, "capture": mode, "tps": r["tps"], "failed": r["failed"],
+                             "replayed_during_run": replayed, "pending_after_run": pending})
+                self.say(f"pgbench {mode} capture: {r['tps']:.0f} tps" +
+                         (f" (replayed {replayed:,} changes, {pending:,} pending at the end)" if loop else ""))
+                while self.sql(dsn, replay, fetch=True)[0][0]:
+                    pass
+        finally:
+            from orchestrator.runner import rollback
+
+            self.sql(dsn, f"DROP TRIGGER IF EXISTS {ident(sync_trigger)} ON {TABLE}")
+            self.sql(dsn, f"DROP FUNCTION IF EXISTS {sync_fn}()")
+            rollback(plan, dsn)
+        med = {m: statistics.median(r["tps"] for r in runs if r["capture"] == m) for m in triggers}
+        ratio = round(med["async"] / med["without"], 3) if med["without"] else 0.0
+        return {"runs": runs, "tps_without": round(med["without"], 1), "tps_sync": round(med["sync"], 1),
+                "tps_async": round(med["async"], 1), "ratio": ratio,
+                "sync_ratio": round(med["sync"] / med["without"], 3) if med["without"] else 0.0,
+                "target": TARGETS["async_capture"], "pass": ratio >= TARGETS["async_capture"],
+                "replay": "one session, batches of 2,000 log rows, looping while pgbench runs"}
+
     def cutover(self, dsn: str) -> dict:
         prefix = self.workdir / "cutover-lat"
         result: dict = {}
@@ -559,6 +649,8 @@ class Bench:
             {"name": "backfill, 2 workers / ceiling", "value": b["two_workers"]["ratio"], "target": ">= 1.00x",
              "pass": b["two_workers"]["pass"]},
             {"name": "dual-write tps / no trigger", "value": d["ratio"], "target": ">= 0.80x", "pass": d["pass"]},
+            {"name": "async capture tps (replay running) / no capture", "value": d["async"]["ratio"],
+             "target": ">= 0.90x", "pass": d["async"]["pass"]},
             {"name": f"cutover ACCESS EXCLUSIVE held (ms, {c['rows']:,} rows)", "value": c["lock_held_ms"],
              "target": "< 100 ms", "pass": c["lock_pass"]},
             {"name": "worst write latency across cutover (ms)", "value": c["worst_write_latency_ms"],
@@ -653,6 +745,22 @@ def render_markdown(r: dict) -> str:
         f"| median | with | {d['tps_with_trigger']:,.0f} |",
         "",
         f"Ratio with / without: **{d['ratio']:.2f}x** ({_verdict(d['pass'])}, target {d['target']:.2f}x).",
+        "",
+        "No capture, sync capture and async capture (`capture: {mode: async}`) side by side: the same script on "
+        "a migration of its own, alternated A B C A B C. Async: the trigger only appends keys to the change "
+        "log while a replay loop (apply's, one session) syncs them into the twin in the same server; the log "
+        "is drained after each run.",
+        "",
+        "| Run | Capture | tps | replayed during the run | pending at its end |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    for i, x in enumerate(d["async"]["runs"], 1):
+        lines.append(f"| {i} | {x['capture']} | {x['tps']:,.0f} | {x['replayed_during_run']:,} | "
+                     f"{x['pending_after_run']:,} |")
+    lines += [
+        "",
+        f"Ratio async / without: **{d['async']['ratio']:.2f}x** ({_verdict(d['async']['pass'])}, target "
+        f"{d['async']['target']:.2f}x); sync / without in the same rounds: {d['async']['sync_ratio']:.2f}x.",
         "",
         "## 3. Cutover",
         "",

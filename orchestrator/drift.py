@@ -205,7 +205,12 @@ def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName | None, trigger:
     """Idempotent; ``table`` None when it no longer exists."""
     if table is not None:
         cur.execute(f"DROP TRIGGER IF EXISTS {ident(trigger + '_columns')} ON {table}")
-    cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
+    # Each side has a function of its own (capture_columns / reverse_columns); it goes only
+    # when no guard trigger uses it any more.
+    cur.execute("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgfoid = pg_catalog.to_regprocedure(%s)",
+                (f"{fn}()",))
+    if cur.fetchone()[0] == 0:
+        cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
 
 
 # --- the opt-in guard: an event trigger (superuser) -------------------------------------------
@@ -389,7 +394,7 @@ def carry(ctx) -> None:
     schedule a re-copy when a column was added. Indexes are built and CHECKs validated
     afterwards, without blocking writers."""
     from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER
-    from orchestrator.phases.capture import install_sync
+    from orchestrator.phases.capture import install_capture
     from orchestrator.phases.cutover import lock_both
 
     plan = ctx.plan
@@ -444,7 +449,7 @@ def carry(ctx) -> None:
                                  ctx.function("reverse_columns"))
         m = ctx.migration
         if m.done("capture"):
-            install_sync(cur, ctx, plan.table_name, plan.twin, FORWARD_TRIGGER, "capture")
+            install_capture(cur, ctx)
             install_column_guard(cur, plan.table_name, FORWARD_TRIGGER, info.writable_columns,
                                  ctx.function("capture_columns"))
         ctx.store.set_facts(cur, ctx.mid, shape=shape)

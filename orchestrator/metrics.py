@@ -68,6 +68,7 @@ class LiveFigures:
         self.progress: dict = {}
         self.workers: int | None = None
         self.yields: dict[str, str] = {}  # range label -> why its batch yields to the application
+        self.replayer = None  # async capture's replay thread (orchestrator/changelog.py)
         self._lock = threading.Lock()
         self._conn: psycopg.Connection | None = None
         self._ticker = Ticker("live-figures", interval_s, self._tick)
@@ -120,6 +121,12 @@ class LiveFigures:
         if yields and not out["throttled"]:  # a batch that waits for the application's lock is throttled by it
             out["throttled"], out["throttle_reason"] = True, yields
         out["paused"] = bool(getattr(self.controls, "paused", False) or (st and st.paused))
+        r = self.replayer
+        if r is not None:
+            out["replay_pending"] = r.pending
+            out["replay_lag_s"] = None if r.oldest_s is None else round(r.oldest_s, 3)
+            out["replayed"] = r.replayed
+            out["replay_error"] = r.error
         out["pid"] = os.getpid()
         out["active"] = True
         return out
@@ -179,6 +186,15 @@ def render(snap: dict, table: str) -> str:
         ("orchestrate_paused", "gauge", "1 while paused by the operator.", int(bool(snap.get("paused")))),
         ("orchestrate_rows_per_second", "gauge", "Backfill rate of this run.", snap.get("rows_per_s")),
     ]
+    if "replay_pending" in snap:  # async capture only
+        metrics += [
+            ("orchestrate_replay_pending", "gauge", "Changes waiting in the change log (async capture).",
+             snap.get("replay_pending")),
+            ("orchestrate_replay_lag_seconds", "gauge", "Age of the oldest change waiting in the change log.",
+             snap.get("replay_lag_s")),
+            ("orchestrate_replayed_total", "counter", "Changes replayed into the twin by this run.",
+             snap.get("replayed")),
+        ]
     lines = []
     for name, kind, help_text, value in metrics:
         lines.append(f"# HELP {name} {help_text}")

@@ -262,6 +262,23 @@ class Cutover(_Strict):
         return parse_duration(self.backoff_max)
 
 
+class Capture(_Strict):
+    """How the application's writes reach the twin while the migration runs."""
+
+    mode: Literal["sync", "async"] = Field(
+        "sync", description="'sync': a trigger writes the twin in the writer's transaction (no lag; costs the "
+        "writer a write into an equally indexed table). 'async': the trigger appends the changed row's key to a "
+        "narrow change log, and apply replays it into the twin (lag to drain; about 0.9x of the writes' "
+        "throughput instead of 0.5x-0.75x). See README \"Capture modes\".")
+    replay_batch: int = Field(2000, ge=1, le=1_000_000, description="Async: log rows replayed per transaction.")
+    max_pending_at_cutover: int = Field(
+        2000, ge=0, le=10_000_000, description="Async: the cutover takes its lock only once at most this many "
+        "changes wait in the log (a readiness gate).")
+    max_lock_replay: int = Field(
+        10_000, ge=1, le=10_000_000, description="Async: under the cutover lock, at most this many changes are "
+        "replayed; more rolls the attempt back and retries (the lock budget).")
+
+
 class Names(_Strict):
     """Names of the objects the migration creates (defaults derive from the table name)."""
 
@@ -327,6 +344,7 @@ class Plan(_Strict):
     backfill: Backfill = Backfill()
     verify: Verify = Verify()
     cutover: Cutover = Cutover()
+    capture: Capture = Capture()
     names: Names = Names()
     throttle: Throttle = Throttle()
     retention: Retention = Retention()
@@ -394,6 +412,9 @@ class Plan(_Strict):
             "range": str(self.backfill.range_value),
             "names": [str(self.twin), str(self.retired), str(self.default_partition)],
         }
+        if self.capture.mode != "sync":
+            # The installed capture is one or the other: resuming in the other mode is refused.
+            shape["capture"] = self.capture.mode
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -143,3 +143,10 @@ def dsn18(cluster18: LocalCluster, request: pytest.FixtureRequest) -> Iterator[s
     """DSN of a fresh database on the PostgreSQL 18 (pgvector) cluster."""
     for c, name in _fresh_database(cluster18, request):
         yield c.primary_dsn(name)
+
+
+@pytest.fixture(params=["sync", "async"])
+def capture_mode(request: pytest.FixtureRequest) -> str:
+    """``capture.mode`` of an end-to-end test that must hold in both modes (README "Capture
+    modes"): sync (the dual-write trigger) and async (the change log and its replay)."""
+    return request.param

@@ -167,3 +167,21 @@ def assert_app_clean(wl, report, table: str | None = None, backfill_met_holder=N
         for kind in ("simple", "replica_role"):
             if kind in wl.kinds:
                 assert report.kinds[kind]["max_wait_ms"] < APP_MAX_WAIT_MS, (kind, report.kinds)
+
+
+# --- async capture (orchestrator/changelog.py) ---
+
+
+def drain(conn) -> int:
+    """Replay the newest migration's change log to the end, as apply's replay thread would
+    (async capture); returns the changes replayed. A no-op for sync capture."""
+    if not conn.execute("SELECT to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0]:
+        return 0
+    mid = conn.execute("SELECT max(id) FROM orchestrate.migrations").fetchone()[0]
+    if not conn.execute("SELECT to_regprocedure(%s) IS NOT NULL", (f"orchestrate.replay_{mid}(integer)",)
+                        ).fetchone()[0]:
+        return 0
+    total = 0
+    while n := conn.execute(f"SELECT orchestrate.replay_{mid}(10000)").fetchone()[0]:
+        total += n
+    return total

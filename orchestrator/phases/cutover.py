@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 import psycopg
 from loguru import logger
 
-from orchestrator import drift, fidelity, horizon, sql
+from orchestrator import changelog, drift, fidelity, horizon, sql
 from orchestrator.db import LockAttempt, own_pids, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, StateConflict
@@ -435,6 +435,7 @@ GATE_LAG = "replica lag below threshold"
 GATE_PARTITIONS = "partitions exist up to now + premake"
 GATE_BLOCKERS = "no old transaction holding a lock on the table"
 GATE_SNAPSHOTS = "no snapshot older than the copy"
+GATE_DRAINED = "change log drained (async capture)"
 
 
 def cutover_gates(ctx: Context, probe: LagProbe | None = None) -> list[dict]:
@@ -464,6 +465,15 @@ def cutover_gates(ctx: Context, probe: LagProbe | None = None) -> list[dict]:
     parts = ctx.facts.get("partitions") or []
     have = parts[-1][1] if parts else None
     add(GATE_PARTITIONS, bool(have and have >= need), f"up to {have}, need {need}", False)
+    if changelog.is_async(ctx) and m is not None and changelog.exists(ctx.conn, ctx):
+        # Async capture: the lock is asked for only once the log is nearly drained, so the
+        # replay left for under the lock is short (changelog.drain_locked bounds it).
+        pending, oldest = changelog.lag(ctx.conn, ctx)
+        cap = plan.capture.max_pending_at_cutover
+        replayer = ctx.options.get("replayer")
+        why = f"; replay: {replayer.error}" if replayer is not None and replayer.error else ""
+        add(GATE_DRAINED, pending <= cap,
+            f"{pending} change(s) pending (oldest {oldest:.1f}s), at most {cap} wanted{why}", True)
     limit = plan.cutover.max_blocker_age_s
     if not sees_all_sessions(ctx.conn):
         # Without pg_read_all_stats other roles' xact_start reads NULL: the gate would pass blind.
@@ -526,6 +536,18 @@ def hold_for_tests(point: str) -> None:
         time.sleep(600)
 
 
+def held(replayer, body):
+    """``body`` run with the async replay thread held off (as is, without one)."""
+    if replayer is None:
+        return body
+
+    def wrapped(cur: psycopg.Cursor):
+        with replayer.held():
+            return body(cur)
+
+    return wrapped
+
+
 class Cutover:
     name = "cutover"
 
@@ -533,7 +555,15 @@ class Cutover:
         p = ctx.plan
         lock = (f"ACCESS EXCLUSIVE on {p.table_name} and {p.twin}, lock_timeout {p.cutover.lock_timeout}, "
                 f"up to {p.cutover.attempts} attempts with jittered backoff (cap {p.cutover.backoff_max})")
-        return [
+        drain = []
+        if changelog.is_async(ctx):
+            log = changelog.log_table(p)
+            drain = [Step(self.name, f"async capture: a readiness gate waits until at most "
+                          f"{p.capture.max_pending_at_cutover} changes wait in {log}; under the lock the rest is "
+                          f"replayed (more than {p.capture.max_lock_replay}: the attempt rolls back and retries), "
+                          "then the log is dropped", f"SELECT orchestrate.replay_<id>(n); DROP TABLE {log}",
+                          "same transaction as the swap")]
+        return drain + [
             Step(self.name, "readiness gates: backfill complete, verification passed, replica lag below "
                  f"{p.throttle.max_replica_lag_s:g}s, partitions up to now + premake, no transaction older than "
                  f"{p.cutover.max_blocker_age} holding a lock on the table, no snapshot older than the copy "
@@ -696,6 +726,10 @@ class Cutover:
                 logger.warning("cutover: the table's columns changed ({}); carrying it first", differs)
                 raise drift.ShapeChanged(differs)
             ctx.info = old
+            if changelog.is_async(ctx) and changelog.exists(cur, ctx):
+                # No writer can add to the log now: replay the rest into the twin, in this
+                # transaction, before the capture (and the log) is dropped.
+                ctx.store.set_facts(cur, ctx.mid, replayed_under_lock=changelog.drain_locked(cur, ctx))
             # What the rollback after cutover needs to restore that the catalog will not say.
             ctx.store.set_facts(cur, ctx.mid, cutover_objects={
                 "triggers": {t.name: t.enabled for t in old.triggers},
@@ -720,8 +754,12 @@ class Cutover:
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done
 
+        replayer = ctx.options.get("replayer")
         try:
-            done = with_lock_retry(ctx.conn, body, what="cutover", lock_timeout_s=plan.cutover.lock_timeout_s,
+            # The replay thread stays out of each attempt (it would queue behind our lock), and
+            # catches up between attempts.
+            done = with_lock_retry(ctx.conn, held(replayer, body), what="cutover",
+                                   lock_timeout_s=plan.cutover.lock_timeout_s,
                                    attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s,
                                    on_attempt=report)
         except OrchestrateError:

@@ -21,7 +21,7 @@ import psycopg
 from loguru import logger
 from psycopg.types.json import Jsonb
 
-from orchestrator import sql
+from orchestrator import changelog, sql
 from orchestrator.db import close_quietly, connect, is_connection_error
 from orchestrator.errors import ConnectionFailed, VerificationFailed
 from orchestrator.phases import Context, Step
@@ -37,9 +37,18 @@ def digest_range(cur: psycopg.Cursor, ctx: Context, shape: sql.Shape, rng: dict,
     """Count and hash one range of both tables; call inside one REPEATABLE READ transaction."""
     where, params = sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
     mode = ctx.plan.verify.mode
-    cur.execute(sql.range_digest(ctx.plan.table_name, shape, where, mode, by_type), params)
+    src_where = dst_where = where
+    if changelog.is_async(ctx) and changelog.exists(cur, ctx):
+        # Async capture: the keys pending in the log (in this same snapshot) are the only rows
+        # that may differ, and replay will sync them; every other row must be equal.
+        log = changelog.log_table(ctx.plan)
+        if changelog.pending_truncate(cur, ctx):
+            return {"ok": False, "pending": True, "live_rows": 0, "twin_rows": 0}
+        src_where = f"{where} AND {changelog.pending_filter(shape, log, ctx.plan.table_name)}"
+        dst_where = f"{where} AND {changelog.pending_filter(shape, log, ctx.plan.twin)}"
+    cur.execute(sql.range_digest(ctx.plan.table_name, shape, src_where, mode, by_type), params)
     src_count, src_hash = cur.fetchone()
-    cur.execute(sql.range_digest(ctx.plan.twin, shape, where, mode, by_type), params)
+    cur.execute(sql.range_digest(ctx.plan.twin, shape, dst_where, mode, by_type), params)
     dst_count, dst_hash = cur.fetchone()
     return {"ok": src_count == dst_count and src_hash == dst_hash, "live_rows": src_count, "twin_rows": dst_count,
             "live_hash": str(src_hash), "twin_hash": str(dst_hash)}
@@ -48,9 +57,14 @@ def digest_range(cur: psycopg.Cursor, ctx: Context, shape: sql.Shape, rng: dict,
 def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict,
                  by_type: frozenset[str]) -> dict:
     """One range: the digest in its own snapshot, then its verdict recorded."""
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        result = digest_range(cur, ctx, shape, rng, by_type)
+    deadline = time.monotonic() + 300
+    while True:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            result = digest_range(cur, ctx, shape, rng, by_type)
+        if not result.get("pending") or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # async capture: a TRUNCATE waits in the log; compare once it is replayed
     conn.execute(
         "UPDATE orchestrate.ranges SET verify_state = %s, verify_detail = %s, verified_at = now() "
         "WHERE migration_id = %s AND idx = %s",

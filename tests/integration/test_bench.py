@@ -44,6 +44,11 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert [r["trigger"] for r in d["runs"]] == ["without", "with", "without", "with"]
     assert all(_numeric(r["tps"]) and r["tps"] > 0 for r in d["runs"])
     assert _numeric(d["ratio"]) and d["ratio"] > 0
+    a = d["async"]  # async capture, the replay running in the same server
+    assert [r["capture"] for r in a["runs"]] == ["without", "sync", "async"] * 2
+    assert all(r["tps"] > 0 for r in a["runs"]) and _numeric(a["ratio"]) and a["ratio"] > 0
+    assert all(r["replayed_during_run"] > 0 for r in a["runs"] if r["capture"] == "async")
+    assert _numeric(a["sync_ratio"]) and a["sync_ratio"] > 0
 
     c = data["cutover"]
     for key in ("lock_held_ms", "worst_write_latency_ms", "p99_write_latency_ms", "lock_timeout_ms"):
@@ -64,7 +69,7 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert 40 <= counts[0] <= 50 and 1000 <= counts[1] <= 1010, counts
     assert all(x["lock_held_ms"] > 0 for x in cs["runs"])
 
-    assert len(data["targets"]) == 9
+    assert len(data["targets"]) == 10  # with async capture / no capture
     assert all(_numeric(t["value"]) and isinstance(t["pass"], bool) for t in data["targets"])
 
     md = (out / "benchmarks.md").read_text()

@@ -29,7 +29,7 @@ END = datetime.now(timezone.utc)
 START = (END - timedelta(days=61)).strftime("%Y-%m-01")
 
 
-def write_plan(tmp_path: Path, **backfill) -> Path:
+def write_plan(tmp_path: Path, capture_mode: str = "sync", **backfill) -> Path:
     plan = {
         "table": "public.orders",
         # start: the workload writes keys 20 years off; those go to the default partition.
@@ -39,6 +39,8 @@ def write_plan(tmp_path: Path, **backfill) -> Path:
         "backfill": {"range": "1 day", "batch_size": 250, "fixed_batch_size": True, "sleep_ratio": 0.5, **backfill},
         "cutover": {"lock_timeout": "300ms", "attempts": 50, "backoff_max": "1s"},
     }
+    if capture_mode != "sync":
+        plan["capture"] = {"mode": capture_mode}
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     return path
@@ -91,9 +93,10 @@ def _assert_workload_clean(wl: Workload, report, table: str | None = None) -> No
     assert cmp.live_rows > 30_000
 
 
-def test_migration_under_load_then_rollback_under_load(orders: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
+def test_migration_under_load_then_rollback_under_load(orders: psycopg.Connection, dsn: str, tmp_path: Path,
+                                                       capture_mode: str) -> None:
     conn = orders
-    plan = write_plan(tmp_path)
+    plan = write_plan(tmp_path, capture_mode)
     oid = conn.execute("SELECT 'public.orders'::regclass::oid").fetchone()[0]
     wl = Workload(dsn, "public.orders", "created_at", clients=4, seed=5)
     wl.setup()
@@ -137,10 +140,11 @@ def test_migration_under_load_then_rollback_under_load(orders: psycopg.Connectio
         conn.execute("SELECT count(*) FROM orders").fetchone()[0]
 
 
-def test_app_workload_migration_then_rollback(orders_app: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
+def test_app_workload_migration_then_rollback(orders_app: psycopg.Connection, dsn: str, tmp_path: Path,
+                                              capture_mode: str) -> None:
     """The same migration and rollback after cutover under the application-like workload."""
     conn = orders_app
-    plan = write_plan(tmp_path)
+    plan = write_plan(tmp_path, capture_mode)
     oid = conn.execute("SELECT 'public.orders'::regclass::oid").fetchone()[0]
     wl = app_workload(dsn, seed=15)
     wl.setup()

@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 import psycopg
 import pytest
 
+from helpers import drain
 from orchestrator import runner
 from orchestrator.plan import parse_plan
 from orchestrator.sample import create_orders
@@ -47,27 +48,32 @@ def _replica_writes(dsn: str, tag: int) -> None:
                 cp.write_row((tag, i, f"copied {i}", datetime(2026, 10, 12, i % 24, tzinfo=timezone.utc)))
 
 
-def _setup(conn: psycopg.Connection, dsn: str):
+def _setup(conn: psycopg.Connection, dsn: str, capture_mode: str = "sync"):
     create_orders(conn, TABLE, rows=400, days=10, end=END, seed=9)
     plan = parse_plan({"table": TABLE, "partition_by": {"column": "created_at", "interval": "1 month"},
-                       "backfill": {"batch_size": 50, "fixed_batch_size": True}})
+                       "backfill": {"batch_size": 50, "fixed_batch_size": True},
+                       "capture": {"mode": capture_mode}})
     runner.apply(plan, dsn, until="capture")
     return plan
 
 
-def test_replica_role_writers_are_captured_and_reverse_synced(dsn: str, conn: psycopg.Connection) -> None:
-    plan = _setup(conn, dsn)
+def test_replica_role_writers_are_captured_and_reverse_synced(dsn: str, conn: psycopg.Connection,
+                                                              capture_mode: str) -> None:
+    plan = _setup(conn, dsn, capture_mode)
+    # (the column guard, orchestrate_capture_columns, never fires: WHEN (false))
     modes = dict(conn.execute("SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass "
-                              "AND tgname LIKE 'orchestrate_%' AND tgname NOT LIKE '%\\_columns'").fetchall())
+                              "AND tgname LIKE 'orchestrate_%' AND tgname NOT LIKE '%columns'").fetchall())
     assert modes == {"orchestrate_capture": "A", "orchestrate_capture_truncate": "A"}, modes
     _replica_writes(dsn, 1)  # before the copy: rows not in the twin yet
     runner.apply(plan, dsn, until="backfill")
     assert _diff(conn, TABLE, TWIN) == 0
     _replica_writes(dsn, 2)  # after the copy: every change must reach the twin by the trigger
+    if capture_mode == "async":
+        assert drain(conn) > 0  # (apply's replay thread stopped with apply)
     assert _diff(conn, TABLE, TWIN) == 0
     runner.apply(plan, dsn)  # verify and cutover
     modes = dict(conn.execute("SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass "
-                              "AND tgname LIKE 'orchestrate_%' AND tgname NOT LIKE '%\\_columns'").fetchall())
+                              "AND tgname LIKE 'orchestrate_%' AND tgname NOT LIKE '%columns'").fetchall())
     assert modes == {"orchestrate_reverse": "A", "orchestrate_reverse_truncate": "A"}, modes
     _replica_writes(dsn, 3)
     assert _diff(conn, TABLE, RETIRED) == 0

@@ -34,7 +34,7 @@ def as_user(dsn: str, user: str) -> str:
     return make_conninfo(**params)
 
 
-def test_whole_migration_as_a_non_superuser_owner_under_a_dml_only_application(dsn, conn):
+def test_whole_migration_as_a_non_superuser_owner_under_a_dml_only_application(dsn, conn, capture_mode):
     create_orders(conn, rows=8000, days=90)
     suffix = uuid.uuid4().hex[:8]
     owner, app = f"owner_{suffix}", f"app_{suffix}"
@@ -53,7 +53,7 @@ def test_whole_migration_as_a_non_superuser_owner_under_a_dml_only_application(d
         GRANT USAGE ON SEQUENCE public.orders_id_seq TO {app};
     """)
     owner_dsn, app_dsn = as_user(dsn, owner), as_user(dsn, app)
-    plan = parse_plan(PLAN)
+    plan = parse_plan({**PLAN, "capture": {"mode": capture_mode}})
     wl = Workload(dsn, "public.orders", "created_at", clients=3, seed=12)
     wl.setup()  # the golden copy: the test's bookkeeping, written by the application too
     conn.execute(f"GRANT USAGE ON SCHEMA {GOLDEN_SCHEMA} TO {app}; "
