@@ -132,6 +132,7 @@ class Shape:
     key_nullable: bool
     pk_types: tuple[str, ...] = ()
     eq_ops: tuple[tuple[str, str], ...] = ()  # (column, qualified equality operator) for extension types
+    dist: str | None = None  # Citus distribution column (distributed mode), part of the twin's key
 
     def eq(self, column: str) -> str:
         """The equality operator to match ``column`` with: ``=``, or the type's own btree
@@ -150,8 +151,10 @@ class Shape:
 
     @property
     def twin_key(self) -> tuple[str, ...]:
-        """The twin's primary key: the live key plus the partition key."""
-        return self.pk if self.key in self.pk else (*self.pk, self.key)
+        """The twin's primary key: the live key plus the partition key (and, distributed, the
+        distribution column: Citus enforces a unique key only if it holds that column)."""
+        key = self.pk if self.key in self.pk else (*self.pk, self.key)
+        return key if self.dist is None or self.dist in key else (*key, self.dist)
 
 
 def bound_literal(value: str | None, key_type: str) -> str:

@@ -48,9 +48,18 @@ def digest_range(cur: psycopg.Cursor, ctx: Context, shape: sql.Shape, rng: dict,
 def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict,
                  by_type: frozenset[str]) -> dict:
     """One range: the digest in its own snapshot, then its verdict recorded."""
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        result = digest_range(cur, ctx, shape, rng, by_type)
+    if ctx.plan.distribute is not None:
+        from orchestrator.distribute import settled_digest
+
+        def digest(cur: psycopg.Cursor) -> dict:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return digest_range(cur, ctx, shape, rng, by_type)
+
+        result = settled_digest(conn, digest)  # the twin's shards are read in other snapshots
+    else:
+        with conn.transaction(), conn.cursor() as cur:
+            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            result = digest_range(cur, ctx, shape, rng, by_type)
     conn.execute(
         "UPDATE orchestrate.ranges SET verify_state = %s, verify_detail = %s, verified_at = now() "
         "WHERE migration_id = %s AND idx = %s",
