@@ -66,6 +66,30 @@ def on_workers(conn: psycopg.Connection, command: str) -> list[tuple[str, int, b
         (command,)).fetchall()]
 
 
+# On each worker: its standbys' replay lag (s) and its replication slot holding the most WAL.
+_WORKER_SIGNALS = (
+    "SELECT coalesce((SELECT max(extract(epoch FROM replay_lag)) FROM pg_catalog.pg_stat_replication), 0)::text"
+    " || ' ' || coalesce((SELECT slot_name || ' ' || pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), "
+    "restart_lsn)::bigint FROM pg_catalog.pg_replication_slots WHERE restart_lsn IS NOT NULL "
+    "ORDER BY pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn) DESC LIMIT 1), '- -')")
+
+
+def worker_signals(conn: psycopg.Connection) -> list[tuple[str, bool, float | None, str | None, int | None]]:
+    """(worker, readable, replica lag s, slot, retained bytes) of every worker, read through
+    the coordinator (for the throttler, which merely observes: read-only SELECTs)."""
+    out = []
+    for host, port, ok, result in on_workers(conn, _WORKER_SIGNALS):
+        node = f"{host}:{port}"
+        parts = (result or "").split(" ")
+        if not ok or len(parts) != 3:
+            out.append((node, False, None, None, None))
+            continue
+        lag, slot, retained = parts
+        out.append((node, True, float(lag), None if slot == "-" else slot,
+                    None if retained == "-" else int(retained)))
+    return out
+
+
 def check(ctx: Context, info: TableInfo) -> list[str]:
     """Refuse (PreflightError, exit 3) with one line naming what is missing; else warnings."""
     d = ctx.plan.distribute
