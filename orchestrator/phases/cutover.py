@@ -496,7 +496,11 @@ class Cutover:
                  "statistics targets, user triggers", "(catalog statements)", "same transaction"),
             Step(self.name, "reverse trigger: writes to the new table reach the retired one (rollback keeps them)",
                  f"CREATE TRIGGER {REVERSE_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {p.table_name} ...",
-                 "same transaction"),
+                 "same transaction") if p.distribute is None else
+            Step(self.name, "distributed: NO reverse trigger (it would run on the workers' shards); a rollback after "
+                 "this loses the writes made since; refused unless distribute.accept_no_rollback_after_cutover"
+                 + (" (acknowledged)" if p.distribute.accept_no_rollback_after_cutover else " (NOT acknowledged: "
+                    "apply stops here with exit 8)"), "(none)", "same transaction"),
         ]
 
     def gates(self, ctx: Context, probe: LagProbe | None = None) -> list[tuple[str, bool, str]]:
