@@ -27,8 +27,12 @@ END = datetime.now(timezone.utc)
 START = (END - timedelta(days=61)).strftime("%Y-%m-01")
 
 
-def make_orders(conn: psycopg.Connection, rows: int = 8_000) -> None:
+def make_orders(conn: psycopg.Connection, rows: int = 8_000, tenant_key: bool = True) -> None:
+    """The sample orders table; ``tenant_key``: keyed by (customer_id, id), else by id alone
+    (then the twin's key gains customer_id: (id, created_at, customer_id))."""
     create_orders(conn, "public.orders", rows=rows, days=60, end=END, seed=5)
+    if not tenant_key:
+        return
     conn.execute("ALTER TABLE public.orders DROP CONSTRAINT orders_pkey, ADD PRIMARY KEY (customer_id, id)")
     # The app workload's upsert target, valid on both shapes: (pk..., key) holds customer_id.
     conn.execute("CREATE UNIQUE INDEX orders_upsert ON public.orders (customer_id, id, created_at)")
