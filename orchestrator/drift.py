@@ -205,7 +205,11 @@ def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName | None, trigger:
     """Idempotent; ``table`` None when it no longer exists."""
     if table is not None:
         cur.execute(f"DROP TRIGGER IF EXISTS {ident(trigger + '_columns')} ON {table}")
-    cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
+    # The forward and the staged reverse guard share the function: it goes with the last one.
+    cur.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger "
+                "WHERE tgfoid = pg_catalog.to_regprocedure(%s))", (f"{fn}()",))
+    if not cur.fetchone()[0]:
+        cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
 
 
 # --- the opt-in guard: an event trigger (superuser) -------------------------------------------

@@ -350,6 +350,7 @@ def rollback(plan: Plan, dsn: str) -> Outcome:
             for kind in ("capture", "reverse"):
                 for k in (kind, kind + "_truncate", kind + "_on"):
                     cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function('columns')}()")  # the column guards' (drift)
             cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
             ctx.store.set_status(cur, m.id, "rolled_back")
         ctx.store.event(m.id, "rolled_back", f"rolled back from {m.status}/{m.phase}")
