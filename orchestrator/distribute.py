@@ -8,8 +8,8 @@ phases call in here at a few branch points:
 - prepare (:func:`distribute_twin`): the twin is created partitioned as on one node, then
   ``create_distributed_table`` while it is still empty (cheap: no row moves), in the same
   transaction as everything else prepare does;
-- verify (:func:`settled_digest`): the digests of a range of both tables, compared until
-  they agree (see there why one snapshot is not enough across nodes);
+- verify (:func:`settled_digest`): the digests of a range of both tables, read again, and
+  for a busy range under a short SHARE lock (see there why one snapshot is not enough);
 - cutover: no reverse trigger (see README "When one machine is not enough"): apply stops
   before the swap unless the plan acknowledges that a rollback after it loses the writes
   made since (:func:`cutover_refusal`).
@@ -37,10 +37,11 @@ if TYPE_CHECKING:
     from orchestrator.inspect import TableInfo
     from orchestrator.phases import Context
 
-#: How often verify compares a range's two digests before it calls the range different,
-#: and the pause between attempts (see settled_digest).
-DIGEST_ATTEMPTS = 8
-DIGEST_PAUSE_S = 0.2
+#: How often verify compares a range's two digests without a lock, the pause between
+#: attempts, and the attempts at the SHARE lock after that (see settled_digest).
+DIGEST_ATTEMPTS = 3
+DIGEST_PAUSE_S = 0.1
+LOCK_ATTEMPTS = 20
 
 NO_ROLLBACK = ("a rollback after the cutover loses the writes made since the cutover: a trigger on a distributed "
                "table runs on the workers' shards and cannot write the coordinator's retired heap table, so "
@@ -243,29 +244,48 @@ def is_distributed(conn: psycopg.Connection, table: str) -> bool:
                              "WHERE logicalrelid = pg_catalog.to_regclass(%s))", (table,)).fetchone()[0])
 
 
-def settled_digest(conn: psycopg.Connection, digest) -> dict:
-    """The digests of one range of both tables, read until they agree (or DIGEST_ATTEMPTS).
+def settled_digest(conn: psycopg.Connection, digest, table: str, lock_timeout_s: float) -> dict:
+    """The digests of one range of both tables; equal unless the tables really differ.
 
     Why not one snapshot, as on one node: a distributed query reads each shard in a
     transaction of its own on the worker, so the coordinator's REPEATABLE READ snapshot
-    does not cover the twin. A write committed between the two reads shows in one digest
-    and not the other. Since the capture trigger writes both tables in the writer's own
-    transaction, a range whose tables truly agree yields equal digests as soon as no write
-    lands between the two reads; a real divergence never does. So the pair is read again
-    (each read in a fresh transaction) a few times, and only a range that differs every
-    time is reported. ``digest(cur)`` returns the single-node result dict.
+    does not cover the twin; a write committed between the two reads shows in one digest
+    and not the other. So the pair is first read DIGEST_ATTEMPTS times without any lock
+    (each in a fresh transaction): a quiet range agrees at once. A range that still differs
+    (a hot range, the current day say, written every few milliseconds) is read once more
+    under a SHARE lock on the coordinator's heap table: it stops its writers, and with them
+    the capture trigger, the only writer of the twin before the cutover. A writer that held
+    the table has finished its workers' commits before its lock is released (Citus commits
+    them in the transaction's commit callbacks, before locks go), so under the lock both
+    reads see the same writes: a difference is then a real divergence. The lock waits at
+    most ``lock_timeout_s`` (retried), and holds for the two reads of this one range.
+    ``digest(cur, locked)`` returns the single-node result dict.
     """
     result: dict = {}
     for attempt in range(DIGEST_ATTEMPTS):
         with conn.transaction(), conn.cursor() as cur:
-            result = digest(cur)
+            result = digest(cur, False)
         if result["ok"]:
             if attempt:
                 result["attempts"] = attempt + 1
             return result
-        time.sleep(DIGEST_PAUSE_S * (attempt + 1))
-    result["attempts"] = DIGEST_ATTEMPTS
-    return result
+        time.sleep(DIGEST_PAUSE_S)
+    last: Exception | None = None
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(f"SET LOCAL lock_timeout = '{max(1, int(lock_timeout_s * 1000))}ms'")
+                # Writers wait from here to the commit: the two reads of one range.
+                cur.execute(f"LOCK TABLE ONLY {table} IN SHARE MODE")
+                result = digest(cur, True)
+            result["attempts"] = DIGEST_ATTEMPTS + attempt + 1
+            result["locked"] = True
+            return result
+        except psycopg.errors.LockNotAvailable as e:
+            last = e
+            time.sleep(min(2.0, DIGEST_PAUSE_S * 2 ** attempt))
+    raise PreflightError(f"verify: could not lock {table} in SHARE mode to compare a busy range "
+                         f"({LOCK_ATTEMPTS} attempts: {str(last).splitlines()[0] if last else ''}); run apply again")
 
 
 def cutover_refusal(ctx: Context) -> str | None:

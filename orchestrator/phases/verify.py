@@ -51,11 +51,13 @@ def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
     if ctx.plan.distribute is not None:
         from orchestrator.distribute import settled_digest
 
-        def digest(cur: psycopg.Cursor) -> dict:
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        def digest(cur: psycopg.Cursor, locked: bool) -> dict:
+            if not locked:  # under the lock each statement sees everything committed before it
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             return digest_range(cur, ctx, shape, rng, by_type)
 
-        result = settled_digest(conn, digest)  # the twin's shards are read in other snapshots
+        # The twin's shards are read in other snapshots than the heap table.
+        result = settled_digest(conn, digest, str(ctx.plan.table_name), ctx.plan.cutover.lock_timeout_s)
     else:
         with conn.transaction(), conn.cursor() as cur:
             cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")

@@ -65,3 +65,26 @@ def test_distribution_column_change_and_divergence(citus_conn, citus_dsn, tmp_pa
         f"public.orders_retired) UNION ALL (SELECT {COLS} FROM public.orders_retired EXCEPT ALL "
         f"SELECT {COLS} FROM public.orders)) d").fetchone()[0]
     assert diff == 0
+
+
+def test_verify_settles_a_hot_range_under_a_short_lock(citus_conn, citus_dsn, tmp_path):
+    """A writer inserting into the current range every few ms keeps the two unlocked reads
+    (heap, then the shards) from ever agreeing; the locked read settles it: verify passes,
+    the writer sees no error, and the range's verdict says it was read under the lock."""
+    from orchestrator.bench_citus import StallWriter
+
+    make_orders(citus_conn, rows=1_500)
+    plan = write_plan(tmp_path, sleep_ratio=0)
+    writers = [StallWriter(citus_dsn) for _ in range(4)]
+    for w in writers:
+        w.start()
+    try:
+        rc, out, err = run_cli("apply", str(plan), "--dsn", citus_dsn, "--until", "verify")
+    finally:
+        results = [w.finish() for w in writers]
+    assert rc == 0, out + err
+    assert all(r["errors"] == 0 and r["writes"] > 50 for r in results), results
+    locked = citus_conn.execute("SELECT count(*) FROM orchestrate.ranges WHERE verify_state = 'ok' "
+                                "AND (verify_detail->>'locked')::bool").fetchone()[0]
+    assert locked >= 1
+    same(citus_conn)
