@@ -138,9 +138,14 @@ class CitusCluster:
             node.drop_database(name)
 
 
-if __name__ == "__main__":  # python -m orchestrator.citus_cluster: start one by hand
+if __name__ == "__main__":  # python -m orchestrator.citus_cluster: start one by hand; Ctrl-C or kill stops it
+    import signal
     import time
 
+    def _stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)  # also when started in the background (SIGINT ignored there)
     with CitusCluster() as c:
         c.create_database("app")
         print(c.dsn("app"), *c.worker_dsns("app"), sep="\n", flush=True)
