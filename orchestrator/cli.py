@@ -205,9 +205,16 @@ def schema_cmd() -> None:
 @click.option("--days", default=365, show_default=True, type=click.IntRange(2))
 @click.option("--clients", default=4, show_default=True, type=click.IntRange(0, 64))
 @click.option("--keep", is_flag=True, help="Leave the cluster running at the end (prints its DSN).")
+@click.option("--distributed", is_flag=True, help="On a local Citus coordinator + 2 workers: partition AND "
+              "distribute by customer_id in one migration (needs Citus, see README).")
 @handled
-def demo_cmd(rows: int, days: int, clients: int, keep: bool) -> None:
+def demo_cmd(rows: int, days: int, clients: int, keep: bool, distributed: bool) -> None:
     """Start a local PostgreSQL, build a live `orders` table and migrate it under a write workload."""
+    if distributed:
+        from orchestrator import demo_distributed
+
+        demo_distributed.run(rows=rows, days=days, clients=clients, keep=keep)
+        return
     from orchestrator import demo
 
     demo.run(rows=rows, days=days, clients=clients, keep=keep)

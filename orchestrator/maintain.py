@@ -503,6 +503,15 @@ class _Pass:
         # Only the new table is locked exclusively; LIKE reads the parent under ACCESS SHARE.
         self._locked(f"stage {name.name}", stage, [])
         self.result["lock_held_ms"].pop(f"stage {name.name}", None)  # locks nothing live
+        distributed = plan.distribute is not None and _distributed(conn, f.parent)
+        if distributed:
+            # Citus attaches only a distributed table to a distributed parent: the (empty)
+            # staging table is distributed colocated with it, so the rows moved out of the
+            # default partition go shard to shard, and ATTACH is catalog work on each node.
+            self._locked(f"distribute {name.name}", lambda cur: cur.execute(
+                "SELECT pg_catalog.create_distributed_table(%s::pg_catalog.regclass, %s, colocate_with => %s)",
+                (str(name), plan.distribute.column, str(f.parent))), [])
+            self.result["lock_held_ms"].pop(f"distribute {name.name}", None)  # locks nothing live
         precopied = 0
         if f.default is not None and f.pk:
             precopied = self._copy_batches(f, name, lo, hi)
@@ -515,6 +524,9 @@ class _Pass:
 
         def swap(cur: psycopg.Cursor) -> int:
             moved = 0
+            if distributed:
+                # One connection per worker: Citus refuses DDL (ATTACH) after a parallel DML.
+                cur.execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'")
             if on_attach_locked is not None:
                 on_attach_locked(cur)
             if f.default is not None:
@@ -738,6 +750,12 @@ _LIKE_OPTIONS = (
     "INCLUDING COMMENTS INCLUDING STATISTICS",
     "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING INDEXES",
 )
+
+
+def _distributed(conn: psycopg.Connection, table: QualifiedName) -> bool:
+    from orchestrator.distribute import is_distributed
+
+    return is_distributed(conn, str(table))
 
 
 def _create_like(cur: psycopg.Cursor, name: QualifiedName, parent: QualifiedName) -> None:

@@ -328,6 +328,30 @@ class Retention(_Strict):
     archive_schema: str | None = None
 
 
+class Distribute(_Strict):
+    """Distribute the new partitioned table over Citus workers in the same migration."""
+
+    column: str = Field(description="The distribution column (e.g. tenant_id): NOT NULL, never updated by the "
+                        "application once cut over (Citus refuses that). It joins the twin's primary key and "
+                        "every unique index, because Citus enforces uniqueness only within one shard.")
+    shard_count: int | None = Field(None, ge=1, le=64000, description="Shards per partition (default: "
+                                    "the coordinator's citus.shard_count).")
+    colocate_with: str | None = Field(None, description="A distributed table to colocate with ('none' for a new "
+                                      "colocation group; default: Citus' default group for the column type).")
+    accept_no_rollback_after_cutover: bool = Field(
+        False, description="Acknowledge that a rollback after the cutover loses the writes made since it: "
+        "a trigger on a distributed table runs on the workers' shards and cannot write the coordinator's retired "
+        "heap table, so there is no reverse sync in distributed mode. apply refuses to cut over without it "
+        "(it stops after verify, like cutover.postpone).")
+
+    @field_validator("column")
+    @classmethod
+    def _column(cls, v: str) -> str:
+        if not v or len(v.encode()) > MAX_IDENT or "\x00" in v:
+            raise ValueError(f"{v!r} is not a column name")
+        return v
+
+
 class Maintenance(_Strict):
     interval: str = Field("1 hour", description="How often `maintain --daemon` runs a pass.")
 
@@ -352,6 +376,9 @@ class Plan(_Strict):
     acknowledge_statements: list[str] = Field(
         default_factory=list, description="queryids (pg_stat_statements) of the application's statements that "
         "`plan` says will fail after cutover, acknowledged: apply refuses while one is not listed here.")
+    distribute: Distribute | None = Field(
+        None, description="Distribute the new table over Citus workers (needs a Citus coordinator); see README "
+        "\"When one machine is not enough\".")
     guard_ddl: bool = Field(False, description="While migrated, refuse ALTER TABLE / CREATE INDEX / DROP on the "
                             "table with an event trigger (needs a superuser; `plan` says when it cannot).")
 
@@ -381,6 +408,9 @@ class Plan(_Strict):
                 raise ValueError(f"derived name {n!r} is longer than {MAX_IDENT} bytes: set it under names:")
         if len({self.table_name, self.twin, self.retired}) != 3:
             raise ValueError("names.twin and names.retired must differ from each other and from the table")
+        if self.distribute is not None and self.capture.mode == "async":
+            # The change log's replay and its cutover drain were built and proven on one node only.
+            raise ValueError("capture.mode async is not supported with distribute: (use the default, sync)")
         return self
 
     # --- derived names -------------------------------------------------------------
@@ -415,6 +445,9 @@ class Plan(_Strict):
         if self.capture.mode != "sync":
             # The installed capture is one or the other: resuming in the other mode is refused.
             shape["capture"] = self.capture.mode
+        if self.distribute is not None:  # only then: hashes of plans without it stay as they were
+            shape["distribute"] = self.distribute.model_dump(
+                mode="json", include={"column", "shard_count", "colocate_with"})
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import psycopg
 from loguru import logger
 
-from orchestrator import changelog, drift, horizon
+from orchestrator import changelog, distribute, drift, horizon
 from orchestrator.db import check_endpoints, close_quietly, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, PreflightError, StateConflict
 from orchestrator.inspect import resolve
@@ -195,6 +195,10 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                 if postpone:
                     return Outcome(f"{table}: verified and ready; cutover postponed (run `apply --cutover`)",
                                    {"status": "ready", "migration_id": m.id})
+                refusal = distribute.cutover_refusal(ctx)
+                if refusal:
+                    ctx.store.event(m.id, "refused", refusal)
+                    raise StateConflict(refusal)
             try:
                 _run_phase(ctx, phase)
             except drift.ShapeChanged as e:
@@ -379,8 +383,14 @@ def rollback(plan: Plan, dsn: str) -> Outcome:
             cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
             ctx.store.set_status(cur, m.id, "rolled_back")
         ctx.store.event(m.id, "rolled_back", f"rolled back from {m.status}/{m.phase}")
-        return Outcome(f"{table} rolled back (was {m.status}, phase {m.phase}); the original table is live",
-                       {"status": "rolled_back", "migration_id": m.id})
+        lost = ""
+        if m.status == "cut_over" and plan.distribute is not None:
+            # Acknowledged in the plan (distribute.accept_no_rollback_after_cutover): said again here.
+            lost = ("; distributed mode has no reverse sync: writes made since the cutover are NOT in it")
+            ctx.store.event(m.id, "warning", f"rollback after a distributed cutover: {distribute.NO_ROLLBACK}")
+        return Outcome(f"{table} rolled back (was {m.status}, phase {m.phase}); the original table is live{lost}",
+                       {"status": "rolled_back", "migration_id": m.id,
+                        **({"writes_since_cutover_lost": True} if lost else {})})
 
 
 def finalize(plan: Plan, dsn: str) -> Outcome:
@@ -397,7 +407,12 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
             raise StateConflict(f"{table} is not cut over yet (phase {m.phase}); finalize comes after cutover")
 
         def body(cur: psycopg.Cursor) -> None:
-            drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
+            if plan.distribute is None:
+                drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
+            elif resolve(cur, plan.retired) is not None:
+                from orchestrator.inspect import inspect_table
+
+                distribute.own_sequences(cur, inspect_table(ctx.conn, plan.retired), str(plan.table_name))
             if resolve(cur, plan.retired) is not None:
                 cur.execute(f"DROP TABLE {plan.retired}")
             changelog.drop(cur, ctx)

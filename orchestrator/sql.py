@@ -132,6 +132,7 @@ class Shape:
     key_nullable: bool
     pk_types: tuple[str, ...] = ()
     eq_ops: tuple[tuple[str, str], ...] = ()  # (column, qualified equality operator) for extension types
+    dist: str | None = None  # Citus distribution column (distributed mode), part of the twin's key
 
     def eq(self, column: str) -> str:
         """The equality operator to match ``column`` with: ``=``, or the type's own btree
@@ -150,8 +151,10 @@ class Shape:
 
     @property
     def twin_key(self) -> tuple[str, ...]:
-        """The twin's primary key: the live key plus the partition key."""
-        return self.pk if self.key in self.pk else (*self.pk, self.key)
+        """The twin's primary key: the live key plus the partition key (and, distributed, the
+        distribution column: Citus enforces a unique key only if it holds that column)."""
+        key = self.pk if self.key in self.pk else (*self.pk, self.key)
+        return key if self.dist is None or self.dist in key else (*key, self.dist)
 
 
 def bound_literal(value: str | None, key_type: str) -> str:
@@ -253,7 +256,7 @@ def _key_changed(shape: Shape) -> str:
 
 
 def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: tuple[str, ...] | None = None,
-                  probe: bool = True) -> str:
+                  probe: bool = True, recheck: bool = False) -> str:
     """The dual-write trigger function: applies each row change of one table to the other.
 
     - INSERT: a plain INSERT (no upsert: a new row cannot be in the twin yet, and a
@@ -282,6 +285,12 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: 
     is the exact effect (the row was not there). A visible conflict after a by-key miss
     means the tables already diverged: it fails loudly. The probe runs only when the
     by-key statement found nothing, so the common path costs what it did.
+
+    ``recheck`` (distributed mode): dst is a Citus table, each statement on it runs in the
+    worker's own snapshot, and a row the backfill committed can become visible between the
+    by-key statement and the probe (seen under the workload). A visible conflict is then
+    not a divergence: the by-key statement runs once more, in a newer snapshot, and only if
+    it still finds nothing do the tables differ.
     """
     cols = column_list(list(shape.columns))
     new_vals = column_list(list(shape.columns), "NEW.")
@@ -301,11 +310,14 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: 
             )
         return f"{stmt} WHERE {_key_match(shape, 'OLD')};"
 
-    def probe_insert(vals: str) -> str:
+    def probe_insert(vals: str, again: str = "") -> str:
+        differ = ("RAISE EXCEPTION 'orchestrate: % of a row of %: no row with its key in %, but one "
+                  f"conflicts with it (the tables differ)', TG_OP, TG_TABLE_NAME, {literal(str(dst))};")
+        if recheck and again:
+            differ = f"{again} IF NOT FOUND THEN {differ} END IF;"
         return (
             f"INSERT INTO {dst} ({cols}) OVERRIDING SYSTEM VALUE VALUES ({vals}) ON CONFLICT ({arbiter}) DO NOTHING; "
-            "IF NOT FOUND THEN RAISE EXCEPTION 'orchestrate: % of a row of %: no row with its key in %, but one "
-            f"conflicts with it (the tables differ)', TG_OP, TG_TABLE_NAME, {literal(str(dst))}; END IF;"
+            f"IF NOT FOUND THEN {differ} END IF;"
         )
 
     delete_old = by_old(f"DELETE FROM {dst}")
@@ -313,8 +325,8 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: 
     if probe:
         # OLD is inserted and deleted again: a no-op when the row is not in dst yet, a
         # 40001 when dst holds a version this snapshot cannot see.
-        delete_old += f"\n      IF NOT FOUND THEN {probe_insert(old_vals)} {delete_old} END IF;"
-        update_old += f"\n      IF NOT FOUND THEN {probe_insert(new_vals)} END IF;"
+        delete_old += f"\n      IF NOT FOUND THEN {probe_insert(old_vals, delete_old)} {delete_old} END IF;"
+        update_old += f"\n      IF NOT FOUND THEN {probe_insert(new_vals, update_old)} END IF;"
     return f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $orchestrate$
 BEGIN

@@ -178,6 +178,7 @@ class Throttler:
         self._writer: psycopg.Connection | None = None  # heartbeat row and events
         self._writer_lock = threading.Lock()
         self._replica_conns: dict[str, psycopg.Connection] = {}
+        self._citus: bool | None = None  # a Citus coordinator: its workers are watched too
         self._heartbeat = Ticker("throttle-heartbeat", self.heartbeat_interval_s, self._beat)
         self._hb_started: datetime | None = None  # primary time of this run's first beat
         self._hb_ok_at = 0.0
@@ -305,6 +306,25 @@ class Throttler:
                 if row and row[1] > s.max_slot_retained_bytes:
                     reasons.append(("slot", f"slot {row[0]} retains {row[1]} bytes of WAL > "
                                             f"{s.max_slot_retained_bytes}"))
+            if self._citus is None:
+                from orchestrator.distribute import citus_version
+
+                self._citus = citus_version(conn) is not None
+            if self._citus:
+                # A Citus coordinator: the workers' own standbys and slots count too (their
+                # shards take the backfill's rows). Read through the coordinator.
+                from orchestrator.distribute import worker_signals
+
+                for node, ok, w_lag, w_slot, w_retained in worker_signals(conn):
+                    if not ok:
+                        reasons.append((f"worker {node}", f"worker {node}: replication figures unreadable"))
+                        continue
+                    if w_lag is not None and (lag is None or w_lag > lag):
+                        lag, lag_on = w_lag, f" on worker {node}'s standby"
+                    if s.max_slot_retained_bytes is not None and w_retained is not None \
+                            and w_retained > s.max_slot_retained_bytes:
+                        reasons.append((f"slot {node}", f"slot {w_slot} on worker {node} retains {w_retained} "
+                                                        f"bytes of WAL > {s.max_slot_retained_bytes}"))
             blind = (s.max_xact_age_s is not None or s.max_xmin_age is not None) and not self._sees_all(conn)
             if blind:
                 # Other roles' transactions read as NULL without pg_read_all_stats: fail closed.

@@ -80,6 +80,7 @@ class Context:
             key_nullable=not col.not_null,
             pk_types=tuple(types[c] for c in info.primary_key),
             eq_ops=tuple((c, info.eq_ops[c]) for c in info.primary_key if info.eq_ops.get(c)),
+            dist=self.plan.distribute.column if self.plan.distribute is not None else None,
         )
 
     def function(self, kind: str) -> QualifiedName:

@@ -31,7 +31,8 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
     fn, tfn = ctx.function(kind), ctx.function(kind + "_truncate")
     # dst's own key arbitrates the trigger's probe: the twin's (pk..., key), or the live
     # primary key when dst is the retired heap table (the reverse trigger).
-    cur.execute(sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key))
+    cur.execute(sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key,
+                                  recheck=ctx.plan.distribute is not None))
     cur.execute(sql.truncate_function(tfn, dst))
     # Owned by the table's owner, SECURITY DEFINER: the owner's code this reaches (CHECKs,
     # defaults, triggers on dst) runs as the owner, never as the role running orchestrate.

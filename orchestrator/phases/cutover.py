@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import psycopg
@@ -28,6 +29,7 @@ from loguru import logger
 from orchestrator import changelog, drift, fidelity, horizon, sql
 from orchestrator.db import LockAttempt, own_pids, with_lock_retry
 from orchestrator.db import close_quietly as _close
+from orchestrator.distribute import local_ddl
 from orchestrator.errors import OrchestrateError, StateConflict
 from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.owner import MONITOR_HINT, sees_all_sessions
@@ -579,7 +581,11 @@ class Cutover:
                  "statistics targets, user triggers", "(catalog statements)", "same transaction"),
             Step(self.name, "reverse trigger: writes to the new table reach the retired one (rollback keeps them)",
                  f"CREATE TRIGGER {REVERSE_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {p.table_name} ...",
-                 "same transaction"),
+                 "same transaction") if p.distribute is None else
+            Step(self.name, "distributed: NO reverse trigger (it would run on the workers' shards); a rollback after "
+                 "this loses the writes made since; refused unless distribute.accept_no_rollback_after_cutover"
+                 + (" (acknowledged)" if p.distribute.accept_no_rollback_after_cutover else " (NOT acknowledged: "
+                    "apply stops here with exit 8)"), "(none)", "same transaction"),
         ]
 
     def gates(self, ctx: Context, probe: LagProbe | None = None) -> list[tuple[str, bool, str]]:
@@ -741,12 +747,19 @@ class Cutover:
             cur.execute(f"ALTER TABLE {plan.table_name} RENAME TO {ident(plan.retired.name)}")
             cur.execute(f"ALTER TABLE {plan.twin} RENAME TO {ident(plan.table_name.name)}")
             hold_for_tests("cutover-renamed")
-            done = carry_objects(cur, old, plan.table_name, plan.retired, new_is_partitioned=True)
-            if reverse_staged(cur, ctx, plan.table_name):
+            # Distributed: the serial sequences stay owned by the retired heap table until
+            # finalize (distribute.own_sequences): Citus never lets a sequence owned by a
+            # distributed table be given back, which a rollback would have to do.
+            carried = replace(old, sequences=[]) if plan.distribute is not None else old
+            done = carry_objects(cur, carried, plan.table_name, plan.retired, new_is_partitioned=True)
+            if plan.distribute is not None:
+                pass  # no reverse sync in distributed mode: the plan acknowledged it (distribute.py)
+            elif reverse_staged(cur, ctx, plan.table_name):
                 arm_reverse(cur, ctx, True)  # staged at prepare: one catalog row, not one per partition
             else:
                 install_sync(cur, ctx, plan.table_name, plan.retired, REVERSE_TRIGGER, "reverse")
-            if not drift.column_guard_matches(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns):
+            if plan.distribute is None and not drift.column_guard_matches(cur, plan.table_name, REVERSE_TRIGGER,
+                                                                          old.writable_columns):
                 # Staged at prepare; re-made here only when a column was carried since.
                 drift.install_column_guard(cur, plan.table_name, REVERSE_TRIGGER, old.writable_columns,
                                            ctx.function("reverse_columns"))
@@ -799,7 +812,9 @@ class Cutover:
             else:
                 current = inspect_table(ctx.conn, plan.table_name, allow_partitioned=True)
                 ctx.info = inspect_table(ctx.conn, plan.retired)
-            if reverse_staged(cur, ctx, plan.table_name):
+            if plan.distribute is not None:
+                pass  # no reverse trigger was made; Citus refuses even DROP TRIGGER IF EXISTS there
+            elif reverse_staged(cur, ctx, plan.table_name):
                 # Switched off, not dropped: dropping clones the DROP onto every partition
                 # under this lock; the trigger goes with the partitioned table afterwards.
                 arm_reverse(cur, ctx, False)
@@ -815,7 +830,13 @@ class Cutover:
             for trig in ctx.info.triggers:
                 if trig.name not in recreated and not trig.name.startswith("orchestrate_"):
                     cur.execute(trigger_state_sql(plan.table_name, trig.name, before.get(trig.name, "O")))
-            done = carry_objects(cur, current, plan.table_name, plan.twin, new_is_partitioned=False)
+            if plan.distribute is not None:
+                # Everything carried back lands on the coordinator's local heap table: nothing
+                # to propagate, and Citus would refuse a distributed view over a local table.
+                with local_ddl(cur):
+                    done = carry_objects(cur, current, plan.table_name, plan.twin, new_is_partitioned=False)
+            else:
+                done = carry_objects(cur, current, plan.table_name, plan.twin, new_is_partitioned=False)
             # Incoming foreign keys dropped at cutover come back NOT VALID (catalog only, under
             # the lock); they are validated after the commit, without blocking writers.
             for fk in saved.get("dropped_foreign_keys") or []:

@@ -170,6 +170,10 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
             )
     if not has_index_on(info, key):
         warnings.append(f"no index starts with {key}: every backfill range scans the whole table; create one first")
+    if plan.distribute is not None:
+        from orchestrator import distribute
+
+        warnings += distribute.check(ctx, info)  # refuses (exit 3) what Citus cannot take
     if info.triggers:
         warnings.append(
             "user triggers (" + ", ".join(t.name for t in info.triggers) + ") are re-created on the new table at "
@@ -250,11 +254,22 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
             new_name = sql.ident(_twin_index_name(idx.name))
             new_prefix = f"CREATE {unique}INDEX {new_name} ON {twin} USING "
             add_key = shape.key if idx.unique and shape.key not in idx.columns else None
-            out.append((f"index like {idx.name}", sql.rewrite_index(idx.definition, prefix, new_prefix, add_key)))
+            stmt = sql.rewrite_index(idx.definition, prefix, new_prefix, add_key)
+            if idx.unique and shape.dist is not None and shape.dist not in (*idx.columns, shape.key):
+                # Citus enforces a unique index only when it holds the distribution column.
+                stmt = sql.rewrite_index(stmt, new_prefix, new_prefix, shape.dist)
+            out.append((f"index like {idx.name}", stmt))
     for fk in info.outgoing_fks:
         if fidelity.skip_foreign_key(fk.definition, version):
             continue  # warned at preflight (fidelity.check)
         out.append((f"foreign key {fk.name}", f"ALTER TABLE {twin} ADD CONSTRAINT {ident(fk.name)} {fk.definition}"))
+    if plan.distribute is not None:
+        from orchestrator import distribute
+
+        # Last, while the twin is still empty: Citus creates the shards of every partition
+        # and moves no row. In prepare's one transaction, with everything above.
+        out.append((f"distribute the twin over the Citus workers by {plan.distribute.column}",
+                    distribute.distribute_twin_sql(ctx)))
     return out
 
 
@@ -282,6 +297,8 @@ class Prepare:
             if action.startswith("foreign key"):
                 lock = "SHARE ROW EXCLUSIVE on the referenced table (brief; lock_timeout + retry)"
             rows.append(Step(self.name, action, stmt, lock))
+        if ctx.plan.distribute is not None:
+            return rows
         rows.append(Step(self.name, "reverse triggers staged on the twin, switched off until the cutover turns them "
                          "on (so the swap does not clone a trigger onto every partition under its lock)",
                          f"CREATE TRIGGER {REVERSE_TRIGGER} ... ON {ctx.plan.twin} FOR EACH ROW "
@@ -295,10 +312,17 @@ class Prepare:
         t0 = time.monotonic()
 
         def body(cur: psycopg.Cursor) -> None:
+            if ctx.plan.distribute is not None:
+                # One connection per worker for the whole transaction: Citus refuses the
+                # function commands below after a parallel (multi-connection) operation.
+                cur.execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'")
             for _action, stmt in statements:
                 cur.execute(stmt)
             install_executor(cur, ctx.function(EXECUTOR), pf.info.owner)
-            stage_reverse(cur, ctx)
+            if ctx.plan.distribute is None:
+                # Distributed: no reverse trigger (it would fire on the workers' shards and
+                # cannot write the coordinator's heap table); see orchestrator/distribute.py.
+                stage_reverse(cur, ctx)
             ctx.store.set_facts(cur, ctx.mid, partitions=pf.partitions, warnings=pf.warnings,
                                 estimates=pf.estimates, table_oid=pf.info.oid, owner=pf.info.owner,
                                 created=created_oids(cur, ctx),

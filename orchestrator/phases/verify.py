@@ -57,14 +57,25 @@ def digest_range(cur: psycopg.Cursor, ctx: Context, shape: sql.Shape, rng: dict,
 def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict,
                  by_type: frozenset[str]) -> dict:
     """One range: the digest in its own snapshot, then its verdict recorded."""
-    deadline = time.monotonic() + 300
-    while True:
-        with conn.transaction(), conn.cursor() as cur:
-            cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            result = digest_range(cur, ctx, shape, rng, by_type)
-        if not result.get("pending") or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)  # async capture: a TRUNCATE waits in the log; compare once it is replayed
+    if ctx.plan.distribute is not None:
+        from orchestrator.distribute import settled_digest
+
+        def digest(cur: psycopg.Cursor, locked: bool) -> dict:
+            if not locked:  # under the lock each statement sees everything committed before it
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            return digest_range(cur, ctx, shape, rng, by_type)
+
+        # The twin's shards are read in other snapshots than the heap table.
+        result = settled_digest(conn, digest, str(ctx.plan.table_name), ctx.plan.cutover.lock_timeout_s)
+    else:
+        deadline = time.monotonic() + 300
+        while True:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                result = digest_range(cur, ctx, shape, rng, by_type)
+            if not result.get("pending") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)  # async capture: a TRUNCATE waits in the log; compare once it is replayed
     conn.execute(
         "UPDATE orchestrate.ranges SET verify_state = %s, verify_detail = %s, verified_at = now() "
         "WHERE migration_id = %s AND idx = %s",

@@ -108,3 +108,10 @@ def test_durations():
     assert parse_duration("1 min") == 60
     with pytest.raises(ValueError):
         parse_duration("forever")
+
+
+def test_async_capture_is_refused_with_distribute():
+    data = {"table": "public.orders", "partition_by": {"column": "created_at", "interval": "1 month"},
+            "capture": {"mode": "async"}, "distribute": {"column": "customer_id"}}
+    with pytest.raises(PlanError, match="capture.mode async is not supported with distribute"):
+        parse_plan(data, "plan.yaml")

@@ -1,0 +1,312 @@
+"""Distributed mode: the twin is also distributed over Citus workers (plan ``distribute:``).
+
+Role: everything the migration does differently on a Citus coordinator, in one place. The
+phases call in here at a few branch points:
+
+- preflight (:func:`check`): the coordinator, its workers and the table can take it, or
+  one line naming what is missing (PreflightError, exit 3);
+- prepare (:func:`distribute_twin`): the twin is created partitioned as on one node, then
+  ``create_distributed_table`` while it is still empty (cheap: no row moves), in the same
+  transaction as everything else prepare does;
+- verify (:func:`settled_digest`): the digests of a range of both tables, read again, and
+  for a busy range under a short SHARE lock (see there why one snapshot is not enough);
+- cutover: no reverse trigger (see README "When one machine is not enough"): apply stops
+  before the swap unless the plan acknowledges that a rollback after it loses the writes
+  made since (:func:`cutover_refusal`).
+
+Capture and backfill need no branch: the capture trigger on the coordinator's local heap
+table writes into the distributed twin through the coordinator (Citus routes each row to
+its shard in the writer's transaction, two-phase committed with it), and the backfill's
+``INSERT INTO twin SELECT ... FROM heap ... FOR SHARE`` runs the SELECT locally, with its
+row locks, and ships the rows to the shards in the same transaction.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from orchestrator.errors import PreflightError
+from orchestrator.sql import ident, literal
+
+if TYPE_CHECKING:
+    from orchestrator.inspect import TableInfo
+    from orchestrator.phases import Context
+
+#: How often verify compares a range's two digests without a lock, the pause between
+#: attempts, and the attempts at the SHARE lock after that (see settled_digest).
+DIGEST_ATTEMPTS = 3
+DIGEST_PAUSE_S = 0.1
+LOCK_ATTEMPTS = 20
+
+NO_ROLLBACK = ("a rollback after the cutover loses the writes made since the cutover: a trigger on a distributed "
+               "table runs on the workers' shards and cannot write the coordinator's retired heap table, so "
+               "distributed mode has no reverse sync")
+
+
+def citus_version(conn: psycopg.Connection) -> str | None:
+    row = conn.execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'citus'").fetchone()
+    return row[0] if row else None
+
+
+def workers(conn: psycopg.Connection) -> list[tuple[str, int]]:
+    """The active primary workers that take shards (pg_dist_node; the coordinator is group 0)."""
+    return [(r[0], int(r[1])) for r in conn.execute(
+        "SELECT nodename, nodeport FROM pg_catalog.pg_dist_node WHERE noderole = 'primary' AND isactive "
+        "AND shouldhaveshards AND groupid <> 0 ORDER BY nodeid").fetchall()]
+
+
+def on_workers(conn: psycopg.Connection, command: str) -> list[tuple[str, int, bool, str]]:
+    """(node, port, success, result) of ``command`` on every worker (Citus' run_command_on_workers)."""
+    return [(r[0], int(r[1]), bool(r[2]), r[3]) for r in conn.execute(
+        "SELECT nodename, nodeport, success, result FROM pg_catalog.run_command_on_workers(%s)",
+        (command,)).fetchall()]
+
+
+# On each worker: its standbys' replay lag (s) and its replication slot holding the most WAL.
+_WORKER_SIGNALS = (
+    "SELECT coalesce((SELECT max(extract(epoch FROM replay_lag)) FROM pg_catalog.pg_stat_replication), 0)::text"
+    " || ' ' || coalesce((SELECT slot_name || ' ' || pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), "
+    "restart_lsn)::bigint FROM pg_catalog.pg_replication_slots WHERE restart_lsn IS NOT NULL "
+    "ORDER BY pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn) DESC LIMIT 1), '- -')")
+
+
+def worker_signals(conn: psycopg.Connection) -> list[tuple[str, bool, float | None, str | None, int | None]]:
+    """(worker, readable, replica lag s, slot, retained bytes) of every worker, read through
+    the coordinator (for the throttler, which merely observes: read-only SELECTs)."""
+    out = []
+    for host, port, ok, result in on_workers(conn, _WORKER_SIGNALS):
+        node = f"{host}:{port}"
+        parts = (result or "").split(" ")
+        if not ok or len(parts) != 3:
+            out.append((node, False, None, None, None))
+            continue
+        lag, slot, retained = parts
+        out.append((node, True, float(lag), None if slot == "-" else slot,
+                    None if retained == "-" else int(retained)))
+    return out
+
+
+def check(ctx: Context, info: TableInfo) -> list[str]:
+    """Refuse (PreflightError, exit 3) with one line naming what is missing; else warnings."""
+    d = ctx.plan.distribute
+    assert d is not None
+    conn = ctx.conn
+    warnings: list[str] = []
+    if citus_version(conn) is None:
+        raise PreflightError("distribute: the citus extension is not installed in this database: "
+                             "CREATE EXTENSION citus on the coordinator and on every worker")
+    if not conn.execute("SELECT pg_catalog.citus_is_coordinator()").fetchone()[0]:
+        raise PreflightError("distribute: this database is not a Citus coordinator: run "
+                             "SELECT citus_set_coordinator_host(...) and citus_add_node(...) on it, "
+                             "and point --dsn at it")
+    nodes = workers(conn)
+    if not nodes:
+        raise PreflightError("distribute: no active worker is registered on the coordinator "
+                             "(SELECT citus_add_node('host', port) for each worker)")
+    levels = [("coordinator", conn.execute("SELECT pg_catalog.current_setting('wal_level')").fetchone()[0])]
+    for host, port, ok, result in on_workers(conn, "SHOW wal_level"):
+        if not ok:
+            raise PreflightError(f"distribute: worker {host}:{port} cannot be reached from the coordinator: "
+                                 f"{result}")
+        levels.append((f"worker {host}:{port}", result))
+    for where, level in levels:
+        if level != "logical":
+            raise PreflightError(f"distribute: wal_level is {level} on the {where}: Citus moves shards (a new "
+                                 "worker, citus_rebalance_start) by logical replication; set wal_level = logical "
+                                 "and restart it")
+    col = info.column(d.column)
+    if col is None:
+        raise PreflightError(f"distribute: column {ident(d.column)} does not exist in {info.name}")
+    if col.generated:
+        raise PreflightError(f"distribute: column {ident(d.column)} is generated; Citus needs a stored value to "
+                             "route each row")
+    if not col.not_null:
+        raise PreflightError(f"distribute: column {ident(d.column)} of {info.name} is nullable: Citus refuses "
+                             f"rows with a NULL distribution column (every such write would fail). "
+                             f"ALTER TABLE {info.name} ALTER COLUMN {ident(d.column)} SET NOT NULL first")
+    hashable = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_opclass oc JOIN pg_catalog.pg_am am ON am.oid = oc.opcmethod "
+        "WHERE am.amname = 'hash' AND oc.opcdefault AND oc.opcintype = %s::pg_catalog.regtype)",
+        (col.type,)).fetchone()[0]
+    if not hashable:
+        raise PreflightError(f"distribute: column {ident(d.column)} is of type {col.type}, which has no hash "
+                             "function: Citus cannot hash-distribute by it")
+    if info.outgoing_fks:
+        fks = ", ".join(fk.name for fk in info.outgoing_fks)
+        raise PreflightError(f"distribute: {info.name} has foreign keys ({fks}): a distributed table may only "
+                             "reference reference tables or colocated distributed tables. "
+                             "Drop them, or convert the referenced tables first")
+    if info.triggers:
+        raise PreflightError(f"distribute: {info.name} has user triggers ({', '.join(t.name for t in info.triggers)})"
+                             ": on a distributed table they would run on the workers' shards (Citus refuses them "
+                             "unless citus.enable_unsafe_triggers); move their logic to the application first")
+    with conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM pg_catalog.pg_constraint WHERE conrelid = %s AND contype = 'u' "
+                    "AND condeferrable", (info.oid,))
+        if cur.fetchone()[0]:
+            raise PreflightError(f"distribute: {info.name} has DEFERRABLE unique constraints; Citus does not "
+                                 "distribute them")
+    if d.colocate_with not in (None, "none", "default"):
+        row = conn.execute(
+            "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_dist_partition p "
+            "JOIN pg_catalog.pg_attribute a ON a.attrelid = p.logicalrelid "
+            "AND a.attname = pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) "
+            "WHERE p.logicalrelid = pg_catalog.to_regclass(%s) AND p.partmethod = 'h'",
+            (d.colocate_with,)).fetchone()
+        if row is None:
+            raise PreflightError(f"distribute.colocate_with: {d.colocate_with} is not a hash-distributed table")
+        if row[0] != col.type:
+            raise PreflightError(f"distribute.colocate_with: {d.colocate_with} is distributed by a {row[0]} "
+                                 f"column, {ident(d.column)} is {col.type}: colocated tables need the same type")
+    shape = ctx.shape(info)
+    if d.column not in info.primary_key:
+        warnings.append(f"distribute: the twin's primary key becomes ({', '.join(shape.twin_key)}): Citus "
+                        f"enforces a unique key only when it holds the distribution column {d.column}; "
+                        f"ON CONFLICT in the application must name {d.column} too after cutover")
+    for idx in info.indexes:
+        if idx.unique and not idx.primary and d.column not in idx.columns:
+            warnings.append(f"distribute: unique index {idx.name} becomes unique on its columns plus "
+                            f"{d.column}: uniqueness is then only enforced within one {d.column}")
+    shards = d.shard_count or int(conn.execute("SELECT pg_catalog.current_setting('citus.shard_count')")
+                                  .fetchone()[0])
+    warnings.append(f"distribute: {shards} shard(s) per partition over {len(nodes)} worker(s) "
+                    f"({', '.join(f'{h}:{p}' for h, p in nodes)}); replica identity: the twin's primary key; "
+                    f"{d.column} cannot change in an UPDATE once cut over (Citus refuses it)")
+    if not d.accept_no_rollback_after_cutover:
+        warnings.append(f"distribute: {NO_ROLLBACK}. apply stops after verify until the plan sets "
+                        "distribute.accept_no_rollback_after_cutover: true (a rollback before the cutover "
+                        "loses nothing)")
+    else:
+        warnings.append(f"distribute: {NO_ROLLBACK} (acknowledged in the plan)")
+    return warnings
+
+
+def distribute_twin_sql(ctx: Context) -> str:
+    """``create_distributed_table`` for the (empty) twin: its partitions become shards too.
+
+    Warning: takes locks on the twin only (new, empty, nobody else uses it yet); in the
+    prepare transaction, so the twin and its distribution commit or vanish together."""
+    d = ctx.plan.distribute
+    assert d is not None
+    args = [f"{literal(str(ctx.plan.twin))}::pg_catalog.regclass", literal(d.column)]
+    if d.colocate_with is not None:
+        args.append(f"colocate_with => {literal(d.colocate_with)}")
+    if d.shard_count is not None:
+        args.append(f"shard_count => {int(d.shard_count)}")
+    return f"SELECT pg_catalog.create_distributed_table({', '.join(args)})"
+
+
+@contextmanager
+def local_ddl(cur: psycopg.Cursor) -> Iterator[None]:
+    """Run the DDL inside on the coordinator only (``citus.enable_ddl_propagation`` off for
+    it, then back to what it was); without Citus loaded, nothing changes.
+
+    For ``ALTER SEQUENCE ... OWNED BY`` at finalize: a sequence that a distributed table's
+    default uses is a distributed object, and Citus refuses to alter it ("Altering a
+    distributed sequence is currently not supported"). Who owns it matters only on the
+    coordinator, where the application's inserts call nextval() and where finalize drops
+    the retired table (which must no longer own it)."""
+    before = cur.execute("SELECT pg_catalog.current_setting('citus.enable_ddl_propagation', true)").fetchone()[0]
+    if before is None:
+        yield
+        return
+    cur.execute("SELECT pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true)")
+    try:
+        yield
+    finally:
+        cur.execute("SELECT pg_catalog.set_config('citus.enable_ddl_propagation', %s, true)", (before,))
+
+
+def own_sequences(cur: psycopg.Cursor, retired: TableInfo, table: str) -> list[str]:
+    """At finalize: the serial sequences the retired heap table still owns become the new
+    table's, so that DROP TABLE retired keeps them. Not at the cutover: Citus refuses to
+    change the owner of a sequence once a distributed table owns it, so a rollback could
+    not give it back to the heap table."""
+    done = []
+    for seq in retired.sequences:
+        if seq.identity:
+            continue
+        with local_ddl(cur):
+            cur.execute(f"ALTER SEQUENCE {seq.name} OWNED BY {table}.{ident(seq.column)}")
+        done.append(str(seq.name))
+    return done
+
+
+def is_distributed(conn: psycopg.Connection, table: str) -> bool:
+    if citus_version(conn) is None:
+        return False
+    return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
+                             "WHERE logicalrelid = pg_catalog.to_regclass(%s))", (table,)).fetchone()[0])
+
+
+def settled_digest(conn: psycopg.Connection, digest, table: str, lock_timeout_s: float) -> dict:
+    """The digests of one range of both tables; equal unless the tables really differ.
+
+    Why not one snapshot, as on one node: a distributed query reads each shard in a
+    transaction of its own on the worker, so the coordinator's REPEATABLE READ snapshot
+    does not cover the twin; a write committed between the two reads shows in one digest
+    and not the other. So the pair is first read DIGEST_ATTEMPTS times without any lock
+    (each in a fresh transaction): a quiet range agrees at once. A range that still differs
+    (a hot range, the current day say, written every few milliseconds) is read once more
+    under a SHARE lock on the coordinator's heap table: it stops its writers, and with them
+    the capture trigger, the only writer of the twin before the cutover. A writer that held
+    the table has finished its workers' commits before its lock is released (Citus commits
+    them in the transaction's commit callbacks, before locks go), so under the lock both
+    reads see the same writes: a difference is then a real divergence. The lock waits at
+    most ``lock_timeout_s`` (retried), and holds for the two reads of this one range.
+    ``digest(cur, locked)`` returns the single-node result dict.
+    """
+    result: dict = {}
+    for attempt in range(DIGEST_ATTEMPTS):
+        with conn.transaction(), conn.cursor() as cur:
+            result = digest(cur, False)
+        if result["ok"]:
+            if attempt:
+                result["attempts"] = attempt + 1
+            return result
+        time.sleep(DIGEST_PAUSE_S)
+    last: Exception | None = None
+    for attempt in range(LOCK_ATTEMPTS):
+        try:
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(f"SET LOCAL lock_timeout = '{max(1, int(lock_timeout_s * 1000))}ms'")
+                # Writers wait from here to the commit: the two reads of one range.
+                cur.execute(f"LOCK TABLE ONLY {table} IN SHARE MODE")
+                result = digest(cur, True)
+            result["attempts"] = DIGEST_ATTEMPTS + attempt + 1
+            result["locked"] = True
+            return result
+        except psycopg.errors.LockNotAvailable as e:
+            last = e
+            time.sleep(min(2.0, DIGEST_PAUSE_S * 2 ** attempt))
+    raise PreflightError(f"verify: could not lock {table} in SHARE mode to compare a busy range "
+                         f"({LOCK_ATTEMPTS} attempts: {str(last).splitlines()[0] if last else ''}); run apply again")
+
+
+def cutover_refusal(ctx: Context) -> str | None:
+    """Why apply must stop before the swap in distributed mode (None: it may swap)."""
+    d = ctx.plan.distribute
+    if d is None or d.accept_no_rollback_after_cutover:
+        return None
+    return (f"{ctx.plan.table_name}: verified and ready, not cut over: in distributed mode {NO_ROLLBACK}. "
+            "Set distribute.accept_no_rollback_after_cutover: true in the plan to cut over "
+            "(a rollback now loses nothing)")
+
+
+def shard_rows(conn: psycopg.Connection, table: str) -> dict[str, int]:
+    """Rows per worker ("host:port") of a distributed (partitioned) table, from citus_shards'
+    placements: a count(*) per shard, run where the shard lives."""
+    out: dict[str, int] = {}
+    res = conn.execute(
+        "SELECT p.nodename, p.nodeport, sum(p.result::bigint) FROM pg_catalog.pg_inherits i, "
+        "LATERAL pg_catalog.run_command_on_placements(i.inhrelid::pg_catalog.regclass, "
+        "'SELECT count(*) FROM %%s') p WHERE i.inhparent = pg_catalog.to_regclass(%s) AND p.success "
+        "GROUP BY 1, 2 ORDER BY 1, 2", (table,)).fetchall()
+    for host, port, n in res:
+        out[f"{host}:{port}"] = int(n)
+    return out
