@@ -231,10 +231,16 @@ def test_objects_follow_cutover_and_rollback_under_load(conn: psycopg.Connection
     incoming = after.pop("incoming_fks")
     expected_incoming = before.pop("incoming_fks")
     assert after == before, {k: (before[k], after[k]) for k in before if before[k] != after[k]}
-    # The dropped incoming foreign key is back (validated unless a row written meanwhile violates it).
+    # The dropped incoming foreign key is back: validated exactly when no row written while it
+    # was gone violates it. (The writers may delete one of the five referenced orders between
+    # the cutover and the rollback: no cascade then, so its refund is orphaned and the key
+    # rightly stays NOT VALID. Seen once in a few hundred runs on a quiet machine.)
     assert [(t, n) for t, n, _d in incoming] == [(t, n) for t, n, _d in expected_incoming]
-    assert conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = 'refunds_order_fk' AND convalidated"
-                        ).fetchone()[0] == 1
+    orphans = conn.execute("SELECT count(*) FROM public.refunds r WHERE NOT EXISTS "
+                           "(SELECT 1 FROM public.orders o WHERE o.id = r.order_id)").fetchone()[0]
+    validated = conn.execute("SELECT count(*) FROM pg_constraint WHERE conname = 'refunds_order_fk' AND convalidated"
+                             ).fetchone()[0]
+    assert validated == (0 if orphans else 1), (validated, orphans)
     # Sequences continue on the heap table, triggers fire as before.
     rid, rticket = conn.execute(
         "INSERT INTO public.orders (customer_id, amount, created_at) VALUES (1, 5, now()) RETURNING id, ticket"

@@ -431,7 +431,9 @@ def test_application_through_a_transaction_pool_sees_no_error(conn, dsn, dbname,
     conn.execute("CREATE SCHEMA app_golden")
     conn.execute(f"CREATE TABLE {GOLDEN} AS SELECT * FROM public.orders")
     conn.execute(f"ALTER TABLE {GOLDEN} ADD PRIMARY KEY (id)")
-    plan = write_plan(tmp_path)
+    # Smaller batches, longer pauses: on a quiet machine the default plan ran in 1.6 s, too
+    # short for the writers to be sure to overlap every phase.
+    plan = write_plan(tmp_path, batch_size=100, sleep_ratio=4)
     writers = [Writer(tx_pooler.dsn(dbname), i, 4, 20_000) for i in range(4)]
     for w in writers:
         w.start()
