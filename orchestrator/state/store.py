@@ -7,6 +7,7 @@ checkpoint commit in one transaction: a crash can never leave them out of step.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,11 @@ PHASES = ("prepare", "capture", "backfill", "verify", "cutover")
 HEAD = "0001"
 # Advisory lock namespace (first key of the two-int form): "orch" in ASCII.
 LOCK_NAMESPACE = 0x6F726368
+# alembic's command API runs env.py through module-level proxies (alembic.context, alembic.op)
+# that one thread's run installs and removes: two threads upgrading at once (the maintain
+# daemon runs one job per plan) break each other ("KeyError: 'config'"). One upgrade at a
+# time per process; env.py's advisory lock serialises processes.
+_UPGRADE_LOCK = threading.Lock()
 
 
 # Why each condition: whoever owns the schema, one of its tables, or may create in it can
@@ -78,16 +84,29 @@ def check_state_schema(conn: psycopg.Connection) -> bool:
         return bool(cur.fetchone()[0])
 
 
+def _at_head(conn: psycopg.Connection) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_catalog.to_regclass('orchestrate.alembic_version') IS NOT NULL")
+        if not cur.fetchone()[0]:
+            return False
+        cur.execute("SELECT version_num FROM orchestrate.alembic_version")
+        row = cur.fetchone()
+        return bool(row and row[0] == HEAD)
+
+
 def ensure_schema(conn: psycopg.Connection) -> None:
     """Create or upgrade the state schema with alembic (no-op when already at head)."""
     check_state_schema(conn)
-    with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass('orchestrate.alembic_version') IS NOT NULL")
-        if cur.fetchone()[0]:
-            cur.execute("SELECT version_num FROM orchestrate.alembic_version")
-            row = cur.fetchone()
-            if row and row[0] == HEAD:
-                return
+    if _at_head(conn):
+        return
+    with _UPGRADE_LOCK:
+        if not _at_head(conn):
+            _upgrade(conn)
+    check_state_schema(conn)
+    logger.debug("state schema at {}", HEAD)
+
+
+def _upgrade(conn: psycopg.Connection) -> None:
     from alembic import command
     from alembic.config import Config
     from sqlalchemy import create_engine
@@ -114,8 +133,6 @@ def ensure_schema(conn: psycopg.Connection) -> None:
             command.upgrade(cfg, "head")
     finally:
         engine.dispose()
-    check_state_schema(conn)
-    logger.debug("state schema at {}", HEAD)
 
 
 @dataclass
