@@ -38,7 +38,6 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import click
 import psycopg
 from loguru import logger
 
@@ -307,17 +306,13 @@ def steering(ctx) -> Iterator[None]:
         yield
 
 
-# --- commands ------------------------------------------------------------------------------
-# cli.py imports this module while it loads (to register `commands`), and the runner imports
-# it too, possibly before cli.py: the click commands are therefore built on first access to
-# `commands` (PEP 562), when cli.py's decorators exist, without importing cli.py at the top.
+# --- recording a change ------------------------------------------------------------------
 
-def _set_controls(plan_file: str, dsn: str | None, settings: dict) -> tuple[str, dict, Any]:
-    from orchestrator.cli import _dsn_required
-    from orchestrator.plan import load_plan
 
-    plan = load_plan(plan_file)
-    conn = connect(_dsn_required(dsn, plan), "control")
+def set_controls(plan, dsn: str, settings: dict) -> tuple[str, dict, Any]:
+    """Record ``settings`` for the plan's table (the running apply picks them up within a
+    second) and an event on the running migration; returns (table, all settings, live run)."""
+    conn = connect(dsn, "control")
     try:
         ensure_schema(conn)
         store = Store(conn)
@@ -333,67 +328,12 @@ def _set_controls(plan_file: str, dsn: str | None, settings: dict) -> tuple[str,
         live = store.live(table)
         if live is not None:
             store.event(live.id, "control", f"set by {os.environ.get('USER', 'operator')}: "
-                        + ", ".join(f"{k}={_show(k, v)}" for k, v in settings.items()))
+                        + describe(settings))
         return table, result, live
     finally:
         conn.close()
 
 
-def _tail(live) -> str:
-    if live is None:
-        return " (no migration is running: it applies when apply starts)"
-    return " (the running apply picks it up within a second)"
-
-
-def _build_commands() -> list:
-    from orchestrator.cli import _emit, dsn_option, handled, output_option, plan_argument
-    from orchestrator.runner import Outcome
-
-    def pause_switch(name: str, paused: bool, doc: str) -> click.Command:
-        @click.command(name, help=doc)
-        @plan_argument
-        @dsn_option
-        @output_option
-        @handled
-        def command(plan_file: str, dsn: str | None, output: str) -> None:
-            table, result, live = _set_controls(plan_file, dsn, {"paused": paused})
-            word = "paused" if paused else "resumed"
-            _emit(Outcome(f"{table}: backfill {word}{_tail(live)}", {"table": table, "controls": result}), output)
-
-        return command
-
-    pause_cmd = pause_switch("pause", True, "Pause the backfill of a running apply before its next batch "
-                             "(triggers keep running).")
-    resume_cmd = pause_switch("resume", False, "Undo `orchestrate pause`: the backfill continues "
-                              "(other throttle signals still apply).")
-
-    @click.command("set")
-    @plan_argument
-    @click.argument("assignments", nargs=-1, metavar="KEY=VALUE...")
-    @dsn_option
-    @output_option
-    @handled
-    def set_cmd(plan_file: str, assignments: tuple[str, ...], dsn: str | None, output: str) -> None:
-        """Change a running migration: batch_size (or auto), workers, target_batch_seconds,
-        sleep_ratio, and every throttle setting (max_replica_lag_s, resume_replica_lag_s,
-        critical_replica_lag_s, max_slot_retained_bytes, max_xact_age_s, max_xmin_age, query, flag_file,
-        backoff_max_s). `default` returns a setting to the plan; `off` turns an optional
-        signal off."""
-        settings = parse_assignments(assignments)
-        table, result, live = _set_controls(plan_file, dsn, settings)
-        shown = ", ".join(f"{k}={_show(k, v)}" for k, v in settings.items())
-        _emit(Outcome(f"{table}: set {shown}{_tail(live)}", {"table": table, "controls": result}), output)
-
-    return [pause_cmd, resume_cmd, set_cmd]
-
-
-_commands: list | None = None
-
-
-def __getattr__(name: str):
-    global _commands
-    if name == "commands":
-        if _commands is None:
-            _commands = _build_commands()
-        return _commands
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def describe(settings: dict) -> str:
+    """``key=value, ...`` as the operator reads it (``off``, durations, flags)."""
+    return ", ".join(f"{k}={_show(k, v)}" for k, v in settings.items())

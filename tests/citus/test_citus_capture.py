@@ -71,7 +71,7 @@ def test_verify_settles_a_hot_range_under_a_short_lock(citus_conn, citus_dsn, tm
     """A writer inserting into the current range every few ms keeps the two unlocked reads
     (heap, then the shards) from ever agreeing; the locked read settles it: verify passes,
     the writer sees no error, and the range's verdict says it was read under the lock."""
-    from orchestrator.bench_citus import StallWriter
+    from orchestrator.lab.bench_citus import StallWriter
 
     make_orders(citus_conn, rows=1_500)
     plan = write_plan(tmp_path, sleep_ratio=0)

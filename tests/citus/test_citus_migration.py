@@ -20,8 +20,8 @@ import yaml
 
 from helpers import app_workload, apply_log, assert_app_clean, rows_copied, run_cli, start_apply, stop, wait_until
 from orchestrator.distribute import shard_rows
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 
 END = datetime.now(timezone.utc)
 START = (END - timedelta(days=61)).strftime("%Y-%m-01")
@@ -152,7 +152,7 @@ def test_distributed_migration_under_app_workload(citus_conn, citus_dsn, tmp_pat
     (retried 40001/40P01 between workload clients only); writers keep going through the
     swap with 0 errors and every one of their rows is in the distributed table; rows on
     both workers."""
-    from orchestrator.workload import APP_KINDS
+    from orchestrator.lab.workload import APP_KINDS
 
     make_orders(citus_conn)
     plan = write_plan(tmp_path)

@@ -17,8 +17,8 @@ import pytest
 
 from helpers import drain, wait_until
 from orchestrator import runner, sql
+from orchestrator.lab.sample import create_orders
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 TABLE, TWIN, LOG = "public.orders", "public.orders_partitioned", "public.orders_changes"

@@ -13,8 +13,8 @@ import psycopg
 import pytest
 
 from orchestrator import runner
+from orchestrator.lab.sample import create_orders
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 TABLE, TWIN, RETIRED = "public.orders", "public.orders_partitioned", "public.orders_retired"

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helpers import run_cli
-from orchestrator.sample import create_orders
+from orchestrator.lab.sample import create_orders
 from orchestrator.state.store import LOCK_NAMESPACE
 
 

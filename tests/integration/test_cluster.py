@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from helpers import REPO_ROOT, wait_until
-from orchestrator.cluster import (
+from orchestrator.lab.cluster import (
     ClusterTimeout,
     LocalCluster,
     PgBinNotFound,
@@ -201,7 +201,7 @@ def test_cluster_cli_start_runs_until_sigterm() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     choice = os.environ.get("ORCHESTRATE_TEST_PG")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cluster", "start", "--no-replica",
+        [sys.executable, "-m", "orchestrator.lab.cluster", "start", "--no-replica",
          *(["--pg-bin", choice] if choice else [])],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
         text=True, env=env, cwd=str(REPO_ROOT),

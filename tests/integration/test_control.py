@@ -30,8 +30,8 @@ from helpers import (
     stop,
     wait_until,
 )
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 
 
 def write_plan(tmp_path: Path, **sections) -> Path:

@@ -21,7 +21,7 @@ import pytest
 from test_crash import END, Runs, _kill_inside_cutover, _not_cut_over, _seed, write_plan
 
 from helpers import add_upsert_index, app_workload, assert_app_clean, run_cli
-from orchestrator.sample import create_orders
+from orchestrator.lab.sample import create_orders
 
 
 @pytest.fixture

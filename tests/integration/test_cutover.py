@@ -27,9 +27,9 @@ from helpers import run_cli, wait_until
 from orchestrator import runner
 from orchestrator.db import OWN_PIDS
 from orchestrator.errors import LockNotAcquired, StateConflict
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 from orchestrator.plan import Plan, parse_plan
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
 
 END = datetime.now(timezone.utc)
 

@@ -18,7 +18,7 @@ import psycopg
 import yaml
 
 from helpers import run_cli
-from orchestrator.sample import create_orders
+from orchestrator.lab.sample import create_orders
 
 END = datetime.now(timezone.utc) - timedelta(days=2)
 START = (END - timedelta(days=300)).strftime("%Y-%m-%d")  # about 300 daily partitions up to now + 1

@@ -20,8 +20,8 @@ from datetime import datetime, timezone
 import psycopg
 
 from orchestrator import runner
+from orchestrator.lab.sample import create_orders
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 LEVELS = ["READ COMMITTED", "REPEATABLE READ", "SERIALIZABLE", "REPEATABLE READ"]

@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from helpers import add_upsert_index, app_workload, assert_app_clean, run_cli
-from orchestrator.sample import create_orders
-from orchestrator.workload import AppMix, Workload
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import AppMix, Workload
 
 END = datetime.now(timezone.utc)
 START = (END - timedelta(days=61)).strftime("%Y-%m-01")

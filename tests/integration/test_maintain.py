@@ -17,10 +17,10 @@ import yaml
 
 from helpers import REPO_ROOT, run_cli, wait_until
 from orchestrator.errors import PreflightError
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 from orchestrator.maintain import maintain_pass, maintenance_preview, partman_handover
 from orchestrator.plan import Interval, parse_plan
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
 
 MONTHS_2026 = [datetime(2026, m, 1) for m in range(1, 13)]
 

@@ -17,9 +17,9 @@ import pytest
 
 from orchestrator import runner
 from orchestrator.errors import PreflightError
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
 
 END = datetime.now(timezone.utc)
 

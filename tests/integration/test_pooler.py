@@ -28,10 +28,10 @@ import yaml
 
 from helpers import run_cli
 from orchestrator import db
-from orchestrator.cluster import LocalCluster
 from orchestrator.errors import BadEndpoint
-from orchestrator.pooler import LocalPooler, PgBouncerNotFound
-from orchestrator.sample import create_orders
+from orchestrator.lab.cluster import LocalCluster
+from orchestrator.lab.pooler import LocalPooler, PgBouncerNotFound
+from orchestrator.lab.sample import create_orders
 
 END = datetime.now(timezone.utc)
 START = (END - timedelta(days=31)).strftime("%Y-%m-01")

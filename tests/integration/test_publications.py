@@ -12,7 +12,7 @@ import pytest
 
 from helpers import run_cli, wait_until
 from orchestrator import runner
-from orchestrator.cluster import LocalCluster
+from orchestrator.lab.cluster import LocalCluster
 from orchestrator.plan import parse_plan
 
 NOW = datetime.now(timezone.utc)

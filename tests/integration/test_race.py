@@ -27,9 +27,9 @@ import pytest
 from helpers import wait_until
 from orchestrator import runner, sql
 from orchestrator.inspect import inspect_table
+from orchestrator.lab.sample import create_orders
 from orchestrator.phases import Context
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 DAY = datetime(2026, 10, 10)  # the window the copy works on (UTC day)

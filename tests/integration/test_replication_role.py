@@ -17,8 +17,8 @@ import pytest
 
 from helpers import drain
 from orchestrator import runner
+from orchestrator.lab.sample import create_orders
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 TABLE, TWIN, RETIRED = "public.orders", "public.orders_partitioned", "public.orders_retired"
@@ -139,7 +139,7 @@ def test_subscription_apply_worker_is_captured_and_named(cluster, dsn: str, conn
         assert "publication everything is FOR ALL TABLES" in text, warnings
         status = runner.status(plan, dsn).data["warnings"]
         assert any(w.startswith("subscription feed ") for w in status), status
-        from orchestrator.report import status_text
+        from orchestrator.cli.report import status_text
 
         assert "warning    subscription feed writes into public.orders" in \
             status_text(runner.status(plan, dsn).data)

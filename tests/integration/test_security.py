@@ -22,10 +22,10 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from helpers import run_cli, start_apply, stop, wait_until
 from orchestrator import runner
 from orchestrator.db import connect
+from orchestrator.lab.sample import create_orders
 from orchestrator.phases import Context
 from orchestrator.phases.cutover import cutover_gates, lock_holders
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
 from orchestrator.sql import QualifiedName
 from orchestrator.state.store import LOCK_NAMESPACE, Store
 from orchestrator.throttle import Throttler

@@ -15,9 +15,9 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from orchestrator import runner
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import GOLDEN_SCHEMA, Workload
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
-from orchestrator.workload import GOLDEN_SCHEMA, Workload
 
 PLAN = {
     "version": 1,

@@ -21,7 +21,7 @@ import yaml
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from helpers import apply_log, run_cli, start_apply, stop, wait_until
-from orchestrator.sample import create_orders
+from orchestrator.lab.sample import create_orders
 
 PLAN = {
     "version": 1,

@@ -15,8 +15,8 @@ import psycopg
 import pytest
 
 from orchestrator import runner
+from orchestrator.lab.workload import Workload
 from orchestrator.plan import parse_plan
-from orchestrator.workload import Workload
 
 START = (datetime.now(timezone.utc) - timedelta(days=45)).strftime("%Y-%m-01")
 ROWS = "generate_series(1, 3000) AS g"

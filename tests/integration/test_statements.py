@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from helpers import run_cli
-from orchestrator.cluster import LocalCluster
+from orchestrator.lab.cluster import LocalCluster
 
 NOW = datetime.now(timezone.utc)
 UPSERT = "INSERT INTO public.items (id, created_at, v) VALUES (%s, now(), 'x') ON CONFLICT (id) DO UPDATE SET v = 'y'"

@@ -22,8 +22,8 @@ import yaml
 from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop, wait_until
 from orchestrator.db import OWN_PIDS
 from orchestrator.errors import ThrottleAbort
+from orchestrator.lab.sample import create_orders
 from orchestrator.plan import Throttle
-from orchestrator.sample import create_orders
 from orchestrator.throttle import Throttler
 
 # A backfill of a few seconds: small pinned batches with a pause after each one.

@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from helpers import run_cli, wait_until
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 
 END = datetime.now(timezone.utc)
 

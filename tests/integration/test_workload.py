@@ -9,8 +9,8 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 
 from helpers import wait_until
-from orchestrator.sample import create_orders
-from orchestrator.workload import KINDS, OPS, AppMix, Workload
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import KINDS, OPS, AppMix, Workload
 
 AWKWARD_DDL = """
 CREATE SCHEMA "Shop Data";

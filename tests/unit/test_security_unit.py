@@ -87,7 +87,7 @@ def test_metrics_listen_on_loopback_by_default():
 
 def test_logging_never_prints_a_tracebacks_locals(capsys):
     """loguru's diagnose mode prints every local variable of a failing frame (a DSN's password)."""
-    from orchestrator.cli import _setup_logging
+    from orchestrator.cli.common import setup_logging
 
     def refuse(dsn: str) -> None:
         raise RuntimeError("boom")
@@ -98,7 +98,7 @@ def test_logging_never_prints_a_tracebacks_locals(capsys):
 
     try:
         for fmt in ("text", "json"):
-            _setup_logging("DEBUG", fmt)
+            setup_logging("DEBUG", fmt)
             try:
                 connect_somewhere()
             except RuntimeError:

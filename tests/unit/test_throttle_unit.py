@@ -9,12 +9,12 @@ from itertools import islice
 
 import pytest
 
+from orchestrator.cli.report import status_text
 from orchestrator.control import Controls, parse_assignments, parse_setting
 from orchestrator.errors import PlanError
 from orchestrator.metrics import render
 from orchestrator.phases.backfill import Pace
 from orchestrator.plan import Throttle
-from orchestrator.report import status_text
 from orchestrator.throttle import LagGate, Throttler, ThrottleState, backoff, dsn_label
 
 

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from orchestrator.cluster import (
+from orchestrator.lab.cluster import (
     ClusterError,
     LocalCluster,
     _free_port,
@@ -152,7 +152,7 @@ class LocalPooler:
         }
         primary = self.cluster.primary_port
         lines = [
-            "; Written by orchestrator.pooler: a throwaway test pooler, loopback only.",
+            "; Written by orchestrator.lab.pooler: a throwaway test pooler, loopback only.",
             "[databases]",
             f"* = host=127.0.0.1 port={primary}",
             "[pgbouncer]",

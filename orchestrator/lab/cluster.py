@@ -9,7 +9,7 @@ everything down again, also when something fails half-way or the interpreter exi
 The servers listen on 127.0.0.1 only, trust every loopback connection and run with
 ``fsync=off``: they are for tests and demos, never for data anyone wants to keep.
 
-Run ``python -m orchestrator.cluster start`` to get one by hand.
+Run ``python -m orchestrator.lab.cluster start`` to get one by hand.
 """
 
 from __future__ import annotations
@@ -709,7 +709,7 @@ class LocalCluster:
 
     def _write_conf(self, node: _Node, settings: dict[str, str]) -> None:
         lines = [
-            "# Written by orchestrator.cluster: a throwaway test cluster, never for real data.",
+            "# Written by orchestrator.lab.cluster: a throwaway test cluster, never for real data.",
             *(f"{key} = {_conf_value(value)}" for key, value in settings.items()),
         ]
         conf = node.datadir / "orchestrate.conf"
@@ -873,9 +873,9 @@ def _iter_signals() -> Iterator[signal.Signals]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m orchestrator.cluster start|bin``: a local cluster for humans."""
+    """``python -m orchestrator.lab.cluster start|bin``: a local cluster for humans."""
     parser = argparse.ArgumentParser(
-        prog="python -m orchestrator.cluster",
+        prog="python -m orchestrator.lab.cluster",
         description="Run a throwaway local PostgreSQL primary (+ replica) on 127.0.0.1.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,6 +1,6 @@
 """`orchestrate demo --distributed`: partition AND distribute a live table over Citus.
 
-Starts a local Citus coordinator and two workers (orchestrator.citus_cluster; Citus must be
+Starts a local Citus coordinator and two workers (orchestrator.lab.citus_cluster; Citus must be
 installed, README "When one machine is not enough"), builds the sample orders table keyed
 by (customer_id, id) the way a multi-tenant application keys it, and migrates it in one
 `apply` into a monthly-partitioned table distributed by customer_id. The write workload
@@ -14,23 +14,26 @@ table. Prints rows per worker, the shards, and the time of each phase.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import click
 import psycopg
 
 from orchestrator import runner
-from orchestrator.citus_cluster import CitusCluster
-from orchestrator.demo import PLAN, say
 from orchestrator.distribute import shard_rows
 from orchestrator.errors import OrchestrateError, VerificationFailed
+from orchestrator.lab.citus_cluster import CitusCluster
+from orchestrator.lab.demo import PLAN, say
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 from orchestrator.plan import parse_plan
-from orchestrator.report import ProgressPrinter
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
 
 
-def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = False) -> None:
+def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = False,
+        progress: Callable[[], Any] | None = None) -> None:
+    """The demo; ``progress`` makes the live progress printer (the CLI passes its own)."""
     start = (datetime.now(timezone.utc) - timedelta(days=days)).date()
     plan = parse_plan({**PLAN, "partition_by": {**PLAN["partition_by"], "start": start},
                        "distribute": {"column": "customer_id", "shard_count": 8,
@@ -51,12 +54,13 @@ def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = F
         if clients:
             workload.start()
             say(f"write workload running: {clients} clients (until verify; see `orchestrate demo --help`)")
-        printer = ProgressPrinter(interval_s=2.0)
+        printer = progress() if progress else None
         t_mig = time.monotonic()
         try:
             runner.apply(plan, dsn, until="verify", progress=printer)
         finally:
-            printer.close()
+            if printer is not None:
+                printer.close()
         report = workload.stop() if clients else None
         comparison = workload.compare(table="public.orders_partitioned")
         say("distributed twin == what the workload committed: " + ("yes" if comparison.ok else "NO"))

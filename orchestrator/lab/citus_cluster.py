@@ -1,6 +1,6 @@
 """A throwaway local Citus cluster (a coordinator and two workers) for tests and the demo.
 
-Each node is a :class:`orchestrator.cluster.LocalCluster` without a replica, started the
+Each node is a :class:`orchestrator.lab.cluster.LocalCluster` without a replica, started the
 same way (as the ``postgres`` OS user, on a free loopback port, ``fsync=off``) with
 Citus preloaded. Citus keeps its metadata (``pg_dist_node``) per database, so every
 database is created on all three nodes, gets ``CREATE EXTENSION citus`` on each, and is
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from orchestrator.cluster import ClusterError, LocalCluster, find_pg_bin
+from orchestrator.lab.cluster import ClusterError, LocalCluster, find_pg_bin
 
 __all__ = ["CitusCluster", "citus_installed", "CITUS_MISSING"]
 
@@ -138,7 +138,7 @@ class CitusCluster:
             node.drop_database(name)
 
 
-if __name__ == "__main__":  # python -m orchestrator.citus_cluster: start one by hand; Ctrl-C or kill stops it
+if __name__ == "__main__":  # python -m orchestrator.lab.citus_cluster: start one by hand; Ctrl-C or kill stops it
     import signal
     import time
 

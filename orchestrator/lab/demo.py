@@ -10,18 +10,19 @@ errors (must be 0), the longest write wait, and the final layout. Cleans up afte
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 import click
 import psycopg
 
 from orchestrator import runner
-from orchestrator.cluster import LocalCluster
 from orchestrator.errors import OrchestrateError, VerificationFailed
+from orchestrator.lab.cluster import LocalCluster
+from orchestrator.lab.sample import create_orders
+from orchestrator.lab.workload import Workload
 from orchestrator.plan import parse_plan
-from orchestrator.report import ProgressPrinter
-from orchestrator.sample import create_orders
-from orchestrator.workload import Workload
 
 PLAN = {
     "version": 1,
@@ -36,7 +37,9 @@ def say(text: str) -> None:
     click.echo(click.style("==> ", fg="cyan", bold=True) + text)
 
 
-def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = False) -> None:
+def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = False,
+        progress: Callable[[], Any] | None = None) -> None:
+    """The demo; ``progress`` makes the live progress printer (the CLI passes its own)."""
     # Partitions start with the sample's first day: the workload's rare far-past and
     # far-future keys then show how the default partition catches what no range covers.
     start = (datetime.now(timezone.utc) - timedelta(days=days)).date()
@@ -57,12 +60,13 @@ def run(rows: int = 1_000_000, days: int = 365, clients: int = 4, keep: bool = F
         if clients:
             workload.start()
             say(f"write workload running: {clients} clients inserting, updating, moving keys, deleting")
-        printer = ProgressPrinter(interval_s=2.0)
+        printer = progress() if progress else None
         t_mig = time.monotonic()
         try:
             outcome = runner.apply(plan, dsn, replica_dsns=(cluster.replica_dsn("demo"),), progress=printer)
         finally:
-            printer.close()
+            if printer is not None:
+                printer.close()
         migration_s = time.monotonic() - t_mig
         time.sleep(1.0)  # a few writes on the new table, through the reverse trigger
         report = workload.stop() if clients else None

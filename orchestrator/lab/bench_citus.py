@@ -23,9 +23,9 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 
 from orchestrator import runner
-from orchestrator.citus_cluster import CitusCluster
+from orchestrator.lab.citus_cluster import CitusCluster
+from orchestrator.lab.sample import create_orders
 from orchestrator.plan import parse_plan
-from orchestrator.sample import create_orders
 
 
 class StallWriter(threading.Thread):

@@ -34,17 +34,15 @@ import tempfile
 import threading
 import time
 from datetime import datetime, timezone
-from functools import wraps
 from pathlib import Path
 
-import click
 import psycopg
 import yaml
 
 from orchestrator.errors import OrchestrateError
+from orchestrator.lab.sample import create_orders
 from orchestrator.phases import FORWARD_TRIGGER
 from orchestrator.plan import parse_duration, parse_plan
-from orchestrator.sample import create_orders
 from orchestrator.sql import column_list, ident
 
 TABLE = "public.orders"
@@ -113,7 +111,7 @@ def _rate(rows: int, seconds: float) -> float:
     return round(rows / seconds, 1) if seconds > 0 else 0.0
 
 
-def _verdict(ok: bool) -> str:
+def verdict(ok: bool) -> str:
     return "PASS" if ok else "MISS"
 
 
@@ -319,7 +317,7 @@ class Bench:
             self.results["load"] = sampler.stop()
 
     def _run(self) -> dict:
-        from orchestrator.cluster import LocalCluster, find_pg_bin
+        from orchestrator.lab.cluster import LocalCluster, find_pg_bin
 
         started = time.monotonic()
         with LocalCluster(pg_bin=find_pg_bin(self.pg_bin_choice), replica=False, settings=SERVER_SETTINGS) as cl:
@@ -700,7 +698,7 @@ def render_markdown(r: dict) -> str:
     ]
     for t in r["targets"]:
         val = f"{t['value']:.2f}x" if "/" in t["name"] else f"{t['value']:.1f}"
-        lines.append(f"| {t['name']} | {val} | {t['target']} | {_verdict(t['pass'])} |")
+        lines.append(f"| {t['name']} | {val} | {t['target']} | {verdict(t['pass'])} |")
     lines += [
         "",
         "## 1. Backfill",
@@ -715,7 +713,7 @@ def render_markdown(r: dict) -> str:
                        ("two_workers", "orchestrate backfill, 2 workers")):
         x = b[key]
         lines.append(f"| {label} (FOR SHARE, checkpoint per batch, synchronous_commit off) | {x['seconds']:.2f} | "
-                     f"{x['rows_per_s']:,.0f} | {x['ratio']:.2f}x ({_verdict(x['pass'])}, target "
+                     f"{x['rows_per_s']:,.0f} | {x['ratio']:.2f}x ({verdict(x['pass'])}, target "
                      f"{x['target']:.2f}x) | {x.get('ratio_to_adjacent_ceiling', 0):.2f}x |")
     pm = b["pg_partman"]
     if pm.get("seconds"):
@@ -744,7 +742,7 @@ def render_markdown(r: dict) -> str:
         f"| median | without | {d['tps_without_trigger']:,.0f} |",
         f"| median | with | {d['tps_with_trigger']:,.0f} |",
         "",
-        f"Ratio with / without: **{d['ratio']:.2f}x** ({_verdict(d['pass'])}, target {d['target']:.2f}x).",
+        f"Ratio with / without: **{d['ratio']:.2f}x** ({verdict(d['pass'])}, target {d['target']:.2f}x).",
         "",
         "No capture, sync capture and async capture (`capture: {mode: async}`) side by side: the same script on "
         "a migration of its own, alternated A B C A B C. Async: the trigger only appends keys to the change "
@@ -759,7 +757,7 @@ def render_markdown(r: dict) -> str:
                      f"{x['pending_after_run']:,} |")
     lines += [
         "",
-        f"Ratio async / without: **{d['async']['ratio']:.2f}x** ({_verdict(d['async']['pass'])}, target "
+        f"Ratio async / without: **{d['async']['ratio']:.2f}x** ({verdict(d['async']['pass'])}, target "
         f"{d['async']['target']:.2f}x); sync / without in the same rounds: {d['async']['sync_ratio']:.2f}x.",
         "",
         "## 3. Cutover",
@@ -767,10 +765,10 @@ def render_markdown(r: dict) -> str:
         "| Measure | Value | Target |",
         "|---|---:|---|",
         f"| ACCESS EXCLUSIVE held ({c['rows']:,} rows) | {c['lock_held_ms']:.1f} ms | < {c['lock_target_ms']:.0f} ms "
-        f"({_verdict(c['lock_pass'])}) |",
+        f"({verdict(c['lock_pass'])}) |",
         f"| lock attempts | {c['lock_attempts']} | |",
         f"| worst pgbench write latency across the cutover | {c['worst_write_latency_ms']:.1f} ms | "
-        f"< {c['latency_target_ms']:.0f} ms ({_verdict(c['latency_pass'])}) |",
+        f"< {c['latency_target_ms']:.0f} ms ({verdict(c['latency_pass'])}) |",
         f"| p99 write latency in the same window | {c['p99_write_latency_ms']:.1f} ms | |",
         f"| pgbench in the window | {c['pgbench']['tps']:,.0f} tps, {c['pgbench']['failed']} failed | |",
         "",
@@ -789,7 +787,7 @@ def render_markdown(r: dict) -> str:
         "",
         f"RSS at {v['sizes'][1]['rows']:,} / at {v['sizes'][0]['rows']:,} rows: {v['rss_growth']:.2f}x "
         f"({'flat' if v['flat'] else 'NOT flat'}); peak {v['peak_rss_mb']:.1f} MB, target < {v['target_mb']:.0f} MB "
-        f"({_verdict(v['pass'])}). Rows never pass through Python: verify hashes ranges server side.",
+        f"({verdict(v['pass'])}). Rows never pass through Python: verify hashes ranges server side.",
         "",
     ]
     vs, cs = r.get("verify_speed"), r.get("cutover_scaling")
@@ -799,7 +797,7 @@ def render_markdown(r: dict) -> str:
             "",
             f"Verify ({vs['verify_workers']} sessions, plan default) took {vs['verify_seconds']:.2f} s where the "
             f"1-worker backfill of the same table took {vs['backfill_seconds']:.2f} s: **{vs['ratio']:.2f}x** "
-            f"({_verdict(vs['pass'])}, target {vs['target']:.2f}x).",
+            f"({verdict(vs['pass'])}, target {vs['target']:.2f}x).",
             "",
             "| Partitions | Interval | ACCESS EXCLUSIVE held |",
             "|---:|---|---:|",
@@ -809,8 +807,8 @@ def render_markdown(r: dict) -> str:
         lines += [
             "",
             f"The same {cs['rows']:,}-row table, cut over (then rolled back) once per partition width. "
-            f"Ratio {cs['ratio']:.2f}x ({_verdict(cs['pass_ratio'])}, target <= {cs['target_ratio']:.0f}x); "
-            f"hold at the larger count {_verdict(cs['pass_ms'])} (target < {cs['target_ms']:.0f} ms).",
+            f"Ratio {cs['ratio']:.2f}x ({verdict(cs['pass_ratio'])}, target <= {cs['target_ratio']:.0f}x); "
+            f"hold at the larger count {verdict(cs['pass_ms'])} (target < {cs['target_ms']:.0f} ms).",
             "",
         ]
     load = r.get("load") or {}
@@ -856,55 +854,3 @@ def run_bench(rows: int, quick: bool, output_dir: Path | None, pg_bin: str | Non
         jpath, mpath = write_outputs(results, out)
     results["_outputs"] = [str(jpath), str(mpath)]
     return results
-
-
-def handled(fn):
-    """orchestrator.cli.handled, looked up at call time: cli imports this module while it loads."""
-
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        from orchestrator.cli import handled as cli_handled
-
-        return cli_handled(fn)(*args, **kwargs)
-
-    return wrapper
-
-
-@click.command("bench")
-@click.option("--rows", type=click.IntRange(1000), default=None, help="Rows in the table (default 1,000,000; "
-              "--quick 50,000). The verify/RSS scaling run uses 5x (--quick: 2x).")
-@click.option("--quick", is_flag=True, help="Small and short: well under a minute (writes to a temp dir "
-              "unless --output-dir is given).")
-@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
-              help="Where benchmarks.json and benchmarks.md go (default ./docs; --quick: a temp dir).")
-@click.option("--pg-bin", default=None, help="PostgreSQL bin directory (or 'system', '15', 'embedded').")
-@click.option("--distributed", is_flag=True, help="Instead: on a local Citus cluster, the distributed migration "
-              "against our migration followed by create_distributed_table_concurrently (wall time, longest write).")
-@handled
-def bench_cmd(rows: int | None, quick: bool, output_dir: str | None, pg_bin: str | None,
-              distributed: bool = False) -> None:
-    """Measure backfill speed, dual-write overhead, cutover lock and memory, side by side."""
-    if distributed:
-        from orchestrator.bench_citus import compare
-
-        res = compare(rows or (20_000 if quick else 200_000), say=lambda s: click.echo(s, err=True))
-        if output_dir:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "benchmarks-distributed.json").write_text(json.dumps(res, indent=2))
-        for mode, label in (("one_step", "one step (distribute:)"),
-                            ("two_step", "two steps (+ create_distributed_table_concurrently)")):
-            r = res[mode]
-            click.echo(f"{label:<52} wall {r['wall_s']:>7.1f}s  longest write {r['longest_write_ms']:>8.1f} ms  "
-                       f"errors {r['errors']}" + (f"  (concurrently refused: {r['concurrently_error']}; "
-                                                  f"then {r['second_step']})" if "concurrently_error" in r else ""))
-        return
-    rows = rows or (50_000 if quick else 1_000_000)
-    results = run_bench(rows, quick, Path(output_dir) if output_dir else None, pg_bin=pg_bin,
-                        say=lambda s: click.echo(s, err=True))
-    for t in results["targets"]:
-        val = f"{t['value']:.2f}x" if "/" in t["name"] else f"{t['value']:.1f}"
-        click.echo(f"{_verdict(t['pass']):4}  {t['name']}: {val} (target {t['target']})")
-    click.echo(f"wrote {', '.join(results['_outputs'])} in {results['duration_s']:.0f} s")
-
-
-commands = [bench_cmd]
