@@ -90,7 +90,7 @@ from orchestrator.db import LockAttempt, close_quietly, connect, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.owner import as_owner_sql, render, table_executor
 from orchestrator.phases import REVERSE_TRIGGER
-from orchestrator.plan import Plan, utc_now
+from orchestrator.plan import Plan, parse_duration, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
 
 #: Test hook: called with the attach's cursor right after its locks are taken (tests only).
@@ -101,32 +101,14 @@ _KEY_TYPES = ("date", "timestamp without time zone", "timestamp with time zone")
 
 # --------------------------------------------------------------------------- pure helpers
 
-_EVERY = re.compile(
-    r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|"
-    r"d|day|days)?\s*$",
-    re.IGNORECASE,
-)
-
-
 def parse_every(text: str | int | float) -> float:
-    """Seconds from a maintenance interval: '1 hour', '30 s', '5 min', '2h', '1 day', 90."""
-    if isinstance(text, (int, float)):
-        seconds = float(text)
-    else:
-        m = _EVERY.match(str(text))
-        if not m:
-            raise PlanError(f"maintenance.interval {text!r} is not a duration: use e.g. '30 s', '5 min', '1 hour'")
-        n, unit = float(m.group(1)), (m.group(2) or "s").lower()
-        if unit == "ms":
-            seconds = n / 1000
-        elif unit in ("m", "min", "mins", "minute", "minutes"):
-            seconds = n * 60
-        elif unit in ("h", "hr", "hrs", "hour", "hours"):
-            seconds = n * 3600
-        elif unit in ("d", "day", "days"):
-            seconds = n * 86400
-        else:
-            seconds = n
+    """Seconds from a maintenance interval ('1 hour', '30 s', '5 min', '2h', '1 day', 90): the
+    plan's one duration parser, with maintain's error."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        raise PlanError(f"maintenance.interval {text!r} is not a duration: "
+                        "use e.g. '30 s', '5 min', '1 hour'") from None
     if seconds <= 0:
         raise PlanError(f"maintenance.interval {text!r} must be positive")
     return seconds

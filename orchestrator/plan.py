@@ -15,16 +15,22 @@ import os
 import re
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from orchestrator.errors import PlanError
 from orchestrator.sql import MAX_IDENT, QualifiedName, fit_name, parse_qualified
 
 _INTERVAL = re.compile(r"^\s*(\d+)\s*(day|week|month|year)s?\s*$", re.IGNORECASE)
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|second|seconds|min|minute|minutes)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|secs|second|seconds|m|min|mins|minute|minutes|h|hr|hrs|hour|hours|"
+    r"d|day|days)?\s*$",
+    re.IGNORECASE,
+)
+_UNIT_S = {"ms": 0.001, "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60, "h": 3600, "hr": 3600,
+           "hrs": 3600, "hour": 3600, "hours": 3600, "d": 86400, "day": 86400, "days": 86400}
 
 
 class Interval:
@@ -94,18 +100,31 @@ class Interval:
 
 
 def parse_duration(value: float | int | str) -> float:
-    """Seconds from 0.5, '500ms', '2s', '1 min'."""
+    """Seconds from 0.5, '500ms', '2s', '1 min', '2 hours', '1 day': the plan's one duration parser."""
     if isinstance(value, (int, float)):
         return float(value)
     m = _DURATION.match(str(value))
     if not m:
         raise ValueError(f"{value!r} is not a duration: use e.g. '200ms', '2s', '1 min'")
-    n, unit = float(m.group(1)), (m.group(2) or "s").lower()
-    if unit == "ms":
-        return n / 1000
-    if unit.startswith("min"):
-        return n * 60
-    return n
+    return float(m.group(1)) * _UNIT_S.get((m.group(2) or "s").lower(), 1)
+
+
+def _positive_duration(v: str) -> str:
+    if parse_duration(v) <= 0:
+        raise ValueError("must be positive")
+    return v
+
+
+def _lock_timeout(v: str) -> str:
+    # PostgreSQL counts lock_timeout in whole milliseconds: less would become 0, no timeout at all.
+    if parse_duration(_positive_duration(v)) < 0.001:
+        raise ValueError("must be at least 1ms (PostgreSQL would read it as 0: no timeout at all)")
+    return v
+
+
+# The plan's duration fields: text such as '200ms' or '5 min', validated when the plan is read.
+Duration = Annotated[str, AfterValidator(_positive_duration)]
+LockTimeout = Annotated[str, AfterValidator(_lock_timeout)]
 
 
 class _Strict(BaseModel):
@@ -164,7 +183,7 @@ class Backfill(_Strict):
         "its checkpoint in the same transaction, so a server crash loses both together.",
     )
 
-    lock_timeout: str = Field(
+    lock_timeout: LockTimeout = Field(
         "100ms", description="Longest wait of a batch for a row lock, capped at half the server's "
         "deadlock_timeout: a batch that meets a lock held by the application rolls back (releasing its row "
         "locks), backs off and retries with a smaller window, so it never keeps a writer waiting and never "
@@ -174,13 +193,6 @@ class Backfill(_Strict):
     @classmethod
     def _range(cls, v: str) -> str:
         Interval.parse(v)
-        return v
-
-    @field_validator("lock_timeout")
-    @classmethod
-    def _dur(cls, v: str) -> str:
-        if parse_duration(v) <= 0:
-            raise ValueError("must be positive")
         return v
 
     @property
@@ -209,19 +221,19 @@ class Verify(_Strict):
 class Cutover(_Strict):
     """The swap of the twin into the live table's name."""
 
-    lock_timeout: str = Field("200ms", description="Longest wait for the ACCESS EXCLUSIVE lock per attempt.")
+    lock_timeout: LockTimeout = Field("200ms", description="Longest wait for the ACCESS EXCLUSIVE lock per attempt.")
     attempts: int = Field(30, ge=1, le=10_000, description="Lock attempts before giving up (nothing changed).")
-    backoff_max: str = Field("5s", description="Cap of the exponential backoff between attempts.")
+    backoff_max: Duration = Field("5s", description="Cap of the exponential backoff between attempts.")
     postpone: bool = Field(False, description="Stop after verify; a later `apply --cutover` swaps.")
     incoming_foreign_keys: Literal["refuse", "drop"] = Field(
         "refuse", description="Foreign keys elsewhere that reference the table: refuse, or drop them at cutover."
     )
     views: Literal["recreate"] = "recreate"
     materialized_views: Literal["refuse"] = "refuse"
-    gate_timeout: str = Field(
+    gate_timeout: Duration = Field(
         "5 min", description="How long apply waits for the readiness gates (polling every second) before it "
         "gives up with exit 8, naming the gate.")
-    max_blocker_age: str = Field(
+    max_blocker_age: Duration = Field(
         "30s", description="Readiness gate: no transaction older than this may hold a lock on the table "
         "(or the twin) when the cutover starts.")
     cancel_blockers: bool = Field(
@@ -230,16 +242,6 @@ class Cutover(_Strict):
         "Sessions that wrote to the table (hold ROW EXCLUSIVE or stronger) and orchestrate's own are never touched.")
     cancel_blockers_after: int | None = Field(
         None, ge=1, description="Failed attempts before blockers are cancelled (default: half of attempts).")
-
-    @field_validator("lock_timeout", "backoff_max", "gate_timeout", "max_blocker_age")
-    @classmethod
-    def _dur(cls, v: str, info: ValidationInfo) -> str:
-        if parse_duration(v) <= 0:
-            raise ValueError("must be positive")
-        if info.field_name == "lock_timeout" and parse_duration(v) < 0.001:
-            # PostgreSQL counts lock_timeout in whole milliseconds: less would become 0, no timeout.
-            raise ValueError("must be at least 1ms (PostgreSQL would read it as 0: no timeout at all)")
-        return v
 
     @property
     def gate_timeout_s(self) -> float:
@@ -353,7 +355,11 @@ class Distribute(_Strict):
 
 
 class Maintenance(_Strict):
-    interval: str = Field("1 hour", description="How often `maintain --daemon` runs a pass.")
+    interval: Duration = Field("1 hour", description="How often `maintain --daemon` runs a pass.")
+
+    @property
+    def interval_s(self) -> float:
+        return parse_duration(self.interval)
 
 
 class Plan(_Strict):

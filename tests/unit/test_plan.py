@@ -58,6 +58,13 @@ def test_defaults_and_derived_names():
     (plan_with(partition_by__premake=-1), "partition_by.premake"),
     (plan_with(version=2), "version"),
     (plan_with(cutover__lock_timeout="soon"), "cutover.lock_timeout"),
+    # PostgreSQL counts lock_timeout in whole milliseconds: 0.5ms would become 0, no timeout.
+    (plan_with(cutover__lock_timeout="0.5ms"), "cutover.lock_timeout: must be at least 1ms"),
+    (plan_with(backfill__lock_timeout="0.5ms"), "backfill.lock_timeout: must be at least 1ms"),
+    (plan_with(backfill__lock_timeout="0s"), "backfill.lock_timeout: must be positive"),
+    (plan_with(cutover__gate_timeout="-1 s"), "cutover.gate_timeout"),
+    (plan_with(maintenance__interval="1 fortnight"), "maintenance.interval"),
+    (plan_with(maintenance__interval="0 s"), "maintenance.interval: must be positive"),
     ({"version": 1, "table": "t"}, "partition_by: Field required"),
     (plan_with(names__retired="orders"), "must differ"),
 ])
@@ -106,6 +113,8 @@ def test_durations():
     assert parse_duration("200ms") == 0.2
     assert parse_duration("2s") == 2
     assert parse_duration("1 min") == 60
+    assert parse_duration("2 hours") == parse_duration("2h") == 7200
+    assert parse_duration("1 day") == 86400
     with pytest.raises(ValueError):
         parse_duration("forever")
 
