@@ -51,7 +51,9 @@ def session(plan: Plan, dsn: str, *, lock: bool = True, role: str = "main", stat
         if has_state:
             ensure_schema(conn)
         if lock:
-            lock_conn = connect(dsn, f"{role}-lock")
+            # A lock session killed by idle_session_timeout would free the lock unnoticed: a
+            # connection parameter of this session alone (never a SET that could outlive it).
+            lock_conn = connect(dsn, f"{role}-lock", settings={"idle_session_timeout": 0})
             held = MigrationLock(lock_conn, str(plan.table_name))
             held.acquire()
         store = Store(conn)

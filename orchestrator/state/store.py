@@ -325,8 +325,12 @@ class MigrationLock:
         self.table = table
 
     def acquire(self) -> None:
-        # A lock session killed by idle_session_timeout would free the lock unnoticed.
-        self.conn.execute("SET idle_session_timeout = 0")
+        # A lock session killed by idle_session_timeout would free the lock unnoticed: the
+        # session is opened with idle_session_timeout = 0 (runner.session); say so if not.
+        row = self.conn.execute("SELECT pg_catalog.current_setting('idle_session_timeout')").fetchone()
+        if row[0] not in ("0", "0ms"):
+            raise StateConflict(f"the migration lock's session has idle_session_timeout = {row[0]}: the server "
+                                "would end it and free the lock unnoticed")
         row = self.conn.execute(
             "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_NAMESPACE, self.table)
         ).fetchone()

@@ -15,7 +15,7 @@ import yaml
 
 from helpers import run_cli
 from orchestrator.lab.sample import create_orders
-from orchestrator.state.store import LOCK_NAMESPACE
+from orchestrator.state.store import LOCK_NAMESPACE, Store, ensure_schema
 
 
 def write_plan(tmp_path, table="public.orders", name="plan.yaml", **extra):
@@ -37,6 +37,18 @@ def objects(conn) -> set[str]:
     fns = conn.execute("SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
                        "WHERE n.nspname = 'orchestrate'").fetchall()
     return {r[0] for r in rels} | {"trigger " + r[0] for r in trg} | {"function " + r[0] for r in fns}
+
+
+def state_snapshot(conn) -> dict[str, list[str]]:
+    """The state schema as data: whether it exists, and every row of every table in it."""
+    tables = [r[0] for r in conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE n.nspname = 'orchestrate' AND c.relkind IN ('r', 'p') ORDER BY 1").fetchall()]
+    snap = {"schema": [str(r[0]) for r in conn.execute(
+        "SELECT count(*) FROM pg_namespace WHERE nspname = 'orchestrate'").fetchall()]}
+    for t in tables:
+        snap[t] = sorted(str(r[0]) for r in conn.execute(f"SELECT to_jsonb(t) FROM orchestrate.{t} t").fetchall())
+    return snap
 
 
 def table_digest(conn, table="public.orders") -> tuple:
@@ -155,7 +167,7 @@ def test_changed_plan_is_refused_on_resume(orders, dsn, tmp_path):
 def test_bad_input(orders, dsn, tmp_path, case, expected_code, fragment):
     orders.execute("CREATE TABLE public.nopk (created_at timestamptz, x int)")
     orders.execute('CREATE TABLE public."Orders" (id int primary key, created_at timestamptz)')
-    before_rows, before_objects = table_digest(orders), objects(orders)
+    before_rows, before_objects, before_state = table_digest(orders), objects(orders), state_snapshot(orders)
     pb = {"column": "created_at", "interval": "1 month", "premake": 2}
     makers = {
         "unknown_field": lambda: write_plan(tmp_path, colour="blue"),
@@ -178,6 +190,28 @@ def test_bad_input(orders, dsn, tmp_path, case, expected_code, fragment):
         assert_one_line_error(code, out, err, expected_code, fragment)
     assert table_digest(orders) == before_rows
     assert objects(orders) == before_objects
+    assert state_snapshot(orders) == before_state
+
+
+@pytest.mark.parametrize("case, expected_code, fragment", [
+    ("missing_column", 3, "column shipped_at does not exist"),
+    ("no_primary_key", 3, "has no primary key"),
+])
+def test_bad_input_leaves_an_existing_state_schema_as_it_was(orders, dsn, tmp_path, case, expected_code, fragment):
+    """A state schema that already holds another table's settings: a refused plan adds no row."""
+    orders.execute("CREATE TABLE public.nopk (created_at timestamptz, x int)")
+    ensure_schema(orders)
+    Store(orders).set_controls("public.other", paused=True, batch_size=500)
+    before = state_snapshot(orders)
+    assert before["controls"], before
+    pb = {"column": "created_at", "interval": "1 month", "premake": 2}
+    plan = (write_plan(tmp_path, partition_by={**pb, "column": "shipped_at"}) if case == "missing_column"
+            else write_plan(tmp_path, table="public.nopk"))
+    for verb in ("plan", "apply", "status", "rollback"):
+        code, out, err = run_cli(verb, plan, "--dsn", dsn)
+        if verb in ("plan", "apply"):
+            assert_one_line_error(code, out, err, expected_code, fragment)
+    assert state_snapshot(orders) == before
 
 
 def test_unreachable_dsn_fails_fast(tmp_path):
