@@ -29,8 +29,8 @@ updated_at          server time of this snapshot (a stale one means the apply is
 ==================  ===========================================================================
 
 With ``apply --metrics-port N``, :class:`MetricsServer` serves the same figures at
-``http://127.0.0.1:N/metrics`` in the Prometheus text format (loopback only unless
-``--metrics-host`` says otherwise; no dependency):
+``http://127.0.0.1:N/metrics`` in the Prometheus text format, through prometheus_client
+(loopback only unless ``--metrics-host`` says otherwise):
 orchestrate_rows_copied_total, orchestrate_ranges_done, orchestrate_ranges_total,
 orchestrate_batch_size, orchestrate_workers, orchestrate_replica_lag_seconds,
 orchestrate_throttled, orchestrate_paused, orchestrate_rows_per_second; each labelled ``table="schema.name"``.
@@ -42,10 +42,12 @@ import json
 import os
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import psycopg
 from loguru import logger
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from orchestrator.db import Ticker, close_quietly, connect
 from orchestrator.errors import OrchestrateError, PlanError
@@ -172,83 +174,76 @@ class LiveFigures:
                 self._conn = None
 
 
+# name, kind, help, snapshot key (a counter's name gains _total when exposed)
+_FAMILIES = (
+    ("orchestrate_rows_copied", "counter", "Rows copied by this run's backfill.", "rows"),
+    ("orchestrate_ranges_done", "gauge", "Backfill ranges copied.", "ranges_done"),
+    ("orchestrate_ranges_total", "gauge", "Backfill ranges planned.", "ranges_total"),
+    ("orchestrate_batch_size", "gauge", "Rows per backfill batch.", "batch_size"),
+    ("orchestrate_workers", "gauge", "Backfill workers wanted now.", "workers"),
+    ("orchestrate_replica_lag_seconds", "gauge", "Worst replica lag seen by the throttle.", "lag_s"),
+    ("orchestrate_throttled", "gauge", "1 while the backfill is throttled.", "throttled"),
+    ("orchestrate_paused", "gauge", "1 while paused by the operator.", "paused"),
+    ("orchestrate_rows_per_second", "gauge", "Backfill rate of this run.", "rows_per_s"),
+)
+_REPLAY_FAMILIES = (  # async capture only
+    ("orchestrate_replay_pending", "gauge", "Changes waiting in the change log (async capture).", "replay_pending"),
+    ("orchestrate_replay_lag_seconds", "gauge", "Age of the oldest change waiting in the change log.",
+     "replay_lag_s"),
+    ("orchestrate_replayed", "counter", "Changes replayed into the twin by this run.", "replayed"),
+)
+
+
+class LiveCollector(Collector):
+    """A prometheus_client collector that reads the run's figures at each scrape."""
+
+    def __init__(self, snapshot: Callable[[], dict], table: str):
+        self.snapshot = snapshot
+        self.table = table
+
+    def collect(self):
+        snap = self.snapshot()
+        families = _FAMILIES + (_REPLAY_FAMILIES if "replay_pending" in snap else ())
+        for name, kind, help_text, key in families:
+            family = (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(name, help_text,
+                                                                                      labels=["table"])
+            value = snap.get(key)
+            family.add_metric([self.table], float("nan") if value is None else float(value))
+            yield family
+
+
+def registry(snapshot: Callable[[], dict], table: str) -> CollectorRegistry:
+    """A registry of our own (never prometheus_client's global one) with the run's figures."""
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(LiveCollector(snapshot, table))
+    return reg
+
+
 def render(snap: dict, table: str) -> str:
-    """The Prometheus text exposition (format 0.0.4) of a snapshot."""
-    label = '{table="' + table.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"}'
-    metrics = [
-        ("orchestrate_rows_copied_total", "counter", "Rows copied by this run's backfill.", snap.get("rows")),
-        ("orchestrate_ranges_done", "gauge", "Backfill ranges copied.", snap.get("ranges_done")),
-        ("orchestrate_ranges_total", "gauge", "Backfill ranges planned.", snap.get("ranges_total")),
-        ("orchestrate_batch_size", "gauge", "Rows per backfill batch.", snap.get("batch_size")),
-        ("orchestrate_workers", "gauge", "Backfill workers wanted now.", snap.get("workers")),
-        ("orchestrate_replica_lag_seconds", "gauge", "Worst replica lag seen by the throttle.", snap.get("lag_s")),
-        ("orchestrate_throttled", "gauge", "1 while the backfill is throttled.", int(bool(snap.get("throttled")))),
-        ("orchestrate_paused", "gauge", "1 while paused by the operator.", int(bool(snap.get("paused")))),
-        ("orchestrate_rows_per_second", "gauge", "Backfill rate of this run.", snap.get("rows_per_s")),
-    ]
-    if "replay_pending" in snap:  # async capture only
-        metrics += [
-            ("orchestrate_replay_pending", "gauge", "Changes waiting in the change log (async capture).",
-             snap.get("replay_pending")),
-            ("orchestrate_replay_lag_seconds", "gauge", "Age of the oldest change waiting in the change log.",
-             snap.get("replay_lag_s")),
-            ("orchestrate_replayed_total", "counter", "Changes replayed into the twin by this run.",
-             snap.get("replayed")),
-        ]
-    lines = []
-    for name, kind, help_text, value in metrics:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name}{label} {'NaN' if value is None else _num(value)}")
-    return "\n".join(lines) + "\n"
-
-
-def _num(v) -> str:
-    if isinstance(v, bool):
-        return str(int(v))
-    if isinstance(v, int):
-        return str(v)
-    return repr(float(v))
+    """The Prometheus text exposition of a snapshot, as a scrape returns it."""
+    return generate_latest(registry(lambda: snap, table)).decode()
 
 
 class MetricsServer:
-    """A tiny HTTP server thread: GET /metrics (or /) -> the live figures."""
+    """prometheus_client's HTTP server on its own thread: GET /metrics -> the live figures.
 
-    def __init__(self, port: int, live: LiveFigures, host: str = "127.0.0.1"):
+    Binds when made (a port in use is a PlanError, exit 2), loopback unless told otherwise.
+    """
+
+    def __init__(self, port: int, live: LiveFigures | None, host: str = "127.0.0.1"):
         self.port = port
         self.live = live
-        live_ref = live
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                if self.path.split("?")[0] not in ("/", "/metrics"):
-                    self.send_error(404)
-                    return
-                body = render(live_ref.snapshot(), live_ref.table).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args) -> None:
-                logger.debug("metrics: {}", fmt % args)
-
+        reg = registry(lambda: live.snapshot(), live.table) if live is not None else CollectorRegistry()
         try:
-            self.server = ThreadingHTTPServer((host, port), Handler)
+            self.server, self._thread = start_http_server(port, addr=host, registry=reg)
         except OSError as e:
             raise PlanError(f"--metrics-port {port}: cannot listen ({e.strerror})") from None
-        self.server.daemon_threads = True
-        self._thread: threading.Thread | None = None
 
     def start(self) -> MetricsServer:
-        self._thread = threading.Thread(target=self.server.serve_forever, name="metrics", daemon=True)
-        self._thread.start()
         logger.info("metrics: serving Prometheus figures on port {}", self.port)
         return self
 
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        self._thread.join(timeout=5)

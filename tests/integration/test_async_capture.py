@@ -447,7 +447,7 @@ def test_status_and_metrics_show_the_replay_lag(copied, dsn: str, conn: psycopg.
     replay = runner.status(copied, dsn).data["replay"]
     assert replay["pending"] == 25 and replay["oldest_s"] >= 0.2  # no apply running: the log waits
     text = render({"replay_pending": 25, "replay_lag_s": 1.5, "replayed": 3}, TABLE)
-    assert 'orchestrate_replay_pending{table="public.orders"} 25' in text
+    assert 'orchestrate_replay_pending{table="public.orders"} 25.0' in text
     assert 'orchestrate_replay_lag_seconds{table="public.orders"} 1.5' in text
     drain(conn)
     assert runner.status(copied, dsn).data["replay"]["pending"] == 0

@@ -74,7 +74,7 @@ def free_port() -> int:
 
 def scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert r.headers["Content-Type"].startswith("text/plain; version=")
         text = r.read().decode()
     out = {}
     for line in text.splitlines():

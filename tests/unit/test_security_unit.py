@@ -82,7 +82,7 @@ def test_metrics_listen_on_loopback_by_default():
     try:
         assert server.server.server_address[0] == "127.0.0.1"
     finally:
-        server.server.server_close()
+        server.stop()
 
 
 def test_logging_never_prints_a_tracebacks_locals(capsys):

@@ -165,10 +165,11 @@ def test_metrics_text_format():
     text = render({"rows": 1200, "ranges_done": 3, "ranges_total": 9, "batch_size": 500, "lag_s": 1.25,
                    "throttled": True, "paused": False, "rows_per_s": None, "workers": 3}, 'public."Odd"')
     lines = text.splitlines()
-    assert 'orchestrate_rows_copied_total{table="public.\\"Odd\\""} 1200' in lines
+    assert 'orchestrate_rows_copied_total{table="public.\\"Odd\\""} 1200.0' in lines
     assert 'orchestrate_replica_lag_seconds{table="public.\\"Odd\\""} 1.25' in lines
-    assert 'orchestrate_throttled{table="public.\\"Odd\\""} 1' in lines
-    assert 'orchestrate_workers{table="public.\\"Odd\\""} 3' in lines
+    assert 'orchestrate_throttled{table="public.\\"Odd\\""} 1.0' in lines
+    assert 'orchestrate_paused{table="public.\\"Odd\\""} 0.0' in lines
+    assert 'orchestrate_workers{table="public.\\"Odd\\""} 3.0' in lines
     assert 'orchestrate_rows_per_second{table="public.\\"Odd\\""} NaN' in lines
     assert "# TYPE orchestrate_rows_copied_total counter" in lines
     assert text.endswith("\n")
