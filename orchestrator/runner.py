@@ -28,6 +28,7 @@ from orchestrator.phases.prepare import Preflight, describe_names, preflight
 from orchestrator.plan import Plan
 from orchestrator.sql import ident
 from orchestrator.state.store import PHASES, MigrationLock, Store, check_state_schema, ensure_schema
+from orchestrator.status import Status
 
 
 @dataclass
@@ -434,12 +435,12 @@ def status(plan: Plan, dsn: str) -> Outcome:
     try:
         if not _state_tables(conn):
             return Outcome(f"no migration recorded for {plan.table_name}",
-                           {"status": "none", "table": str(plan.table_name)})
+                           Status(status="none", table=str(plan.table_name)).data())
         store = Store(conn)
         table = str(plan.table_name)
         m = store.live(table) or store.latest(table)
         if m is None:
-            return Outcome(f"no migration recorded for {table}", {"status": "none", "table": table})
+            return Outcome(f"no migration recorded for {table}", Status(status="none", table=table).data())
         ranges = store.range_summary(m.id)
         mismatched = [r["label"] for r in store.ranges(m.id) if r["verify_state"] == "mismatch"]
         phases = {}
@@ -479,6 +480,6 @@ def status(plan: Plan, dsn: str) -> Outcome:
                 data["replay"] = {"pending": int(pending), "oldest_s": round(float(oldest), 3)}
             except psycopg.Error as e:
                 data["replay"] = {"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}
-        return Outcome(f"{table}: {m.status}, phase {m.phase}", data)
+        return Outcome(f"{table}: {m.status}, phase {m.phase}", Status(**data).data())
     finally:
         conn.close()

@@ -17,6 +17,7 @@ from orchestrator.cli.common import dsn_option, dsn_required, emit, handled, out
 from orchestrator.errors import PlanError
 from orchestrator.plan import json_schema, load_plan
 from orchestrator.state.store import PHASES
+from orchestrator.status import json_schema as status_schema
 
 
 @click.command("plan")
@@ -107,9 +108,10 @@ def finalize_cmd(plan_file: str, dsn: str | None, yes: bool, output: str) -> Non
 
 
 @click.command("schema")
-def schema_cmd() -> None:
-    """Print the plan's JSON schema (plans/schema.json is this output)."""
-    click.echo(json.dumps(json_schema(), indent=2))
+@click.argument("of", type=click.Choice(["plan", "status"]), default="plan")
+def schema_cmd(of: str) -> None:
+    """Print the JSON schema of a plan (plans/schema.json) or of `status -o json` (plans/status.schema.json)."""
+    click.echo(json.dumps(json_schema() if of == "plan" else status_schema(), indent=2))
 
 
 commands = [plan_cmd, apply_cmd, status_cmd, rollback_cmd, finalize_cmd, schema_cmd]
