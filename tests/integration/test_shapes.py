@@ -156,12 +156,19 @@ def _triggers_fire_once(conn: psycopg.Connection) -> None:
     seq0 = conn.execute("SELECT coalesce(max(seq), 0) FROM audit_log").fetchone()[0]
     rid = conn.execute("INSERT INTO audited (created_at, v) VALUES (now(), 'new') RETURNING id").fetchone()[0]
     conn.execute("UPDATE audited SET v = 'changed' WHERE id = %s", (rid,))
-    conn.execute("UPDATE audited SET created_at = created_at - interval '3 days' WHERE id = %s", (rid,))
+    # A key move inside its partition (the month's first hour: never another month, whatever the date).
+    conn.execute("UPDATE audited SET created_at = date_trunc('month', created_at) + interval '1 hour' "
+                 "WHERE id = %s", (rid,))
     assert conn.execute("SELECT touched FROM audited WHERE id = %s", (rid,)).fetchone()[0] == 2
     assert conn.execute("SELECT touched FROM audited_retired WHERE id = %s", (rid,)).fetchone()[0] == 2
+    # A move into another partition: PostgreSQL fires the row's DELETE and INSERT triggers, not
+    # UPDATE (README "Table shapes"); the BEFORE UPDATE trigger still runs once.
+    conn.execute("UPDATE audited SET created_at = created_at - interval '1 month' WHERE id = %s", (rid,))
+    assert conn.execute("SELECT touched FROM audited WHERE id = %s", (rid,)).fetchone()[0] == 3
     conn.execute("DELETE FROM audited WHERE id = %s", (rid,))
     ops = conn.execute("SELECT op, row_id FROM audit_log WHERE seq > %s ORDER BY seq", (seq0,)).fetchall()
-    assert ops == [("INSERT", rid), ("UPDATE", rid), ("UPDATE", rid), ("DELETE", rid)], ops
+    assert ops == [("INSERT", rid), ("UPDATE", rid), ("UPDATE", rid), ("DELETE", rid), ("INSERT", rid),
+                   ("DELETE", rid)], ops
 
 
 def _mixed_case(conn: psycopg.Connection) -> None:
