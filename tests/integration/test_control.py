@@ -210,7 +210,7 @@ def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, t
         # half-copied ranges (from the committed cursor) to the one that stays.
         cli_ok("pause", p, "--dsn", dsn)
         cli_ok("set", p, "workers=1", "--dsn", dsn)
-        wait_until(lambda: backfill_sessions(conn) == 1, timeout=10, message="the backfill did not shrink to 1")
+        wait_until(lambda: backfill_sessions(conn) == 1, timeout=60, message="the backfill did not shrink to 1")
         wait_until(lambda: live(conn).get("workers") == 1, timeout=5)
         # And grow again while paused: the new workers wait with the others, then all finish.
         cli_ok("set", p, "workers=4", "batch_size=5000", "--dsn", dsn)
@@ -258,7 +258,7 @@ def test_a_worker_taken_away_hands_over_its_range_at_its_cursor(dsn, conn, tmp_p
         assert proc.poll() is None, apply_log(proc)
         cli_ok("pause", p, "--dsn", dsn)
         cli_ok("set", p, "workers=1", "--dsn", dsn)
-        wait_until(lambda: backfill_sessions(conn) == 1, timeout=10, message="the backfill did not shrink to 1")
+        wait_until(lambda: backfill_sessions(conn) == 1, timeout=60, message="the backfill did not shrink to 1")
         midway = conn.execute("SELECT count(*) FROM orchestrate.ranges WHERE state = 'copying'").fetchone()[0]
         assert midway == 2  # both ranges half copied: one of them changed hands
         cli_ok("resume", p, "--dsn", dsn)

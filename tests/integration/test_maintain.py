@@ -102,7 +102,9 @@ def test_clock_forward_creates_missing_and_retires_expired(conn, dsn, action):
     total = count(conn, "orders")
     plan = make_plan(retention={"keep": 3, "action": action, "archive_schema": "old_orders"})
 
+    t0 = time.monotonic()
     r = maintain_pass(plan, dsn, now=datetime(2026, 7, 15, 9, 30))
+    wall_ms = (time.monotonic() - t0) * 1000
 
     # (a) current interval (July) + premake 2: July, August, September.
     assert r["created"] == ["orders_p2026_07", "orders_p2026_08", "orders_p2026_09"]
@@ -137,7 +139,9 @@ def test_clock_forward_creates_missing_and_retires_expired(conn, dsn, action):
         assert count(conn, "orders") + gone == total
     # Every DDL that locked live tables reports how long.
     assert set(r["lock_held_ms"]) >= {f"attach {n}" for n in r["created"]} | {f"detach {n}" for n in expired}
-    assert all(v >= 0 for v in r["lock_held_ms"].values())
+    # Each is a measured hold, and all of them fit in the pass that made them.
+    assert all(isinstance(v, float) and v >= 0 for v in r["lock_held_ms"].values()), r["lock_held_ms"]
+    assert sum(r["lock_held_ms"].values()) < wall_ms, (r["lock_held_ms"], wall_ms)
 
 
 def test_second_pass_changes_nothing(conn, dsn):
@@ -410,24 +414,19 @@ def test_daemon_survives_a_database_restart(cluster, conn, dsn, tmp_path):
 # ------------------------------------------------------------------ pg_partman
 
 
-def test_partman_handover_registers_or_says_why(conn, dsn):
+@pytest.mark.partman
+def test_partman_handover_registers(conn, dsn):
+    """Needs pg_partman on the server (CI installs it for PostgreSQL 15; the PostgreSQL 18
+    pass deselects the partman marker): a missing extension fails here, never skips.
+    Without the extension in the database: test_partman_missing_is_a_clear_error."""
     month = Interval.parse("1 month").floor(datetime.utcnow())
     build_orders(conn, [*MONTHS_2026[:2], month] if month > MONTHS_2026[1] else MONTHS_2026[:2])
     add_rows(conn, "2026-01-01", "2026-02-28", 50)
     conn.execute("INSERT INTO orders (created_at) VALUES ('1999-05-05'), (now() + interval '30 days')")
     total = count(conn, "orders")
     plan = make_plan(retention={"keep": 6, "action": "drop"})
-    try:
-        conn.execute("CREATE SCHEMA partman")
-        conn.execute("CREATE EXTENSION pg_partman SCHEMA partman")
-        installed = True
-    except psycopg.Error:
-        installed = False
-        conn.execute("DROP SCHEMA IF EXISTS partman")
-    if not installed:
-        with pytest.raises(PreflightError, match="pg_partman is not installed"):
-            partman_handover(plan, conn)
-        return
+    conn.execute("CREATE SCHEMA partman")
+    conn.execute("CREATE EXTENSION pg_partman SCHEMA partman")
     out = partman_handover(plan, conn)
     cfg = conn.execute(
         "SELECT control, partition_interval, premake, retention, retention_keep_table FROM partman.part_config "

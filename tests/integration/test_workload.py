@@ -125,7 +125,7 @@ def test_workload_on_orders_is_clean(dsn: str, conn: psycopg.Connection) -> None
     assert w.compare().ok
     report = w.run_for(2.0)
     _assert_clean(report)
-    assert 1.5 < report.duration_s < 10
+    assert report.duration_s > 1.5  # it ran for about the time asked (no upper bound: a busy machine stops late)
     cmp = w.compare()
     assert cmp.ok, str(cmp)
     assert cmp.live_rows == cmp.golden_rows != before
