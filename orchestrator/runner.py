@@ -27,7 +27,14 @@ from orchestrator.phases.capture import drop_sync, replication_warnings
 from orchestrator.phases.prepare import Preflight, describe_names, preflight
 from orchestrator.plan import Plan
 from orchestrator.sql import ident
-from orchestrator.state.store import PHASES, MigrationLock, Store, check_state_schema, ensure_schema
+from orchestrator.state.store import (
+    PHASES,
+    MigrationLock,
+    MigrationStatus,
+    Store,
+    check_state_schema,
+    ensure_schema,
+)
 from orchestrator.status import Status
 
 
@@ -116,7 +123,7 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
                                "from": lo, "to": hi} for lo, hi in pf.partitions]
         steps = []
         for ph in ordered():
-            steps += ph.steps(ctx, pf) if ph.name == "prepare" else ph.steps(ctx)
+            steps += ph.steps(ctx, pf)
         data["steps"] = [s.as_dict() for s in steps]
         if ctx.migration is not None:
             from orchestrator.phases.cutover import cutover_gates
@@ -150,7 +157,7 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
         m = ctx.store.live(table) if _state_tables(ctx.conn) else None
         if m is None:
             last = ctx.store.latest(table) if _state_tables(ctx.conn) else None
-            if last is not None and last.status == "finalized" and last.plan_hash == plan.shape_hash():
+            if last is not None and last.status == MigrationStatus.FINALIZED and last.plan_hash == plan.shape_hash():
                 return Outcome(f"{table} was already migrated and finalized; nothing to do",
                                {"status": "finalized", "migration_id": last.id})
             # Every check that can refuse runs before anything is recorded; prepare reuses it.
@@ -168,7 +175,7 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                 f"the plan changed since migration {m.id} started (shape {plan.shape_hash()} != {m.plan_hash}); "
                 "restore the original plan or roll back first"
             )
-        if m.status == "cut_over":
+        if m.status == MigrationStatus.CUT_OVER:
             return Outcome(f"{table} is already cut over; nothing to do (finalize or rollback next)",
                            {"status": "cut_over", "migration_id": m.id})
         # Throttle, operator controls, live figures and metrics: ctx.options "throttle", "controls".
@@ -370,24 +377,17 @@ def rollback(plan: Plan, dsn: str) -> Outcome:
         table = str(plan.table_name)
         if m is None:
             return Outcome(f"no migration in progress for {table}; nothing to roll back", {"status": "none"})
-        phases = {p.name: p for p in ordered()}
-        if m.status == "cut_over":
-            phases["cutover"].undo(ctx)
-        else:
-            phases["capture"].undo(ctx)
-        # The twin (the partitioned table, after a swap back) goes last, in its own short
-        # transaction: the application already runs on the heap table again.
-        phases["prepare"].undo(ctx)
+        # Each phase takes back what it did, the last one first: the cutover swaps back (only
+        # after one), capture drops its triggers (only before one), verify and backfill have
+        # nothing of their own, and prepare drops the twin (the partitioned table, after a swap
+        # back), then the migration's functions and change log.
+        for phase in reversed(ordered()):
+            phase.undo(ctx)
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-            for kind in ("capture", "reverse"):
-                for k in (kind, kind + "_truncate", kind + "_on", kind + "_columns"):
-                    cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
-            changelog.drop(cur, ctx)  # async capture's log, even after a crash mid-phase
-            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
-            ctx.store.set_status(cur, m.id, "rolled_back")
+            ctx.store.set_status(cur, m.id, MigrationStatus.ROLLED_BACK)
         ctx.store.event(m.id, "rolled_back", f"rolled back from {m.status}/{m.phase}")
         lost = ""
-        if m.status == "cut_over" and plan.distribute is not None:
+        if m.status == MigrationStatus.CUT_OVER and plan.distribute is not None:
             # Acknowledged in the plan (distribute.accept_no_rollback_after_cutover): said again here.
             lost = ("; distributed mode has no reverse sync: writes made since the cutover are NOT in it")
             ctx.store.event(m.id, "warning", f"rollback after a distributed cutover: {distribute.NO_ROLLBACK}")
@@ -403,10 +403,10 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
         table = str(plan.table_name)
         if m is None:
             last = ctx.store.latest(table) if _state_tables(ctx.conn) else None
-            if last is not None and last.status == "finalized":
+            if last is not None and last.status == MigrationStatus.FINALIZED:
                 return Outcome(f"{table} is already finalized; nothing to do", {"status": "finalized"})
             raise StateConflict(f"no migration of {table} to finalize")
-        if m.status != "cut_over":
+        if m.status != MigrationStatus.CUT_OVER:
             raise StateConflict(f"{table} is not cut over yet (phase {m.phase}); finalize comes after cutover")
 
         def body(cur: psycopg.Cursor) -> None:
@@ -420,7 +420,7 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
                 cur.execute(f"DROP TABLE {plan.retired}")
             changelog.drop(cur, ctx)
             cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
-            ctx.store.set_status(cur, m.id, "finalized")
+            ctx.store.set_status(cur, m.id, MigrationStatus.FINALIZED)
 
         with_lock_retry(ctx.conn, body, what="finalize", lock_timeout_s=plan.cutover.lock_timeout_s,
                         attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s)
@@ -464,7 +464,8 @@ def status(plan: Plan, dsn: str) -> Outcome:
             "controls": controls,
             "warnings": m.facts.get("warnings", []) + (
                 replication_warnings(conn, plan.table_name, plan.twin)
-                if m.status in ("running", "cut_over") and resolve(conn.cursor(), plan.table_name) else []),
+                if m.status in (MigrationStatus.RUNNING, MigrationStatus.CUT_OVER)
+                and resolve(conn.cursor(), plan.table_name) else []),
             "gates": m.facts.get("gates"),
             "recent_events": [{"at": e["at"].isoformat(), "kind": e["kind"], "message": e["message"]}
                               for e in store.events(m.id, limit=10)],
@@ -472,7 +473,7 @@ def status(plan: Plan, dsn: str) -> Outcome:
         live = m.facts.get("live") or {}
         if live:
             data["live"] = live
-        if m.status == "running" and plan.capture.mode == "async":
+        if m.status == MigrationStatus.RUNNING and plan.capture.mode == "async":
             # Read now, running apply or not: the log grows while no apply replays it.
             try:
                 pending, oldest = conn.execute(

@@ -1,25 +1,29 @@
-"""The phases of a migration, in order, behind one small interface.
+"""The phases of a migration, in order, behind one small interface (:class:`Phase`).
 
 Each phase module defines a class with:
-- ``name``: its name in the state schema, the CLI (``--until``) and status;
-- ``steps(ctx)``: what it would do, as :class:`Step` rows (the `plan` command prints these;
-  they are derived from the same facts the phase acts on);
+- ``name``: a :class:`PhaseName`, its name in the state schema, the CLI (``--until``) and status;
+- ``steps(ctx, pf)``: what it would do, as :class:`Step` rows (the `plan` command prints these;
+  they are derived from the same facts the phase acts on; ``pf`` is the preflight's result);
 - ``run(ctx)``: do it; resumable: a step already recorded done is not repeated;
-- ``undo(ctx)``: take its effect back (idempotent), used by rollback in reverse order.
+- ``undo(ctx)``: take its effect back; idempotent, and a no-op when there is nothing of its
+  own to take back. Rollback walks the phases in reverse order and calls each one's undo.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import psycopg
 
 from orchestrator.inspect import TableInfo
 from orchestrator.plan import Plan
 from orchestrator.sql import QualifiedName, Shape
-from orchestrator.state.store import Migration, Store
+from orchestrator.state.store import Migration, PhaseName, Store
+
+if TYPE_CHECKING:
+    from orchestrator.phases.prepare import Preflight
 
 FORWARD_TRIGGER = "orchestrate_capture"
 REVERSE_TRIGGER = "orchestrate_reverse"
@@ -92,7 +96,20 @@ class Context:
             self.migration = self.store.reload(self.migration)
 
 
-def ordered() -> list:
+class Phase(Protocol):
+    """What the runner, `plan` and rollback need of a phase."""
+
+    name: PhaseName
+
+    def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]: ...
+
+    def run(self, ctx: Context) -> None: ...
+
+    def undo(self, ctx: Context) -> None: ...
+
+
+def ordered() -> list[Phase]:
+    """The phases in the order apply runs them (rollback walks them in reverse)."""
     from orchestrator.phases.backfill import Backfill
     from orchestrator.phases.capture import Capture
     from orchestrator.phases.cutover import Cutover

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from queue import Empty, Queue
+from typing import TYPE_CHECKING
 
 import psycopg
 from loguru import logger
@@ -29,6 +30,10 @@ from orchestrator.errors import ConnectionFailed, OrchestrateError
 from orchestrator.horizon import Tick
 from orchestrator.inspect import key_bounds
 from orchestrator.phases import Context, Step
+from orchestrator.state.store import PhaseName
+
+if TYPE_CHECKING:
+    from orchestrator.phases.prepare import Preflight
 from orchestrator.phases.prepare import fmt
 
 
@@ -83,6 +88,8 @@ class Pace:
 
 @dataclass
 class Counters:
+    """What the backfill's workers did in this run (rows, batches, redone and yielded batches)."""
+
     rows: int = 0
     batches: int = 0
     ranges_done: int = 0
@@ -468,9 +475,12 @@ def ensure_executor(ctx: Context) -> None:
 
 
 class Backfill:
-    name = "backfill"
+    """Copies the live table into the twin range by range, in windows that lock their source
+    rows (FOR SHARE) and commit their checkpoint with the rows; throttled, resumable, parallel."""
 
-    def steps(self, ctx: Context) -> list[Step]:
+    name = PhaseName.BACKFILL
+
+    def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]:
         shape = ctx.shape()
         where, _ = sql.range_predicate(shape, "<lo>", "<hi>", False)
         b = ctx.plan.backfill

@@ -11,6 +11,7 @@ search_path is pinned and every name in it is schema-qualified.
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -18,6 +19,10 @@ from orchestrator import changelog, drift, sql
 from orchestrator.db import with_lock_retry
 from orchestrator.owner import give_to_owner
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
+from orchestrator.state.store import MigrationStatus, PhaseName
+
+if TYPE_CHECKING:
+    from orchestrator.phases.prepare import Preflight
 
 
 def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst: sql.QualifiedName,
@@ -149,9 +154,12 @@ def replication_warnings(conn: psycopg.Connection, table: sql.QualifiedName, twi
 
 
 class Capture:
-    name = "capture"
+    """Makes every write to the live table reach the twin: the synchronous trigger, or the
+    change log that apply replays (capture: {mode: async})."""
 
-    def steps(self, ctx: Context) -> list[Step]:
+    name = PhaseName.CAPTURE
+
+    def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]:
         shape = ctx.shape()
         if changelog.is_async(ctx):
             log = changelog.log_table(ctx.plan)
@@ -200,6 +208,11 @@ class Capture:
             ctx.store.event(ctx.mid, "warning", drift.can_guard_ddl(ctx.conn)[1])
 
     def undo(self, ctx: Context) -> None:
+        """Drop the capture triggers. After a cutover there are none: the cutover took them with
+        the old table's role, and its own undo put the heap back without them."""
+        if ctx.migration is not None and ctx.migration.status == MigrationStatus.CUT_OVER:
+            return
+
         def body(cur: psycopg.Cursor) -> None:
             drop_sync(cur, ctx, ctx.plan.table_name, FORWARD_TRIGGER, "capture")
 

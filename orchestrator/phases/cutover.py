@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import psycopg
 from loguru import logger
@@ -34,6 +35,10 @@ from orchestrator.errors import OrchestrateError, StateConflict
 from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.owner import MONITOR_HINT, sees_all_sessions
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
+from orchestrator.state.store import MigrationStatus, PhaseName
+
+if TYPE_CHECKING:
+    from orchestrator.phases.prepare import Preflight
 from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, reverse_staged
 from orchestrator.phases.prepare import _twin_index_name, fmt
 from orchestrator.plan import utc_now
@@ -551,9 +556,12 @@ def held(replayer, body):
 
 
 class Cutover:
-    name = "cutover"
+    """Swaps the twin in under the table's name in one short ACCESS EXCLUSIVE transaction
+    (gates first, lock_timeout and retries), carrying every object; undo swaps back."""
 
-    def steps(self, ctx: Context) -> list[Step]:
+    name = PhaseName.CUTOVER
+
+    def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]:
         p = ctx.plan
         lock = (f"ACCESS EXCLUSIVE on {p.table_name} and {p.twin}, lock_timeout {p.cutover.lock_timeout}, "
                 f"up to {p.cutover.attempts} attempts with jittered backoff (cap {p.cutover.backoff_max})")
@@ -788,7 +796,10 @@ class Cutover:
 
     def undo(self, ctx: Context) -> None:
         """Swap back: the retired heap table (kept exact by the reverse trigger) becomes live
-        again, under the same lock discipline; the partitioned table is dropped afterwards."""
+        again, under the same lock discipline; the partitioned table is dropped afterwards.
+        Before a cutover there is nothing to swap back."""
+        if ctx.migration is None or ctx.migration.status != MigrationStatus.CUT_OVER:
+            return
         plan = ctx.plan
         t0 = time.monotonic()
         saved = ctx.facts.get("cutover_objects") or {}

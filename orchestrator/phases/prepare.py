@@ -15,7 +15,7 @@ from datetime import datetime
 import psycopg
 from loguru import logger
 
-from orchestrator import drift, fidelity, sql, statements
+from orchestrator import changelog, drift, fidelity, sql, statements
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
 from orchestrator.inspect import KEY_TYPES, TableInfo, base_type, exists, has_index_on, inspect_table, key_bounds
@@ -24,6 +24,7 @@ from orchestrator.phases import REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import stage_reverse
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
+from orchestrator.state.store import PhaseName
 
 
 @dataclass
@@ -287,9 +288,13 @@ def _twin_index_name(name: str) -> str:
 
 
 class Prepare:
-    name = "prepare"
+    """Creates the twin (partitioned, premade partitions, every index and constraint the
+    table's shape needs) after a preflight that refuses what cannot be migrated."""
 
-    def steps(self, ctx: Context, pf: Preflight) -> list[Step]:
+    name = PhaseName.PREPARE
+
+    def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]:
+        pf = pf or preflight(ctx)
         rows = [Step(self.name, "preflight: table, key type, primary key, references, names", "(catalog reads)",
                      "none", pf.estimates)]
         for action, stmt in twin_ddl(ctx, pf):
@@ -354,8 +359,18 @@ class Prepare:
                 return
             cur.execute(f"DROP TABLE {ctx.plan.twin} CASCADE")
 
+        # The twin goes in its own short transaction: the application already runs on the heap.
         with_lock_retry(ctx.conn, body, what="drop the twin", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
                         attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        # Then the migration's own functions in the state schema (the capture and reverse
+        # functions, their guards, the owner's executor) and async capture's change log, even
+        # after a crash mid-phase. Last: the staged reverse triggers on the twin used them.
+        with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+            for kind in ("capture", "reverse"):
+                for k in (kind, kind + "_truncate", kind + "_on", kind + "_columns"):
+                    cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+            changelog.drop(cur, ctx)
+            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
 
 
 def describe_names(ctx: Context) -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from queue import Empty, Queue
+from typing import TYPE_CHECKING
 
 import psycopg
 from loguru import logger
@@ -25,6 +26,10 @@ from orchestrator import changelog, sql
 from orchestrator.db import close_quietly, connect, is_connection_error
 from orchestrator.errors import ConnectionFailed, VerificationFailed
 from orchestrator.phases import Context, Step
+from orchestrator.state.store import PhaseName
+
+if TYPE_CHECKING:
+    from orchestrator.phases.prepare import Preflight
 
 
 def exact_hash_columns(conn: psycopg.Connection, table: sql.QualifiedName) -> frozenset[str]:
@@ -87,9 +92,9 @@ def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
 class Verify:
     """Compares every range of the live table and the twin; records each verdict."""
 
-    name = "verify"
+    name = PhaseName.VERIFY
 
-    def steps(self, ctx: Context) -> list[Step]:
+    def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]:
         shape = ctx.shape()
         where, _ = sql.range_predicate(shape, "<lo>", "<hi>", False)
         v = ctx.plan.verify

@@ -10,6 +10,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,35 @@ from orchestrator.db import connect
 from orchestrator.errors import Busy, StateConflict
 
 SCHEMA = "orchestrate"
-PHASES = ("prepare", "capture", "backfill", "verify", "cutover")
+
+
+class _Word(str, Enum):
+    """A word stored in the state schema: compares equal to, prints and binds as its text."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PhaseName(_Word):
+    """The phases, in their order: names in the state schema, in `--until` and in status."""
+
+    PREPARE = "prepare"
+    CAPTURE = "capture"
+    BACKFILL = "backfill"
+    VERIFY = "verify"
+    CUTOVER = "cutover"
+
+
+class MigrationStatus(_Word):
+    """Where a migration stands (orchestrate.migrations.status)."""
+
+    RUNNING = "running"
+    CUT_OVER = "cut_over"
+    ROLLED_BACK = "rolled_back"
+    FINALIZED = "finalized"
+
+
+PHASES = tuple(p.value for p in PhaseName)
 HEAD = "0001"
 # Advisory lock namespace (first key of the two-int form): "orch" in ASCII.
 LOCK_NAMESPACE = 0x6F726368

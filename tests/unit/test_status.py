@@ -47,3 +47,12 @@ def test_a_status_is_printed_as_built_no_field_added():
 def test_the_contract_refuses_what_it_does_not_document(change):
     with pytest.raises(ValidationError):
         Status(**{**RUNNING, **change})
+
+
+def test_stored_words_behave_as_their_text():
+    """PhaseName and MigrationStatus are compared with, formatted into and bound as text."""
+    from orchestrator.state.store import PHASES, MigrationStatus, PhaseName
+
+    assert PHASES == ("prepare", "capture", "backfill", "verify", "cutover")
+    assert f"{PhaseName.CUTOVER}" == str(PhaseName.CUTOVER) == "cutover" == PhaseName.CUTOVER
+    assert {"cut_over": 1}[MigrationStatus.CUT_OVER] == 1 and json.dumps([MigrationStatus.RUNNING]) == '["running"]'
