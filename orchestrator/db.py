@@ -11,6 +11,7 @@ multiplexes transactions (a transaction-mode pooler) is refused (:func:`check_en
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import threading
@@ -268,11 +269,20 @@ class LockAttempt:
     error: str | None = None
 
 
+def backoff(first: float, cap: float, *, jitter: random.Random | None = None) -> Iterator[float]:
+    """The one backoff: first, 2*first, 4*first, ... capped at cap, without end. With ``jitter``
+    each delay d is drawn from uniform(first/2, d) instead (lock retries: waiters that collided
+    once must not collide again)."""
+    d = first
+    while True:
+        step = min(d, cap)
+        yield jitter.uniform(first / 2, step) if jitter is not None else step
+        d = min(d * 2, cap)
+
+
 def backoff_delays(attempts: int, base: float, cap: float, rng: random.Random | None = None) -> Iterator[float]:
-    """Exponential backoff with full jitter: attempt k sleeps uniform(0, min(cap, base*2^k))."""
-    rng = rng or random.Random()
-    for k in range(attempts):
-        yield rng.uniform(base / 2, min(cap, base * (2**k)))
+    """``attempts`` jittered delays of :func:`backoff` (the lock-retry loop's)."""
+    return itertools.islice(backoff(base, cap, jitter=rng or random.Random()), attempts)
 
 
 def with_lock_retry(

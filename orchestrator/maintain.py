@@ -91,7 +91,7 @@ from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.owner import as_owner_sql, render, table_executor
 from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, parse_duration, utc_now
-from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal
+from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal, timestamp_text
 
 #: Test hook: called with the attach's cursor right after its locks are taken (tests only).
 on_attach_locked: Any = None
@@ -151,8 +151,7 @@ def parse_partbound(expr: str) -> tuple[datetime | None, datetime | None, bool] 
     return parse_bound(m.group(1)), parse_bound(m.group(2)), False
 
 
-def fmt(t: datetime) -> str:
-    return t.strftime("%Y-%m-%d %H:%M:%S")
+fmt = timestamp_text
 
 
 @dataclass

@@ -157,6 +157,11 @@ class Shape:
         return key if self.dist is None or self.dist in key else (*key, self.dist)
 
 
+def timestamp_text(t) -> str:
+    """A naive timestamp as the text of a bound or a label ('2026-01-01 00:00:00')."""
+    return t.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def bound_literal(value: str | None, key_type: str) -> str:
     """A partition bound literal; value is 'YYYY-MM-DD HH:MM:SS' meaning UTC."""
     if value is None:

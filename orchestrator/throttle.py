@@ -57,7 +57,7 @@ import psycopg
 from loguru import logger
 from psycopg.conninfo import conninfo_to_dict
 
-from orchestrator.db import Ticker, connect, own_pids
+from orchestrator.db import Ticker, backoff, connect, own_pids
 from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, ThrottleAbort
 from orchestrator.owner import MONITOR_HINT, sees_all_sessions
@@ -127,14 +127,6 @@ class LagGate:
             elif value < self.resume:
                 self.closed = False
         return self.closed
-
-
-def backoff(first: float, cap: float):
-    """first, 2*first, 4*first, ... capped at cap."""
-    d = first
-    while True:
-        yield min(d, cap)
-        d = min(d * 2, cap)
 
 
 def _first_line(e: BaseException) -> str:

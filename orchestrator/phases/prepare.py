@@ -51,8 +51,7 @@ class Preflight:
         }
 
 
-def fmt(t: datetime) -> str:
-    return t.strftime("%Y-%m-%d %H:%M:%S")
+fmt = sql.timestamp_text  # the one formatting of a bound (maintain uses it too)
 
 
 def partition_bounds(ctx: Context, key_min: datetime | None) -> list[tuple[str, str]]:

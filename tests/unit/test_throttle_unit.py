@@ -33,6 +33,17 @@ def test_backoff_doubles_up_to_the_cap():
     assert list(islice(backoff(0.25, 3.0), 7)) == [0.25, 0.5, 1.0, 2.0, 3.0, 3.0, 3.0]
 
 
+def test_lock_retry_delays_are_the_same_backoff_with_jitter():
+    import random
+
+    from orchestrator.db import backoff_delays
+
+    delays = list(backoff_delays(8, base=0.2, cap=1.0, rng=random.Random(7)))
+    ceilings = [0.2, 0.4, 0.8, 1.0, 1.0, 1.0, 1.0, 1.0]
+    assert len(delays) == 8 and all(0.1 <= d <= c for d, c in zip(delays, ceilings, strict=True)), delays
+    assert len(set(delays)) == 8  # jittered: no two waiters retry in step
+
+
 def test_parse_settings():
     assert parse_setting("batch_size", "200") == 200
     assert parse_setting("batch_size", "auto") is None
