@@ -88,6 +88,33 @@ SELECT who, age FROM (
 TRIGGERS_NOTE = "the capture trigger still runs: writes keep reaching the twin"
 
 
+# Replica lag, read the same way by the throttle and by the cutover's gate (LagProbe).
+# On a standby: the age of the last replayed commit while WAL is received but not yet
+# replayed, else 0 (nothing to replay: the age of an old commit is not lag).
+REPLICA_LAG_SQL = (
+    "SELECT CASE WHEN NOT pg_is_in_recovery() "
+    "  OR pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 "
+    "ELSE coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), 0) END::float8")
+# On the primary, without replica DSNs: pg_stat_replication. A standby that has replayed all
+# WAL counts 0 (the view keeps the last burst's replay_lag); also the bytes behind and how
+# many standbys there are.
+PRIMARY_LAG_SQL = (
+    "SELECT coalesce(max(CASE WHEN replay_lsn >= pg_current_wal_lsn() THEN 0 "
+    "ELSE coalesce(extract(epoch FROM replay_lag), 0) END), 0)::float8, "
+    "max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint, count(*) FROM pg_stat_replication")
+
+
+def replica_lag_s(conn: psycopg.Connection) -> float:
+    """Seconds a standby is behind (REPLICA_LAG_SQL), on a session to that standby."""
+    return max(0.0, float(conn.execute(REPLICA_LAG_SQL).fetchone()[0]))
+
+
+def primary_lag(conn: psycopg.Connection) -> tuple[float, int | None, int]:
+    """(worst lag in seconds, worst bytes behind or None, standbys) from pg_stat_replication."""
+    lag, behind, n = conn.execute(PRIMARY_LAG_SQL).fetchone()
+    return float(lag), (None if behind is None else int(behind)), int(n)
+
+
 @dataclass(frozen=True)
 class ThrottleState:
     """The last decision: what progress, status and metrics show."""
@@ -406,11 +433,8 @@ class Throttler:
 
     @staticmethod
     def _primary_replication_lag(conn: psycopg.Connection) -> tuple[float, int | None]:
-        row = conn.execute(
-            "SELECT coalesce(max(extract(epoch FROM replay_lag)), 0)::float8, "
-            "max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint FROM pg_stat_replication"
-        ).fetchone()
-        return float(row[0]), (None if row[1] is None else int(row[1]))
+        lag, behind, _n = primary_lag(conn)
+        return lag, behind
 
     def _replica_lag(self, dsn: str) -> float:
         conn = self._replica_conns.get(dsn)
@@ -419,11 +443,7 @@ class Throttler:
             self._replica_conns[dsn] = conn
         # Received but not replayed: the age of the last replayed commit (the heartbeat commits
         # every beat, so on a primary that is otherwise idle this is still exact to a beat).
-        behind = float(conn.execute(
-            "SELECT CASE WHEN NOT pg_is_in_recovery() "
-            "  OR pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 "
-            "ELSE coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), 0) END::float8"
-        ).fetchone()[0])
+        behind = replica_lag_s(conn)
         beating = self._hb_started is not None and time.monotonic() - self._hb_ok_at < 5 * max(
             1.0, self.heartbeat_interval_s)
         if not beating:

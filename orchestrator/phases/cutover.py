@@ -373,7 +373,8 @@ def cancel_blockers(ctx: Context, tables: list[QualifiedName], *, min_age_s: flo
 
 
 class LagProbe:
-    """Replica lag for the readiness gate, on sessions kept open while apply waits.
+    """Replica lag for the readiness gate, on sessions kept open while apply waits; measured
+    with the throttle's queries (throttle.replica_lag_s / primary_lag), not a copy of them.
 
     For each replica DSN (``--replica-dsn`` plus ``throttle.replicas``):
     ``now() - pg_last_xact_replay_timestamp()``, or 0 when everything received is replayed;
@@ -382,13 +383,6 @@ class LagProbe:
     everything: the view keeps the last burst's figure). The threshold is the throttle's
     pause threshold (changed at run time by ``orchestrate set``), else the plan's
     ``throttle.max_replica_lag_s``."""
-
-    SQL_REPLICA = ("SELECT CASE WHEN NOT pg_is_in_recovery() "
-                   "  OR pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 "
-                   "ELSE coalesce(extract(epoch FROM now() - pg_last_xact_replay_timestamp()), 0) END::float8")
-    SQL_PRIMARY = ("SELECT coalesce(max(CASE WHEN replay_lsn >= pg_current_wal_lsn() THEN 0 "
-                   "ELSE coalesce(extract(epoch FROM replay_lag), 0) END), 0)::float8, count(*) "
-                   "FROM pg_stat_replication")
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
@@ -403,11 +397,11 @@ class LagProbe:
 
     def measure(self) -> tuple[bool, str]:
         from orchestrator.db import connect
-        from orchestrator.throttle import dsn_label
+        from orchestrator.throttle import dsn_label, primary_lag, replica_lag_s
 
         limit = self.limit
         if not self.replicas:
-            lag, n = self.ctx.conn.execute(self.SQL_PRIMARY).fetchone()
+            lag, _behind, n = primary_lag(self.ctx.conn)
             if not n:
                 return True, "no standby attached (pg_stat_replication is empty)"
             return lag <= limit, f"{lag:.1f}s (pg_stat_replication, {n} standby), threshold {limit:g}s"
@@ -417,7 +411,7 @@ class LagProbe:
                 conn = self.conns.get(dsn)
                 if conn is None or conn.closed:
                     conn = self.conns[dsn] = connect(dsn, "gate-replica", settings={"statement_timeout": 5000})
-                lag = float(conn.execute(self.SQL_REPLICA).fetchone()[0])
+                lag = replica_lag_s(conn)
             except (psycopg.Error, OrchestrateError) as e:
                 _close(self.conns.pop(dsn, None))
                 bad.append(f"replica {dsn_label(dsn)} unreachable: "
