@@ -518,17 +518,13 @@ def _schedule_recopy(cur: psycopg.Cursor, ctx) -> None:
     """An added column may hold values the trigger did not copy (written between the ALTER and
     this regeneration), in any row: every range is re-copied (delete the twin's rows, copy
     again, live rows locked FOR SHARE) and verified again."""
-    from orchestrator.phases.backfill import Backfill
 
     ranges = cur.execute("SELECT count(*) FROM orchestrate.ranges WHERE migration_id = %s", (ctx.mid,)).fetchone()
     if not ranges[0]:
         return  # not planned yet: the backfill copies every range with the new column
     # Pending ranges too: the trigger may have inserted rows there, and the copy's ON CONFLICT
     # DO NOTHING would keep their stale version.
-    cur.execute("UPDATE orchestrate.ranges SET state = 'repair', cursor = NULL, verify_state = 'pending' "
-                "WHERE migration_id = %s", (ctx.mid,))
-    for p in (Backfill.name, "verify"):
-        ctx.store.phase_reset(cur, ctx.mid, p)
+    ctx.store.ranges_to_repair(cur, ctx.mid)
 
 
 def build_index(ctx, name: str, definition: str) -> None:

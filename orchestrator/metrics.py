@@ -51,6 +51,7 @@ from prometheus_client.registry import Collector
 
 from orchestrator.db import Ticker, close_quietly, connect
 from orchestrator.errors import OrchestrateError, PlanError
+from orchestrator.state.store import Store
 
 WRITE_INTERVAL_S = 2.0
 PROGRESS_KEYS = ("ranges_done", "ranges_total", "rows", "rows_per_s", "eta_s", "batch_size")
@@ -163,11 +164,7 @@ class LiveFigures:
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = connect(self.dsn, "live", settings={"lock_timeout": 1000})
-            self._conn.execute(
-                "UPDATE orchestrate.migrations SET facts = jsonb_set(facts, '{live}', "
-                "%s::jsonb || jsonb_build_object('phase', phase, 'updated_at', now())) WHERE id = %s",
-                (json.dumps(snap, default=str), self.mid),
-            )
+            Store.set_live(self._conn, self.mid, json.dumps(snap, default=str))
         except (psycopg.Error, OrchestrateError) as e:
             logger.debug("live: could not write the live figures: {}", e)
             if self._conn is not None and self._conn.broken:

@@ -359,13 +359,7 @@ def _mark_recopy(ctx: Context, labels: tuple[str, ...]) -> None:
             raise StateConflict(f"no range named {unknown[0]!r} (see `orchestrate status`)")
         chosen = [by_label[lbl] for lbl in labels]
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-        cur.execute(
-            "UPDATE orchestrate.ranges SET state = 'repair', verify_state = 'pending' "
-            "WHERE migration_id = %s AND idx = ANY(%s)",
-            (ctx.mid, [r["idx"] for r in chosen]),
-        )
-        for p in ("backfill", "verify"):
-            ctx.store.phase_reset(cur, ctx.mid, p)
+        ctx.store.ranges_to_repair(cur, ctx.mid, [r["idx"] for r in chosen])
     ctx.store.event(ctx.mid, "recopy", f"{len(chosen)} range(s) marked for re-copy",
                     labels=[r["label"] for r in chosen])
 

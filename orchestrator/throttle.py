@@ -473,10 +473,7 @@ class Throttler:
     def _beat(self) -> None:
         try:
             with self._writer_lock:
-                ts = self._writer_conn().execute(
-                    "INSERT INTO orchestrate.heartbeat (id, ts) VALUES (1, clock_timestamp()) "
-                    "ON CONFLICT (id) DO UPDATE SET ts = excluded.ts RETURNING ts"
-                ).fetchone()[0]
+                ts = Store.heartbeat(self._writer_conn())
             if self._hb_started is None:
                 self._hb_started = ts
             self._hb_ok_at = time.monotonic()

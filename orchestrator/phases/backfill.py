@@ -406,10 +406,7 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
             # and triggers are the owner's code. The checkpoint is our own write, same statement.
             stmt = owner.render(cur, copy, [*wparams, *cparams, *(boundary or [])])
             cur.execute(
-                f"WITH c AS (SELECT {owner.call(ctx.function(owner.EXECUTOR))} AS n) "
-                "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + c.n, "
-                "batches = batches + 1, state = %s, copied_at = pg_catalog.now(), verify_state = 'pending' "
-                "FROM c WHERE migration_id = %s AND idx = %s RETURNING c.n",
+                ctx.store.batch_checkpoint(owner.call(ctx.function(owner.EXECUTOR))),
                 [stmt, None if final else psycopg.types.json.Jsonb(list(boundary)),
                  "copied" if final else "copying", ctx.mid, rng["idx"]],
             )
@@ -457,11 +454,7 @@ def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
             cur, sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False, rng["is_null"]),
             wparams)])
         n = cur.fetchone()[0]
-        cur.execute(
-            "UPDATE orchestrate.ranges SET cursor = NULL, rows_copied = %s, batches = batches + 1, state = 'copied', "
-            "copied_at = now(), verify_state = 'pending', verify_detail = NULL WHERE migration_id = %s AND idx = %s",
-            (n, ctx.mid, rng["idx"]),
-        )
+        ctx.store.range_recopied(cur, ctx.mid, rng["idx"], n)
     return removed, n
 
 
@@ -502,14 +495,7 @@ class Backfill:
         key_min, key_max = key_bounds(ctx.conn, ctx.plan.table_name, shape.key)
         ranges = plan_ranges(ctx, key_min, key_max, shape.key_nullable)
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-            cur.executemany(
-                "INSERT INTO orchestrate.ranges (migration_id, idx, label, lo, hi, is_null) VALUES (%s,%s,%s,%s,%s,%s)",
-                [(ctx.mid, i, r["label"], r["lo"], r["hi"], r["is_null"]) for i, r in enumerate(ranges)],
-            )
-            cur.execute(
-                "UPDATE orchestrate.migrations SET key_lo = %s, key_hi = %s WHERE id = %s",
-                (key_min and fmt(key_min), key_max and fmt(key_max), ctx.mid),
-            )
+            ctx.store.plan_ranges(cur, ctx.mid, ranges, key_min and fmt(key_min), key_max and fmt(key_max))
         ctx.store.event(ctx.mid, "ranges", f"{len(ranges)} ranges planned", key_min=key_min, key_max=key_max)
 
     def run(self, ctx: Context) -> None:

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 import psycopg
 from loguru import logger
-from psycopg.types.json import Jsonb
 
 from orchestrator import changelog, sql
 from orchestrator.db import close_quietly, connect, is_connection_error
@@ -81,11 +80,7 @@ def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
             if not result.get("pending") or time.monotonic() > deadline:
                 break
             time.sleep(0.5)  # async capture: a TRUNCATE waits in the log; compare once it is replayed
-    conn.execute(
-        "UPDATE orchestrate.ranges SET verify_state = %s, verify_detail = %s, verified_at = now() "
-        "WHERE migration_id = %s AND idx = %s",
-        ("ok" if result["ok"] else "mismatch", Jsonb(result), ctx.mid, rng["idx"]),
-    )
+    ctx.store.range_verified(conn, ctx.mid, rng["idx"], result)
     return result
 
 

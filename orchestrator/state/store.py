@@ -18,6 +18,7 @@ import psycopg
 from loguru import logger
 from psycopg.conninfo import make_conninfo
 from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
 
 from orchestrator.db import connect
 from orchestrator.errors import Busy, StateConflict
@@ -282,6 +283,79 @@ class Store:
             "UPDATE orchestrate.phases SET state = 'pending', finished_at = NULL WHERE migration_id = %s AND name = %s",
             (mid, name),
         )
+
+    # --- ranges (the backfill's and verify's checkpoints) ---------------------------------
+    @staticmethod
+    def plan_ranges(cur: psycopg.Cursor, mid: int, ranges: list[dict], key_lo: str | None,
+                    key_hi: str | None) -> None:
+        """The backfill's ranges, once, with the key bounds they were cut from."""
+        cur.executemany(
+            "INSERT INTO orchestrate.ranges (migration_id, idx, label, lo, hi, is_null) VALUES (%s,%s,%s,%s,%s,%s)",
+            [(mid, i, r["label"], r["lo"], r["hi"], r["is_null"]) for i, r in enumerate(ranges)],
+        )
+        cur.execute("UPDATE orchestrate.migrations SET key_lo = %s, key_hi = %s WHERE id = %s", (key_lo, key_hi, mid))
+
+    # The copy of one batch and its checkpoint are ONE statement (one round trip, one
+    # transaction): the executor call that copies as the owner, then this UPDATE of the range.
+    # Its parameters: the copy statement, the new cursor (None when the range is done), the
+    # range's new state, the migration id and the range's idx. It returns the rows copied.
+    BATCH_CHECKPOINT = (
+        "WITH c AS (SELECT {copy} AS n) "
+        "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + c.n, "
+        "batches = batches + 1, state = %s, copied_at = pg_catalog.now(), verify_state = 'pending' "
+        "FROM c WHERE migration_id = %s AND idx = %s RETURNING c.n")
+
+    @classmethod
+    def batch_checkpoint(cls, copy_call: str) -> str:
+        """The batch statement around ``copy_call`` (an executor call returning the row count)."""
+        return cls.BATCH_CHECKPOINT.format(copy=copy_call)
+
+    @staticmethod
+    def range_recopied(cur: psycopg.Cursor, mid: int, idx: int, rows: int) -> None:
+        """A range copied again whole (--recopy, a carried column): copied, to be verified."""
+        cur.execute(
+            "UPDATE orchestrate.ranges SET cursor = NULL, rows_copied = %s, batches = batches + 1, state = 'copied', "
+            "copied_at = now(), verify_state = 'pending', verify_detail = NULL WHERE migration_id = %s AND idx = %s",
+            (rows, mid, idx),
+        )
+
+    @staticmethod
+    def range_verified(cur: psycopg.Cursor | psycopg.Connection, mid: int, idx: int, result: dict) -> None:
+        cur.execute(
+            "UPDATE orchestrate.ranges SET verify_state = %s, verify_detail = %s, verified_at = now() "
+            "WHERE migration_id = %s AND idx = %s",
+            ("ok" if result["ok"] else "mismatch", Jsonb(result), mid, idx),
+        )
+
+    @staticmethod
+    def ranges_to_repair(cur: psycopg.Cursor, mid: int, idxs: list[int] | None = None) -> None:
+        """Mark ranges (all of them when ``idxs`` is None) for a whole re-copy and a new verify;
+        the backfill and verify phases run again."""
+        if idxs is None:
+            cur.execute("UPDATE orchestrate.ranges SET state = 'repair', cursor = NULL, verify_state = 'pending' "
+                        "WHERE migration_id = %s", (mid,))
+        else:
+            cur.execute("UPDATE orchestrate.ranges SET state = 'repair', verify_state = 'pending' "
+                        "WHERE migration_id = %s AND idx = ANY(%s)", (mid, idxs))
+        for p in ("backfill", "verify"):
+            Store.phase_reset(cur, mid, p)
+
+    @staticmethod
+    def set_live(conn: psycopg.Connection, mid: int, figures: str) -> None:
+        """The running apply's live figures (a JSON text) into facts.live, with phase and time."""
+        conn.execute(
+            "UPDATE orchestrate.migrations SET facts = jsonb_set(facts, '{live}', "
+            "%s::jsonb || jsonb_build_object('phase', phase, 'updated_at', now())) WHERE id = %s",
+            (figures, mid),
+        )
+
+    @staticmethod
+    def heartbeat(conn: psycopg.Connection):
+        """The throttle's heartbeat row (replicas read its age); returns the time written."""
+        return conn.execute(
+            "INSERT INTO orchestrate.heartbeat (id, ts) VALUES (1, clock_timestamp()) "
+            "ON CONFLICT (id) DO UPDATE SET ts = excluded.ts RETURNING ts"
+        ).fetchone()[0]
 
     # --- events ----------------------------------------------------------------------
     def event(self, mid: int | None, kind: str, message: str, **data: Any) -> None:
