@@ -44,7 +44,8 @@ def extend(ctx) -> list[str]:
     default partition for milliseconds (capped by cutover.lock_timeout, retried): the
     capture trigger's writes, hence the application's, wait that long."""
     from orchestrator import maintain
-    from orchestrator.maintain import _Pass, table_facts
+    from orchestrator.inspect import partitioned_facts as table_facts
+    from orchestrator.maintain import _Pass
 
     m = ctx.migration
     if m is None or m.status != "running" or not m.done("prepare"):

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import psycopg
 
 from orchestrator.errors import PreflightError
 from orchestrator.sql import QualifiedName, ident
+
+if TYPE_CHECKING:
+    from orchestrator.plan import Plan
 
 KEY_TYPES = ("timestamp with time zone", "timestamp without time zone", "date")
 
@@ -364,3 +368,137 @@ def catalog_fingerprint(conn: psycopg.Connection, oid: int) -> str:
         {"o": oid},
     ).fetchone()
     return row[0]
+
+
+# --- partitioned tables (maintain, the horizon) ------------------------------------------
+_PART_KEY_TYPES = ("date", "timestamp without time zone", "timestamp with time zone")
+
+
+def naive_utc(t: datetime | None) -> datetime | None:
+    """An aware datetime converted to naive UTC; a naive one is taken as UTC."""
+    if t is None:
+        return None
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc).replace(tzinfo=None)
+    return t
+
+
+def parse_bound(text: str) -> datetime | None:
+    """One bound of pg_get_expr(relpartbound): a quoted literal, MINVALUE or MAXVALUE (None)."""
+    text = text.strip()
+    if text.upper() in ("MINVALUE", "MAXVALUE"):
+        return None
+    if text.startswith("'") and text.endswith("'"):
+        text = text[1:-1]
+    if text in ("infinity", "-infinity"):
+        return None
+    try:
+        return naive_utc(datetime.fromisoformat(text))
+    except ValueError:
+        return None
+
+
+_BOUND = re.compile(r"^FOR VALUES FROM \((.*)\) TO \((.*)\)$", re.DOTALL)
+
+
+def parse_partbound(expr: str) -> tuple[datetime | None, datetime | None, bool] | None:
+    """(lo, hi, is_default) from a partition bound expression; None if not a one-column range."""
+    if expr.strip() == "DEFAULT":
+        return None, None, True
+    m = _BOUND.match(expr.strip())
+    if not m:
+        return None
+    return parse_bound(m.group(1)), parse_bound(m.group(2)), False
+
+
+@dataclass
+class Part:
+    """One partition of the parent: its name and [lo, hi) (None = MINVALUE/MAXVALUE)."""
+
+    name: QualifiedName
+    lo: datetime | None
+    hi: datetime | None
+    is_default: bool = False
+    detach_pending: bool = False
+
+
+@dataclass
+class Facts:
+    parent: QualifiedName
+    oid: int
+    key: str
+    key_type: str
+    pk: list[str]
+    pk_types: list[str]
+    writable: list[str]
+    columns: list[str]
+    parts: list[Part]
+    default: QualifiedName | None
+    server_version: int
+
+
+def partitioned_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
+    """The partition layout of the plan's (range-partitioned) table: key, columns, partitions."""
+    parent = plan.table_name
+    key = plan.partition_by.column
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT c.oid, c.relkind, pt.partstrat, pt.partnatts, pt.partattrs::int2[], pt.partdefid "
+            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "LEFT JOIN pg_partitioned_table pt ON pt.partrelid = c.oid WHERE n.nspname = %s AND c.relname = %s",
+            (parent.schema, parent.name),
+        )
+        row = cur.fetchone()
+        if row is None:
+            raise PreflightError(f"table {parent} does not exist")
+        oid, relkind, strat, natts, attrs, defid = row
+        if relkind != "p" or strat != "r" or natts != 1:
+            raise PreflightError(
+                f"{parent} is not partitioned by RANGE on one column (run `orchestrate apply` first); "
+                "maintain only manages range-partitioned tables"
+            )
+        cur.execute(
+            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s AND attnum = %s",
+            (oid, attrs[0]),
+        )
+        kname, ktype = cur.fetchone()
+        if kname != key:
+            raise PreflightError(f"{parent} is partitioned by {ident(kname)}, the plan says {ident(key)}")
+        if re.sub(r"\(\d+\)", "", ktype) not in _PART_KEY_TYPES:  # timestamp(3) is a time key too
+            raise PreflightError(
+                f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
+        cur.execute(
+            "SELECT attname, attgenerated::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
+            "AND NOT attisdropped ORDER BY attnum",
+            (oid,),
+        )
+        cols = cur.fetchall()
+        cur.execute(
+            """SELECT a.attname, format_type(a.atttypid, a.atttypmod)
+               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
+               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+               WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord""",
+            (oid,),
+        )
+        pk = cur.fetchall()
+        cur.execute(
+            """SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending
+               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.inhparent = %s""",
+            (oid,),
+        )
+        parts: list[Part] = []
+        default = None
+        for nsp, rel, expr, pending in cur.fetchall():
+            name = QualifiedName(nsp, rel)
+            parsed = parse_partbound(expr or "")
+            if parsed is None:
+                raise PreflightError(f"cannot read the bounds of partition {name}: {expr}")
+            lo, hi, is_default = parsed
+            if is_default:
+                default = name
+            parts.append(Part(name, lo, hi, is_default, bool(pending)))
+    parts.sort(key=lambda p: (p.is_default, p.lo or datetime.min))
+    return Facts(parent, oid, key, ktype, [r[0] for r in pk], [r[1] for r in pk],
+                 [c for c, g in cols if g == ""], [c for c, _ in cols], parts, default,
+                 conn.info.server_version // 10000)

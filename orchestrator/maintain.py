@@ -74,7 +74,6 @@ are never touched.
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
@@ -88,6 +87,8 @@ from psycopg import errors as pgerr
 
 from orchestrator.db import LockAttempt, close_quietly, connect, with_lock_retry
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
+from orchestrator.inspect import Facts, Part, naive_utc, parse_bound, parse_partbound
+from orchestrator.inspect import partitioned_facts as table_facts
 from orchestrator.owner import as_owner_sql, render, table_executor
 from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, parse_duration, utc_now
@@ -97,7 +98,6 @@ from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, lit
 on_attach_locked: Any = None
 STAGING_COMMENT = "orchestrate maintain: staging partition, not attached yet; safe to drop"
 DEFAULT_ARCHIVE_SCHEMA = "archive"
-_KEY_TYPES = ("date", "timestamp without time zone", "timestamp with time zone")
 
 # --------------------------------------------------------------------------- pure helpers
 
@@ -114,55 +114,7 @@ def parse_every(text: str | int | float) -> float:
     return seconds
 
 
-def naive_utc(t: datetime | None) -> datetime | None:
-    """An aware datetime converted to naive UTC; a naive one is taken as UTC."""
-    if t is None:
-        return None
-    if t.tzinfo is not None:
-        t = t.astimezone(timezone.utc).replace(tzinfo=None)
-    return t
-
-
-def parse_bound(text: str) -> datetime | None:
-    """One bound of pg_get_expr(relpartbound): a quoted literal, MINVALUE or MAXVALUE (None)."""
-    text = text.strip()
-    if text.upper() in ("MINVALUE", "MAXVALUE"):
-        return None
-    if text.startswith("'") and text.endswith("'"):
-        text = text[1:-1]
-    if text in ("infinity", "-infinity"):
-        return None
-    try:
-        return naive_utc(datetime.fromisoformat(text))
-    except ValueError:
-        return None
-
-
-_BOUND = re.compile(r"^FOR VALUES FROM \((.*)\) TO \((.*)\)$", re.DOTALL)
-
-
-def parse_partbound(expr: str) -> tuple[datetime | None, datetime | None, bool] | None:
-    """(lo, hi, is_default) from a partition bound expression; None if not a one-column range."""
-    if expr.strip() == "DEFAULT":
-        return None, None, True
-    m = _BOUND.match(expr.strip())
-    if not m:
-        return None
-    return parse_bound(m.group(1)), parse_bound(m.group(2)), False
-
-
 fmt = timestamp_text
-
-
-@dataclass
-class Part:
-    """One partition of the parent: its name and [lo, hi) (None = MINVALUE/MAXVALUE)."""
-
-    name: QualifiedName
-    lo: datetime | None
-    hi: datetime | None
-    is_default: bool = False
-    detach_pending: bool = False
 
 
 def retention_cutoff(plan: Plan, now: datetime) -> datetime | None:
@@ -222,87 +174,7 @@ def expired_partitions(plan: Plan, now: datetime, parts: list[Part]) -> list[Par
 
 
 # --------------------------------------------------------------------------- catalog
-
-
-@dataclass
-class Facts:
-    parent: QualifiedName
-    oid: int
-    key: str
-    key_type: str
-    pk: list[str]
-    pk_types: list[str]
-    writable: list[str]
-    columns: list[str]
-    parts: list[Part]
-    default: QualifiedName | None
-    server_version: int
-
-
-def table_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
-    parent = plan.table_name
-    key = plan.partition_by.column
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT c.oid, c.relkind, pt.partstrat, pt.partnatts, pt.partattrs::int2[], pt.partdefid "
-            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "LEFT JOIN pg_partitioned_table pt ON pt.partrelid = c.oid WHERE n.nspname = %s AND c.relname = %s",
-            (parent.schema, parent.name),
-        )
-        row = cur.fetchone()
-        if row is None:
-            raise PreflightError(f"table {parent} does not exist")
-        oid, relkind, strat, natts, attrs, defid = row
-        if relkind != "p" or strat != "r" or natts != 1:
-            raise PreflightError(
-                f"{parent} is not partitioned by RANGE on one column (run `orchestrate apply` first); "
-                "maintain only manages range-partitioned tables"
-            )
-        cur.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s AND attnum = %s",
-            (oid, attrs[0]),
-        )
-        kname, ktype = cur.fetchone()
-        if kname != key:
-            raise PreflightError(f"{parent} is partitioned by {ident(kname)}, the plan says {ident(key)}")
-        if re.sub(r"\(\d+\)", "", ktype) not in _KEY_TYPES:  # timestamp(3) is a time key too
-            raise PreflightError(
-                f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
-        cur.execute(
-            "SELECT attname, attgenerated::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
-            "AND NOT attisdropped ORDER BY attnum",
-            (oid,),
-        )
-        cols = cur.fetchall()
-        cur.execute(
-            """SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-               WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord""",
-            (oid,),
-        )
-        pk = cur.fetchall()
-        cur.execute(
-            """SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending
-               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.inhparent = %s""",
-            (oid,),
-        )
-        parts: list[Part] = []
-        default = None
-        for nsp, rel, expr, pending in cur.fetchall():
-            name = QualifiedName(nsp, rel)
-            parsed = parse_partbound(expr or "")
-            if parsed is None:
-                raise PreflightError(f"cannot read the bounds of partition {name}: {expr}")
-            lo, hi, is_default = parsed
-            if is_default:
-                default = name
-            parts.append(Part(name, lo, hi, is_default, bool(pending)))
-    parts.sort(key=lambda p: (p.is_default, p.lo or datetime.min))
-    return Facts(parent, oid, key, ktype, [r[0] for r in pk], [r[1] for r in pk],
-                 [c for c, g in cols if g == ""], [c for c, _ in cols], parts, default,
-                 conn.info.server_version // 10000)
+# (what a partitioned table looks like: inspect.partitioned_facts)
 
 
 def _range_sql(f: Facts, lo: datetime, hi: datetime, alias: str = "") -> str:
@@ -958,4 +830,6 @@ def run_daemon(plans: list[Plan], dsn: str, stop: threading.Event | None = None)
     return 0
 
 
-__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every", "run_daemon", "summary"]
+__all__ = ["maintain_pass", "maintenance_preview", "partman_handover", "parse_every", "run_daemon", "summary",
+           # the partition layout is read by orchestrator.inspect; these names stay importable here
+           "Facts", "Part", "naive_utc", "parse_bound", "parse_partbound", "table_facts"]
