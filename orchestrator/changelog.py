@@ -281,8 +281,13 @@ def replay_batch(cur: psycopg.Cursor | psycopg.Connection, ctx, n: int) -> int:
     return int(cur.execute(f"SELECT {ctx.function(REPLAY)}(%s)", (n,)).fetchone()[0])
 
 
+def lag_sql(ctx) -> str:
+    """(changes waiting, age in seconds of the oldest) of this migration's change log."""
+    return f"SELECT * FROM {ctx.function(LAG)}()"
+
+
 def lag(cur: psycopg.Cursor | psycopg.Connection, ctx) -> tuple[int, float]:
-    pending, oldest = cur.execute(f"SELECT * FROM {ctx.function(LAG)}()").fetchone()
+    pending, oldest = cur.execute(lag_sql(ctx)).fetchone()
     return int(pending), float(oldest)
 
 

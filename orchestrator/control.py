@@ -20,8 +20,8 @@ plan's value, ``off`` turns an optional signal off):
   returns to ``--workers`` or the plan.
 - every throttle signal of the plan: ``max_replica_lag_s``, ``resume_replica_lag_s``
   (setting only the pause threshold resumes at half of it), ``critical_replica_lag_s``,
-  ``max_slot_retained_bytes``, ``max_xact_age_s``, ``max_xmin_age``, ``query``, ``flag_file``
-  (these six accept ``off``) and ``backoff_max_s``. They take effect at the next check (half a second);
+  ``max_slot_retained_bytes``, ``max_xact_age_s``, ``max_xmin_age``, ``max_replay_lag_s``, ``query``, ``flag_file``
+  (these seven accept ``off``) and ``backoff_max_s``. They take effect at the next check (half a second);
   workers asleep in their backoff are woken to check again.
 - ``paused`` (through ``orchestrate pause`` / ``resume``): the backfill waits before its next
   batch with the throttle reason ``paused by operator``; the capture trigger keeps running.
@@ -41,6 +41,7 @@ from typing import Any
 import psycopg
 from loguru import logger
 
+from orchestrator import changelog
 from orchestrator.db import Ticker, close_quietly, connect
 from orchestrator.errors import OrchestrateError, PlanError
 from orchestrator.state.store import Store, ensure_schema
@@ -68,6 +69,7 @@ SETTINGS: dict[str, Setting] = {
     "max_slot_retained_bytes": Setting(int, 0, 2**62, can_be_off=True),
     "max_xact_age_s": Setting(float, 0.001, 10_000_000, can_be_off=True),
     "max_xmin_age": Setting(int, 1, 2_000_000_000, can_be_off=True),
+    "max_replay_lag_s": Setting(float, 0.001, 86_400, can_be_off=True),
     "query": Setting(str, can_be_off=True),
     "flag_file": Setting(str, can_be_off=True),
     "backoff_max_s": Setting(float, 0.01, 3_600),
@@ -77,7 +79,7 @@ SETTINGS: dict[str, Setting] = {
 }
 PACE_ATTRS = {"target_batch_seconds": "target_s", "sleep_ratio": "sleep_ratio"}
 THROTTLE_KEYS = ("max_replica_lag_s", "resume_replica_lag_s", "critical_replica_lag_s", "max_slot_retained_bytes",
-                 "max_xact_age_s", "max_xmin_age", "query", "flag_file", "backoff_max_s")
+                 "max_xact_age_s", "max_xmin_age", "max_replay_lag_s", "query", "flag_file", "backoff_max_s")
 
 
 def parse_setting(key: str, raw: Any) -> int | float | str | None:
@@ -281,6 +283,8 @@ def steering(ctx) -> Iterator[None]:
         throttle = ctx.options.get("throttle")
         if throttle is None:
             throttle = Throttler(plan.throttle, ctx.dsn, replicas=ctx.replica_dsns, mid=ctx.mid)
+            if changelog.is_async(ctx):
+                throttle.replay_lag_sql = changelog.lag_sql(ctx)  # replay lag is a signal too
             throttle.start()
             stack.callback(throttle.stop)
             ctx.options["throttle"] = throttle

@@ -300,6 +300,10 @@ class Throttle(_Strict):
     max_xmin_age: int | None = Field(
         None, gt=0, description="Pause while the oldest xmin that holds back vacuum (a session's snapshot, a "
         "replication slot, a prepared transaction) is more than this many transactions old.")
+    max_replay_lag_s: float | None = Field(
+        60.0, gt=0, description="Async capture: pause the backfill while the oldest change waiting in the change "
+        "log is older than this (the replay is falling behind; the backfill gives it the server back). "
+        "Ignored in sync mode.")
     query: str | None = Field(None, description="Operator's SQL: throttle while it returns true.")
     flag_file: str | None = Field(None, description="Throttle while this file exists.")
     replicas: list[str] = Field(default_factory=list, description="Replica DSNs to watch (plus --replica-dsn).")

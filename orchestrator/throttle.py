@@ -182,6 +182,7 @@ class Throttler:
         self.dsn = dsn
         self.replicas = tuple(dict.fromkeys([*settings.all_replicas, *replicas]))
         self.mid = mid
+        self.replay_lag_sql: str | None = None  # async capture: set by control.steering
         self.check_interval_s = check_interval_s
         self.heartbeat_interval_s = heartbeat_interval_s
         self.gate = LagGate(settings.max_replica_lag_s, settings.resume_replica_lag_s)
@@ -317,6 +318,9 @@ class Throttler:
             if not self.replicas:
                 lag, lag_bytes = self._primary_replication_lag(conn)
                 lag_on = " (pg_stat_replication)"
+            reason = self._replay_reason(conn)
+            if reason is not None:
+                reasons.append(("replay", reason))
             if s.max_slot_retained_bytes is not None:
                 row = conn.execute(
                     "SELECT slot_name, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained "
@@ -426,6 +430,20 @@ class Throttler:
                                                            "default_transaction_read_only": "on"})
             self._conn = conn
         return self._conn
+
+    def _replay_reason(self, conn: psycopg.Connection) -> str | None:
+        """Async capture: the replay falls behind when the oldest logged change waits longer
+        than max_replay_lag_s (read from the log itself: a replay stuck on a lock shows too)."""
+        limit = self.settings.max_replay_lag_s
+        if limit is None or self.replay_lag_sql is None:
+            return None
+        try:
+            pending, oldest = conn.execute(self.replay_lag_sql).fetchone()
+        except psycopg.errors.UndefinedFunction:
+            return None  # capture not installed yet: nothing to replay
+        if oldest is None or float(oldest) <= limit:
+            return None
+        return f"replay {float(oldest):.1f}s behind ({int(pending)} changes waiting in the change log) > {limit:g}s"
 
     @staticmethod
     def _sees_all(conn: psycopg.Connection) -> bool:

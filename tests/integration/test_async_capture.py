@@ -536,3 +536,50 @@ def test_sigkill_mid_backfill_then_rollback_leaves_no_log(dsn: str, conn: psycop
                         ).fetchone()[0] is None
     assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass "
                         "AND NOT tgisinternal").fetchone()[0] == 0
+
+
+def test_a_replay_that_falls_behind_holds_the_backfill(dsn: str, conn: psycopg.Connection, tmp_path) -> None:
+    """Replay lag is a throttle signal: with the replay stuck behind a lock on a twin row, the
+    oldest logged change ages past throttle.max_replay_lag_s and the backfill waits, saying why;
+    once the replay catches up the backfill goes on."""
+    import yaml
+
+    from helpers import apply_log, live, start_apply, stop
+
+    create_orders(conn, TABLE, rows=3000, days=20, end=END, seed=6)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"table": TABLE, "partition_by": {"column": "created_at", "interval": "1 month"},
+                                    "backfill": {"batch_size": 50, "fixed_batch_size": True, "sleep_ratio": 2},
+                                    "throttle": {"max_replay_lag_s": 1, "backoff_max_s": 1},
+                                    "capture": {"mode": "async"}}))
+    proc = start_apply(tmp_path, path, dsn, "--until", "backfill")
+    holder = psycopg.connect(dsn)
+    try:
+        def a_range_copied() -> bool:
+            if not conn.execute("SELECT to_regclass('orchestrate.ranges') IS NOT NULL").fetchone()[0]:
+                return False
+            return conn.execute("SELECT EXISTS (SELECT 1 FROM orchestrate.ranges WHERE state = 'copied' "
+                                "AND rows_copied > 0)").fetchone()[0]
+
+        wait_until(lambda: proc.poll() is not None or a_range_copied(), timeout=90, interval=0.1,
+                   message="no range was copied")
+        assert proc.poll() is None, apply_log(proc)
+        rid = conn.execute(f"SELECT id FROM {TWIN} ORDER BY id LIMIT 1").fetchone()[0]
+        holder.execute(f"SELECT 1 FROM {TWIN} WHERE id = %s FOR UPDATE", (rid,))  # the replay will wait here
+        conn.execute("UPDATE orders SET note = 'behind' WHERE id = %s", (rid,))
+        wait_until(lambda: "replay" in (live(conn).get("throttle_reason") or "") or proc.poll() is not None,
+                   timeout=60, message="the backfill was not held by the replay's lag")
+        assert proc.poll() is None, apply_log(proc)
+        reason = live(conn)["throttle_reason"]
+        assert "behind" in reason and "change log" in reason and "> 1s" in reason, reason
+        held = conn.execute("SELECT sum(rows_copied) FROM orchestrate.ranges").fetchone()[0]
+        holder.rollback()  # the replay catches up, the throttle lets the backfill go on
+        assert proc.wait(180) == 0, apply_log(proc)
+    finally:
+        holder.close()
+        stop(proc)
+    assert conn.execute("SELECT sum(rows_copied) FROM orchestrate.ranges").fetchone()[0] > held
+    assert conn.execute("SELECT count(*) FROM orchestrate.events WHERE kind = 'throttle' "
+                        "AND message LIKE '%%replay%%behind%%'").fetchone()[0] >= 1
+    drain(conn)
+    assert _diff(conn) == 0
