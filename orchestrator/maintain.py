@@ -93,6 +93,7 @@ from orchestrator.owner import as_owner_sql, render, table_executor
 from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, parse_duration, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal, timestamp_text
+from orchestrator.state.store import Store
 
 #: Test hook: called with the attach's cursor right after its locks are taken (tests only).
 on_attach_locked: Any = None
@@ -283,6 +284,18 @@ class _Pass:
         }
 
     # -- helpers
+    def _event(self, kind: str, message: str) -> None:
+        """An event in the state schema (status shows it), on the table's latest migration when
+        there is one; nothing when the state schema was never made (a table maintain alone manages)."""
+        try:
+            if not self.conn.execute("SELECT pg_catalog.to_regclass('orchestrate.events') IS NOT NULL").fetchone()[0]:
+                return
+            store = Store(self.conn)
+            latest = store.latest(str(self.plan.table_name))
+            store.event(latest.id if latest else None, kind, message)
+        except psycopg.Error as e:  # an event is a log line: never let it fail the pass
+            logger.debug("maintain: could not record the event: {}", e)
+
     def _owner(self, f: Facts) -> tuple[QualifiedName, str]:
         """The executor that writes the table's partitions as its owner, and the owner."""
         if self._executor is None:
@@ -313,6 +326,7 @@ class _Pass:
             waited = self.result.setdefault("waited_for", [])
             if len(waited) < 20:
                 waited.append(why)
+                self._event("yield", f"maintain {why}")
 
         out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args, on_attempt=note)
         self.result["lock_held_ms"][what] = round(held, 1)

@@ -83,6 +83,9 @@ def test_default_move_yields_to_a_lock_holder(dsn: str, conn: psycopg.Connection
     assert max(out["waits"]) < 1.5, f"a writer waited {max(out['waits']):.2f} s behind maintain"
     waited = out["result"].get("waited_for") or []
     assert any(f"lock held by pid {out['holder_pid']}, idle in transaction" in w for w in waited), waited
+    # ... and says so in the events too (status shows them), not only in its result and the log.
+    events = [r[0] for r in conn.execute("SELECT message FROM orchestrate.events WHERE kind = 'yield'")]
+    assert any(m.startswith("maintain ") and f"pid {out['holder_pid']}" in m for m in events), events
     assert "orders_p2026_08" in out["result"]["created"]
     assert conn.execute("SELECT count(*) FROM orders_p2026_08").fetchone()[0] == 40
     assert conn.execute("SELECT count(*) FROM orders_default").fetchone()[0] == 0
