@@ -139,6 +139,13 @@ class Shape:
         operator schema-qualified (search_path is pinned to pg_catalog in our functions)."""
         return dict(self.eq_ops).get(column) or "="
 
+    def cmp(self, column: str, op: str) -> str:
+        """The ordering operator ``op`` (``<``, ``>``, ...) for ``column``, from the same btree
+        operator family as :meth:`eq` (``OPERATOR(public.>)`` for ltree or citext), so a
+        comparison orders exactly as ORDER BY and the key's index do."""
+        eq = dict(self.eq_ops).get(column)
+        return f"{eq[:-2]}{op})" if eq else op
+
     @property
     def order_columns(self) -> tuple[str, ...]:
         """(key, pk...) without repeating the key when it is part of the primary key."""
@@ -436,10 +443,38 @@ def _cursor_columns(shape: Shape, is_null: bool) -> tuple[list[str], list[str]]:
     return cols, types
 
 
-def _tuple_cmp(cols: list[str], types: list[str], op: str) -> str:
-    left = "(" + column_list(cols) + ")"
-    right = "(" + ", ".join(f"%s::{t}" for t in types) + ")"
-    return f"{left} {op} {right}"
+def _tuple_cmp(cols: list[str], types: list[str], op: str, shape: Shape | None = None) -> str:
+    """(cols) > (cursor) or (cols) <= (cursor), in the cursor columns' own order.
+
+    A row comparison resolves ``>`` through the search_path, which is pinned to pg_catalog:
+    for a column of an extension type (ltree: no such operator; citext: text's, with another
+    order than the index) it is written out column by column with the type's operators, and
+    then needs the cursor values several times: :func:`cursor_params` lays them out."""
+    if shape is None or all(shape.cmp(c, ">") == ">" for c in cols):
+        left = "(" + column_list(cols) + ")"
+        right = "(" + ", ".join(f"%s::{t}" for t in types) + ")"
+        return f"{left} {op} {right}"
+    assert op in (">", "<=")
+    terms = []
+    for i, c in enumerate(cols):
+        eqs = [f"{ident(cols[j])} {shape.eq(cols[j])} %s::{types[j]}" for j in range(i)]
+        terms.append("(" + " AND ".join([*eqs, f"{ident(c)} {shape.cmp(c, '>')} %s::{types[i]}"]) + ")")
+    after = "(" + " OR ".join(terms) + ")"
+    # The leading bound on the first column lets the planner use the index on the key.
+    first = f"{ident(cols[0])} {shape.cmp(cols[0], '>=' if op == '>' else '<=')} %s::{types[0]}"
+    return f"({first} AND {after if op == '>' else 'NOT ' + after})"
+
+
+def cursor_params(shape: Shape, is_null: bool, values: list | tuple) -> list:
+    """The parameters of one _tuple_cmp for the cursor ``values`` (one per cursor column)."""
+    cols, _types = _cursor_columns(shape, is_null)
+    values = list(values)
+    if all(shape.cmp(c, ">") == ">" for c in cols):
+        return values
+    out = [values[0]]
+    for i in range(len(cols)):
+        out += values[: i + 1]
+    return out
 
 
 def backfill_boundary(src: QualifiedName, shape: Shape, where: str, after: bool, is_null: bool) -> str:
@@ -449,10 +484,13 @@ def backfill_boundary(src: QualifiedName, shape: Shape, where: str, after: bool,
     cursor values (if after), then the offset.
     """
     cols, types = _cursor_columns(shape, is_null)
-    cond = where + (f" AND {_tuple_cmp(cols, types, '>')}" if after else "")
+    cond = where + (f" AND {_tuple_cmp(cols, types, '>', shape)}" if after else "")
+    # ORDER BY names the table's columns (s.), never the select list's: an unqualified name
+    # there would sort by the output column of the same name, the ::text (ids '10' < '9',
+    # citext by bytes), so windows would not follow the order the cursor compares in.
     return (
-        f"SELECT {', '.join(f'{ident(c)}::text' for c in cols)} FROM {src} WHERE {cond} "
-        f"ORDER BY {column_list(cols)} OFFSET %s LIMIT 1"
+        f"SELECT {', '.join(f's.{ident(c)}::text' for c in cols)} FROM {src} AS s WHERE {cond} "
+        f"ORDER BY {', '.join(f's.{ident(c)}' for c in cols)} OFFSET %s LIMIT 1"
     )
 
 
@@ -464,7 +502,7 @@ def twin_rows_after(dst: QualifiedName, shape: Shape, where: str, after: bool, i
     values (if after).
     """
     cols, types = _cursor_columns(shape, is_null)
-    cond = where + (f" AND {_tuple_cmp(cols, types, '>')}" if after else "")
+    cond = where + (f" AND {_tuple_cmp(cols, types, '>', shape)}" if after else "")
     return f"SELECT EXISTS (SELECT 1 FROM {dst} WHERE {cond})"
 
 
@@ -490,9 +528,9 @@ def backfill_copy(src: QualifiedName, dst: QualifiedName, shape: Shape, where: s
     cols, types = _cursor_columns(shape, is_null)
     cond = where
     if after:
-        cond += f" AND {_tuple_cmp(cols, types, '>')}"
+        cond += f" AND {_tuple_cmp(cols, types, '>', shape)}"
     if upto:
-        cond += f" AND {_tuple_cmp(cols, types, '<=')}"
+        cond += f" AND {_tuple_cmp(cols, types, '<=', shape)}"
     c = column_list(list(shape.columns))
     return (
         f"INSERT INTO {dst} ({c}) OVERRIDING SYSTEM VALUE "

@@ -388,7 +388,7 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
     """
     src, dst = ctx.plan.table_name, ctx.plan.twin
     after = cursor is not None
-    cparams = list(cursor) if after else []
+    cparams = sql.cursor_params(shape, rng["is_null"], cursor) if after else []
     with conn.pipeline(), conn.cursor() as cur, conn.cursor() as probe:
         with conn.transaction():
             cur.execute(f"SET LOCAL synchronous_commit = {sync}")
@@ -404,7 +404,8 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
             copy = sql.backfill_copy(src, dst, shape, where, after, not final, rng["is_null"], on_conflict)
             # The copy runs as the table owner (orchestrator.owner): the twin's CHECKs, defaults
             # and triggers are the owner's code. The checkpoint is our own write, same statement.
-            stmt = owner.render(cur, copy, [*wparams, *cparams, *(boundary or [])])
+            upto = sql.cursor_params(shape, rng["is_null"], boundary) if boundary else []
+            stmt = owner.render(cur, copy, [*wparams, *cparams, *upto])
             cur.execute(
                 ctx.store.batch_checkpoint(owner.call(ctx.function(owner.EXECUTOR))),
                 [stmt, None if final else psycopg.types.json.Jsonb(list(boundary)),

@@ -93,8 +93,35 @@ def test_backfill_boundary_and_null_range():
     where, params = sql.range_predicate(SHAPE, None, None, True)
     assert where == "created_at IS NULL" and params == []
     b = sql.backfill_boundary(T, SHAPE, where, after=True, is_null=True)
-    assert b == ("SELECT id::text FROM public.orders WHERE created_at IS NULL AND (id) > (%s::bigint) "
-                 "ORDER BY id OFFSET %s LIMIT 1")
+    # ORDER BY the table's column (s.id), not the output column id::text ('10' < '9').
+    assert b == ("SELECT s.id::text FROM public.orders AS s WHERE created_at IS NULL AND (id) > (%s::bigint) "
+                 "ORDER BY s.id OFFSET %s LIMIT 1")
+
+
+EXT = Shape(columns=("id", "created_at"), all_columns=("id", "created_at"), pk=("id",), key="created_at",
+            key_type="timestamp with time zone", key_nullable=False, pk_types=("public.ltree",),
+            eq_ops=(("id", "OPERATOR(public.=)"),))
+
+
+def test_windows_over_an_extension_type_key_use_its_operators():
+    """search_path is pinned to pg_catalog: (created_at, id) > (...) would look for ltree's >
+    there (none: the batch fails) or take text's for citext (another order than the index)."""
+    assert EXT.cmp("id", ">") == "OPERATOR(public.>)" and SHAPE.cmp("id", ">") == ">"
+    where, _ = sql.range_predicate(EXT, "2024-01-01", "2024-02-01", False)
+    stmt = sql.backfill_copy(T, TW, EXT, where, after=True, upto=True, is_null=False)
+    after = ("(created_at >= %s::timestamp with time zone AND ((created_at > %s::timestamp with time zone) OR "
+             "(created_at = %s::timestamp with time zone AND id OPERATOR(public.>) %s::public.ltree)))")
+    assert after in stmt
+    assert ("(created_at <= %s::timestamp with time zone AND NOT ((created_at > %s::timestamp with time zone) OR "
+            "(created_at = %s::timestamp with time zone AND id OPERATOR(public.>) %s::public.ltree)))") in stmt
+    assert "(created_at, id) >" not in stmt
+    # The cursor's values laid out for that form: the key for the leading bound, then per term.
+    assert sql.cursor_params(EXT, False, ["t", "a.b"]) == ["t", "t", "t", "a.b"]
+    assert sql.cursor_params(SHAPE, False, ["t", 7]) == ["t", 7]
+    # A NULL-key range orders by the primary key alone.
+    assert sql.cursor_params(EXT, True, ["a.b"]) == ["a.b", "a.b"]
+    assert "id OPERATOR(public.>=) %s::public.ltree AND ((id OPERATOR(public.>) %s::public.ltree))" in \
+        sql.backfill_boundary(T, EXT, "created_at IS NULL", after=True, is_null=True)
 
 
 def test_range_digest_hashes_every_column():
