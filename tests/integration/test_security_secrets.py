@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+import socket
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -139,10 +141,17 @@ def test_no_password_anywhere(conn, dsn, replica_dsn, password_role, tmp_path):
     dead = with_params(replica_dsn, user=role, password=secret, port="1", connect_timeout="2")
     dead_plan = tmp_path / "dead-replica.yaml"
     dead_plan.write_text(yaml.safe_dump({**PLAN, "table": "public.orders2", "throttle": {"replicas": [dead]}}))
-    proc = start_apply(tmp_path, str(dead_plan), with_pw, "--replica-dsn", dead)
+    with socket.socket() as sock:  # a free port for the Prometheus endpoint, searched too
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = start_apply(tmp_path, str(dead_plan), with_pw, "--replica-dsn", dead, "--metrics-port", str(port))
     try:
         wait_until(lambda: "unreachable" in apply_log(proc) or proc.poll() is not None, timeout=180)
         assert "unreachable" in apply_log(proc), apply_log(proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            scraped = r.read().decode()
+        assert "orchestrate_throttled" in scraped, scraped
+        outputs.append(scraped)
     finally:
         stop(proc)
     outputs.append(apply_log(proc))
