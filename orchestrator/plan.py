@@ -270,8 +270,8 @@ class Capture(_Strict):
     mode: Literal["sync", "async"] = Field(
         "sync", description="'sync': a trigger writes the twin in the writer's transaction (no lag; costs the "
         "writer a write into an equally indexed table). 'async': the trigger appends the changed row's key to a "
-        "narrow change log, and apply replays it into the twin (lag to drain; about 0.9x of the writes' "
-        "throughput instead of 0.5x-0.75x). See README \"Capture modes\".")
+        "narrow change log, and apply replays it into the twin (lag to drain; measured 0.70x of the writes' "
+        "throughput against 0.62x for sync in the same bench rounds). See README \"Capture modes\".")
     replay_batch: int = Field(2000, ge=1, le=1_000_000, description="Async: log rows replayed per transaction.")
     max_pending_at_cutover: int = Field(
         2000, ge=0, le=10_000_000, description="Async: the cutover takes its lock only once at most this many "
