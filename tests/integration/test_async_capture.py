@@ -564,7 +564,11 @@ def test_a_replay_that_falls_behind_holds_the_backfill(dsn: str, conn: psycopg.C
         wait_until(lambda: proc.poll() is not None or a_range_copied(), timeout=90, interval=0.1,
                    message="no range was copied")
         assert proc.poll() is None, apply_log(proc)
-        rid = conn.execute(f"SELECT id FROM {TWIN} ORDER BY id LIMIT 1").fetchone()[0]
+        # The backfill cannot end while the newest row is held (its batch yields to the lock),
+        # however fast the machine: the throttle decision is seen before the phase could end.
+        newest = conn.execute("SELECT id FROM orders ORDER BY created_at DESC, id DESC LIMIT 1").fetchone()[0]
+        holder.execute("SELECT 1 FROM orders WHERE id = %s FOR UPDATE", (newest,))
+        rid = conn.execute(f"SELECT id FROM {TWIN} WHERE id <> %s ORDER BY id LIMIT 1", (newest,)).fetchone()[0]
         holder.execute(f"SELECT 1 FROM {TWIN} WHERE id = %s FOR UPDATE", (rid,))  # the replay will wait here
         conn.execute("UPDATE orders SET note = 'behind' WHERE id = %s", (rid,))
         wait_until(lambda: "replay" in (live(conn).get("throttle_reason") or "") or proc.poll() is not None,
@@ -573,7 +577,7 @@ def test_a_replay_that_falls_behind_holds_the_backfill(dsn: str, conn: psycopg.C
         reason = live(conn)["throttle_reason"]
         assert "behind" in reason and "change log" in reason and "> 1s" in reason, reason
         held = conn.execute("SELECT sum(rows_copied) FROM orchestrate.ranges").fetchone()[0]
-        holder.rollback()  # the replay catches up, the throttle lets the backfill go on
+        holder.rollback()  # the replay catches up, the throttle lets the backfill go on to its end
         assert proc.wait(180) == 0, apply_log(proc)
     finally:
         holder.close()
