@@ -44,11 +44,12 @@ def _assert_exact(wl, report, runs: Runs) -> None:
     assert wl.compare().live_rows > 25_000
 
 
+@pytest.mark.parametrize("capture_mode", ["sync", "async"])
 def test_app_kill_inside_the_cutover_transaction_then_resume(shop_app: psycopg.Connection, dsn: str,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path, capture_mode: str) -> None:
     conn = shop_app
     runs = Runs(dsn, tmp_path, _seed())
-    plan = write_plan(tmp_path)
+    plan = write_plan(tmp_path, capture_mode=capture_mode)
     code, out, err = run_cli("apply", str(plan), "--dsn", dsn, "--until", "verify")
     assert code == 0, err
     wl = app_workload(dsn, seed=runs.seed % 1000, hold_s=(0.5, 1.5))
@@ -56,7 +57,7 @@ def test_app_kill_inside_the_cutover_transaction_then_resume(shop_app: psycopg.C
     wl.start()
     try:
         time.sleep(1.0)  # every kind of client writes through the capture trigger first
-        _kill_inside_cutover(conn, dsn, runs, tmp_path)
+        _kill_inside_cutover(conn, dsn, runs, tmp_path, capture_mode)
         runs.finish(plan)
         time.sleep(1.0)
     finally:

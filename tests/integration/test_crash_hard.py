@@ -32,9 +32,10 @@ END = datetime.now(timezone.utc)
 START = (END - timedelta(days=41)).strftime("%Y-%m-01")
 
 
-def _plan(tmp_path: Path) -> Path:
+def _plan(tmp_path: Path, capture_mode: str = "sync") -> Path:
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump({
+        "capture": {"mode": capture_mode},
         "table": "public.orders",
         "partition_by": {"column": "created_at", "interval": "1 month", "premake": 2, "start": START},
         "backfill": {"range": "1 day", "batch_size": 150, "fixed_batch_size": True, "sleep_ratio": 0.5,
@@ -73,8 +74,9 @@ def _finish(plan: Path, dsn: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("capture_mode", ["sync", "async"])
 def test_immediate_server_stop_mid_backfill_with_async_commit(cluster, conn: psycopg.Connection, dsn: str,
-                                                              tmp_path: Path) -> None:
+                                                              tmp_path: Path, capture_mode: str) -> None:
     # The test cluster runs with fsync (and full_page_writes) off for speed; a crash test
     # needs them as in production. Set for the server (SIGHUP settings), reset afterwards.
     for setting in ("fsync", "full_page_writes"):
@@ -82,7 +84,7 @@ def test_immediate_server_stop_mid_backfill_with_async_commit(cluster, conn: psy
     conn.execute("SELECT pg_reload_conf()")
     try:
         wait_until(lambda: conn.execute("SHOW fsync").fetchone()[0] == "on", timeout=10)
-        _crash_mid_backfill(cluster, conn, dsn, tmp_path)
+        _crash_mid_backfill(cluster, conn, dsn, tmp_path, capture_mode)
     finally:
         with psycopg.connect(dsn, autocommit=True) as c:
             for setting in ("fsync", "full_page_writes"):
@@ -90,9 +92,9 @@ def test_immediate_server_stop_mid_backfill_with_async_commit(cluster, conn: psy
             c.execute("SELECT pg_reload_conf()")
 
 
-def _crash_mid_backfill(cluster, conn: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
+def _crash_mid_backfill(cluster, conn: psycopg.Connection, dsn: str, tmp_path: Path, capture_mode: str) -> None:
     create_orders(conn, "public.orders", rows=20_000, days=40, end=END, seed=31)
-    plan = _plan(tmp_path)
+    plan = _plan(tmp_path, capture_mode)
     wl = Workload(dsn, "public.orders", "created_at", clients=3, seed=31)
     wl.setup()
     wl.start()
@@ -129,10 +131,11 @@ def _crash_mid_backfill(cluster, conn: psycopg.Connection, dsn: str, tmp_path: P
     assert cmp.live_rows > 15_000
 
 
+@pytest.mark.parametrize("capture_mode", ["sync", "async"])
 def test_kill_apply_after_the_renames_inside_the_cutover(conn: psycopg.Connection, dsn: str,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, capture_mode: str) -> None:
     create_orders(conn, "public.orders", rows=8_000, days=40, end=END, seed=32)
-    plan = _plan(tmp_path)
+    plan = _plan(tmp_path, capture_mode)
     code, _, err = run_cli("apply", str(plan), "--dsn", dsn, "--until", "verify")
     assert code == 0, err
     wl = Workload(dsn, "public.orders", "created_at", clients=3, seed=32)

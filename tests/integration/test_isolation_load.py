@@ -18,6 +18,7 @@ import time
 from datetime import datetime, timezone
 
 import psycopg
+import pytest
 
 from orchestrator import runner
 from orchestrator.lab.sample import create_orders
@@ -64,7 +65,9 @@ def _writer(dsn: str, level: str, seed: int, stop: threading.Event, out: dict) -
                     break
 
 
-def test_multi_row_transactions_at_every_level_through_the_migration(dsn: str, conn: psycopg.Connection) -> None:
+@pytest.mark.parametrize("capture_mode", ["sync", "async"])
+def test_multi_row_transactions_at_every_level_through_the_migration(dsn: str, conn: psycopg.Connection,
+                                                                     capture_mode: str) -> None:
     create_orders(conn, "public.orders", rows=3000, days=10, end=END, seed=17)
     conn.execute("CREATE TABLE public.golden (LIKE public.orders INCLUDING DEFAULTS INCLUDING CONSTRAINTS)")
     conn.execute("INSERT INTO public.golden SELECT * FROM public.orders")
@@ -72,7 +75,8 @@ def test_multi_row_transactions_at_every_level_through_the_migration(dsn: str, c
     plan = parse_plan({"table": "public.orders", "partition_by": {"column": "created_at", "interval": "1 month"},
                        "backfill": {"range": "1 day", "batch_size": 30, "fixed_batch_size": True,
                                     "sleep_ratio": 0.5},
-                       "cutover": {"lock_timeout": "300ms", "attempts": 100, "backoff_max": "300ms"}})
+                       "cutover": {"lock_timeout": "300ms", "attempts": 100, "backoff_max": "300ms"},
+                       "capture": {"mode": capture_mode}})
     out: dict = {"commits": 0, "retries": {}, "errors": []}
     stop = threading.Event()
     threads = [threading.Thread(target=_writer, args=(dsn, lvl, n, stop, out), daemon=True)
