@@ -179,10 +179,12 @@ def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, t
         add_upsert_index(conn)
     # The workload writes keys 20 years off: partitions start at the data, the default takes those.
     start = (end - timedelta(days=31)).strftime("%Y-%m-01")
-    # Small pinned batches with a pause after each: one worker would take a minute or more.
+    # Small pinned batches with a long pause after each: one worker takes half a minute or more
+    # even on a quiet machine (with 100-row batches and sleep_ratio 3 a quiet machine finished
+    # the whole backfill in 5 s, before the test could pause it); batch_size=5000 at the end.
     plan = write_plan(tmp_path, partition_by={"column": "created_at", "interval": "1 month", "start": start},
-                      backfill={"range": "1 day", "batch_size": 100, "fixed_batch_size": True,
-                                          "sleep_ratio": 3, "workers": 1})
+                      backfill={"range": "1 day", "batch_size": 25, "fixed_batch_size": True,
+                                "sleep_ratio": 10, "workers": 1})
     p = str(plan)
     if profile == "app":  # every kind of application client, lock holders included
         wl = app_workload(dsn, seed=21)
@@ -195,11 +197,14 @@ def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, t
         proc = start_apply(tmp_path, plan, dsn, "--until", "verify")
         wait_until(lambda: rows_copied(conn) > 0 or proc.poll() is not None, timeout=60)
         assert proc.poll() is None, apply_log(proc)
-        assert backfill_sessions(conn) == 1 and live(conn).get("workers") == 1
+        # Waited for, not sampled: the live figures are written every 2 s (generous limits for a
+        # busy machine; a backfill of one worker takes minutes, so none of them can pass by luck).
+        wait_until(lambda: backfill_sessions(conn) == 1 and live(conn).get("workers") == 1, timeout=60,
+                   message="the backfill did not start with one worker")
 
         cli_ok("set", p, "workers=3", "--dsn", dsn)
-        wait_until(lambda: backfill_sessions(conn) == 3, timeout=10, message="the backfill did not grow to 3")
-        wait_until(lambda: live(conn).get("workers") == 3, timeout=5)
+        wait_until(lambda: backfill_sessions(conn) == 3, timeout=60, message="the backfill did not grow to 3")
+        wait_until(lambda: live(conn).get("workers") == 3, timeout=60)
         # The new workers took ranges of their own. Watched, not sampled once: a one-day range
         # of small batches is 'copying' only while its batches run, and on a fast machine three
         # workers can all be between ranges at any single instant.
@@ -211,10 +216,10 @@ def test_workers_grow_and_shrink_in_a_running_backfill_under_writes(dsn, conn, t
         cli_ok("pause", p, "--dsn", dsn)
         cli_ok("set", p, "workers=1", "--dsn", dsn)
         wait_until(lambda: backfill_sessions(conn) == 1, timeout=60, message="the backfill did not shrink to 1")
-        wait_until(lambda: live(conn).get("workers") == 1, timeout=5)
+        wait_until(lambda: live(conn).get("workers") == 1, timeout=60)
         # And grow again while paused: the new workers wait with the others, then all finish.
         cli_ok("set", p, "workers=4", "batch_size=5000", "--dsn", dsn)
-        wait_until(lambda: backfill_sessions(conn) == 4, timeout=10, message="the backfill did not grow to 4")
+        wait_until(lambda: backfill_sessions(conn) == 4, timeout=60, message="the backfill did not grow to 4")
         assert_stalled(conn, 1.0)
         cli_ok("resume", p, "--dsn", dsn)
         assert proc.wait(180) == 0, apply_log(proc)  # verify passed: the twin equals the table
