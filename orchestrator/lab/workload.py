@@ -371,12 +371,22 @@ class _Statements:
         self.buckets = buckets or clients
 
         def owner_of(alias: str) -> str:
-            return f"(hashtext({pk_text(alias)}) & 2147483647) %% {self.buckets}"
+            # Each key column's text, not ROW(...)::text: record_out is STABLE, and Citus
+            # refuses a STABLE function over columns in an UPDATE's WHERE (the bulk update).
+            text = " || '|' || ".join(f"{alias}.{ident(c.name)}::text" for c in pkc)
+            return f"(hashtext({text}) & 2147483647) %% {self.buckets}"
+
+        def pk_list(alias: str) -> str:
+            return ", ".join(f"{alias}.{ident(c.name)}" for c in pkc)
+
+        # A golden write returns the key columns only, and the key's text is computed over
+        # them in an outer SELECT: Citus refuses a non-IMMUTABLE function (record_out) in a
+        # modification's RETURNING once the live table is distributed, the golden one too.
+        self.pk_list = pk_list
 
         self.owner_of = owner_of
         self.pk_tuple = pk_tuple
         self.pk_params = pk_params
-        owner = owner_of("g")
         ret_all = ", ".join(f"x.{ident(n)}" for n in self.all)
         gset = ", ".join(f"{ident(n)} = u.{ident(n)}" for n in self.all)
         order = ", ".join(f"s.{ident(c.name)}" for c in pkc)
@@ -434,18 +444,20 @@ class _Statements:
         self.insert = (
             f"WITH src AS ({source_row(src_cols)}), "
             f"ins AS (INSERT INTO {t} AS x ({', '.join(names)}) SELECT {', '.join(exprs)} FROM src "
-            f"RETURNING {ret_all}) "
-            f"INSERT INTO {g} AS g ({', '.join(ident(n) for n in self.all)}) "
+            f"RETURNING {ret_all}), "
+            f"gw AS (INSERT INTO {g} AS g ({', '.join(ident(n) for n in self.all)}) "
             f"SELECT {', '.join(ident(n) for n in self.all)} FROM ins "
-            f"RETURNING {pk_text('g')}, {owner}"
+            f"RETURNING {pk_list('g')}) "
+            f"SELECT {pk_text('gw')}, {owner_of('gw')} FROM gw"
         )
 
         def write_update(set_clause: str) -> str:
             return (
                 f"WITH u AS (UPDATE {t} AS x SET {set_clause} WHERE {pk_tuple('x')} = {pk_params} "
-                f"RETURNING {ret_all}) "
-                f"UPDATE {g} AS g SET {gset} FROM u WHERE {pk_tuple('g')} = {pk_params} "
-                f"RETURNING {pk_text('g')}"
+                f"RETURNING {ret_all}), "
+                f"gw AS (UPDATE {g} AS g SET {gset} FROM u WHERE {pk_tuple('g')} = {pk_params} "
+                f"RETURNING {pk_list('g')}) "
+                f"SELECT {pk_text('gw')} FROM gw"
             )
 
         # --- updates of ordinary columns: (sql, generatable)
@@ -492,7 +504,7 @@ class _Statements:
         )
         self.sample = (
             f"SELECT {pk_text('g')} FROM {g} AS g TABLESAMPLE SYSTEM (%s::float4) REPEATABLE (%s::int) "
-            f"WHERE {owner} = %s::int"
+            f"WHERE {owner_of('g')} = %s::int"
         )
 
     def build_app(self, golden_pk: list[str], upsert_target: list[str] | None) -> None:
@@ -537,9 +549,10 @@ class _Statements:
             sel = ", ".join(f"%s::text::{c.type}" if c.name == ac.name else f"s.{ident(c.name)}" for c in insertable)
             self.upsert = (
                 f"WITH ins AS (INSERT INTO {t} AS x ({', '.join(ident(c.name) for c in insertable)}){overriding} "
-                f"SELECT {sel} FROM {t} AS s WHERE {pk_tuple('s')} = {pk_params} {conflict} RETURNING {ret_all}) "
-                f"INSERT INTO {g} AS g ({allc}) SELECT {allc} FROM ins "
-                f"ON CONFLICT ({gpk}) DO UPDATE SET {gset_ex} RETURNING {self.pk_text('g')}"
+                f"SELECT {sel} FROM {t} AS s WHERE {pk_tuple('s')} = {pk_params} {conflict} RETURNING {ret_all}), "
+                f"gw AS (INSERT INTO {g} AS g ({allc}) SELECT {allc} FROM ins "
+                f"ON CONFLICT ({gpk}) DO UPDATE SET {gset_ex} RETURNING {self.pk_list('g')}) "
+                f"SELECT {self.pk_text('gw')} FROM gw"
             )
             # --- upsert of a new row: the simple insert with the same ON CONFLICT clause.
             self.upsert_new = self.insert.replace(" RETURNING ", f" {conflict} RETURNING ", 1)
@@ -1394,6 +1407,10 @@ class Workload:
         )
         logger.debug("workload on {} stopped: {}", self.table, self.report.as_dict())
         return self.report
+
+    def committed(self) -> int:
+        """Transactions the running clients have committed so far (a live count)."""
+        return sum(t.transactions for t in self._threads)
 
     def run_for(self, seconds: float) -> WorkloadReport:
         self.start()
