@@ -32,6 +32,7 @@ import psycopg
 
 from orchestrator.errors import PreflightError
 from orchestrator.sql import ident, literal
+from orchestrator.sql.probes import WORKER_SIGNALS_SQL
 
 if TYPE_CHECKING:
     from orchestrator.inspect import TableInfo
@@ -68,18 +69,11 @@ def on_workers(conn: psycopg.Connection, command: str) -> list[tuple[str, int, b
 
 
 # On each worker: its standbys' replay lag (s) and its replication slot holding the most WAL.
-_WORKER_SIGNALS = (
-    "SELECT coalesce((SELECT max(extract(epoch FROM replay_lag)) FROM pg_catalog.pg_stat_replication), 0)::text"
-    " || ' ' || coalesce((SELECT slot_name || ' ' || pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), "
-    "restart_lsn)::bigint FROM pg_catalog.pg_replication_slots WHERE restart_lsn IS NOT NULL "
-    "ORDER BY pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), restart_lsn) DESC LIMIT 1), '- -')")
-
-
 def worker_signals(conn: psycopg.Connection) -> list[tuple[str, bool, float | None, str | None, int | None]]:
     """(worker, readable, replica lag s, slot, retained bytes) of every worker, read through
     the coordinator (for the throttler, which merely observes: read-only SELECTs)."""
     out = []
-    for host, port, ok, result in on_workers(conn, _WORKER_SIGNALS):
+    for host, port, ok, result in on_workers(conn, WORKER_SIGNALS_SQL):
         node = f"{host}:{port}"
         parts = (result or "").split(" ")
         if not ok or len(parts) != 3:

@@ -62,6 +62,7 @@ from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, ThrottleAbort
 from orchestrator.owner import MONITOR_HINT, sees_all_sessions
 from orchestrator.plan import Throttle
+from orchestrator.sql.probes import PRIMARY_LAG_SQL, REPLICA_LAG_SQL
 from orchestrator.state.store import Store
 
 CHECK_INTERVAL_S = 0.5
@@ -88,20 +89,8 @@ SELECT who, age FROM (
 TRIGGERS_NOTE = "the capture trigger still runs: writes keep reaching the twin"
 
 
-# Replica lag, read the same way by the throttle and by the cutover's gate (LagProbe).
-# On a standby: the age of the last replayed commit while WAL is received but not yet
-# replayed, else 0 (nothing to replay: the age of an old commit is not lag).
-REPLICA_LAG_SQL = (
-    "SELECT CASE WHEN NOT pg_is_in_recovery() "
-    "  OR pg_last_wal_receive_lsn() IS NOT DISTINCT FROM pg_last_wal_replay_lsn() THEN 0 "
-    "ELSE coalesce(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()), 0) END::float8")
-# On the primary, without replica DSNs: pg_stat_replication. A standby that has replayed all
-# WAL counts 0 (the view keeps the last burst's replay_lag); also the bytes behind and how
-# many standbys there are.
-PRIMARY_LAG_SQL = (
-    "SELECT coalesce(max(CASE WHEN replay_lsn >= pg_current_wal_lsn() THEN 0 "
-    "ELSE coalesce(extract(epoch FROM replay_lag), 0) END), 0)::float8, "
-    "max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint, count(*) FROM pg_stat_replication")
+# Replica lag, read the same way by the throttle, the cutover's gate (LagProbe) and, on a
+# Citus coordinator, for every worker: orchestrator/sql/probes.py.
 
 
 def replica_lag_s(conn: psycopg.Connection) -> float:
