@@ -49,9 +49,10 @@ def _describes(pg_bin: Path, setting: str) -> bool:
 
 
 class CitusCluster:
-    """A coordinator and ``workers`` workers, each a LocalCluster with Citus preloaded."""
+    """A coordinator and ``workers`` workers, each a LocalCluster with Citus preloaded
+    (``worker_replicas``: every worker with a streaming standby, as a worker's HA setup has)."""
 
-    def __init__(self, pg_bin: Path | None = None, workers: int = 2):
+    def __init__(self, pg_bin: Path | None = None, workers: int = 2, worker_replicas: bool = False):
         self.pg_bin = Path(pg_bin) if pg_bin else find_pg_bin("15")
         if not citus_installed(self.pg_bin):
             raise ClusterError(CITUS_MISSING)
@@ -74,6 +75,7 @@ class CitusCluster:
             settings["output_plugin_libraries"] = "pgoutput, test_decoding, citus"
         self.settings = settings
         self.n_workers = workers
+        self.worker_replicas = worker_replicas  # each worker with a streaming standby of its own
         self.coordinator: LocalCluster | None = None
         self.workers: list[LocalCluster] = []
 
@@ -87,7 +89,8 @@ class CitusCluster:
         try:
             self.coordinator = LocalCluster(pg_bin=self.pg_bin, replica=False, settings=self.settings).start()
             for _ in range(self.n_workers):
-                self.workers.append(LocalCluster(pg_bin=self.pg_bin, replica=False, settings=self.settings).start())
+                self.workers.append(LocalCluster(pg_bin=self.pg_bin, replica=self.worker_replicas,
+                                                 settings=self.settings).start())
         except BaseException:
             self.stop()
             raise
