@@ -234,10 +234,12 @@ def test_sigkill_in_every_phase_under_load_then_resume(shop: psycopg.Connection,
 
 
 @pytest.mark.slow
-def test_database_restart_mid_backfill(cluster, shop: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
-    """apply reconnects and goes on, or exits 4 with one resumable line; the next apply finishes."""
+def test_database_restart_mid_backfill(cluster, shop: psycopg.Connection, dsn: str, tmp_path: Path,
+                                       capture_mode: str) -> None:
+    """apply reconnects and goes on, or exits 4 with one resumable line; the next apply finishes
+    (async: the change log survives the restart and the replay resumes at its checkpoint)."""
     runs = Runs(dsn, tmp_path, _seed())
-    plan = write_plan(tmp_path)
+    plan = write_plan(tmp_path, capture_mode=capture_mode)
     wl = Workload(dsn, "public.orders", "created_at", clients=4, seed=runs.seed)
     wl.setup()
     wl.start()

@@ -9,6 +9,7 @@ What is proved here, each by a test that fails when the mechanism is removed:
 - cancel_blockers cancels read-only blockers (active query or idle in transaction), never a
   session that wrote to the table and never one of orchestrate's own sessions;
 - the readiness gates wait, then exit 8 naming the gate, before any lock is requested.
+Each runs in both capture modes (the async cutover drains the change log under the lock).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import psycopg
 import pytest
 import yaml
 
-from helpers import run_cli, wait_until
+from helpers import drain, run_cli, wait_until
 from orchestrator import runner
 from orchestrator.db import OWN_PIDS
 from orchestrator.errors import LockNotAcquired
@@ -34,17 +35,18 @@ from orchestrator.plan import Plan, parse_plan
 END = datetime.now(timezone.utc)
 
 
-def plan_dict(**cutover) -> dict:
+def plan_dict(capture_mode: str = "sync", **cutover) -> dict:
     return {
         "table": "public.orders",
         "partition_by": {"column": "created_at", "interval": "1 month", "premake": 1},
         "backfill": {"range": "1 month", "batch_size": 20_000},
+        "capture": {"mode": capture_mode},
         "cutover": {"lock_timeout": "100ms", "attempts": 60, "backoff_max": "300ms", **cutover},
     }
 
 
-def make_plan(**cutover) -> Plan:
-    return parse_plan(plan_dict(**cutover))
+def make_plan(capture_mode: str = "sync", **cutover) -> Plan:
+    return parse_plan(plan_dict(capture_mode, **cutover))
 
 
 @pytest.fixture
@@ -116,9 +118,10 @@ def start_workload(dsn: str, seed: int) -> Workload:
     return wl
 
 
-@pytest.mark.parametrize("lock_timeout", ["100ms", "10s"])
+# The negative control (10s) proves the lock queue, whatever the capture mode: sync only.
+@pytest.mark.parametrize(("lock_timeout", "capture_mode"), [("100ms", "sync"), ("10s", "sync"), ("100ms", "async")])
 def test_cutover_behind_a_long_reader_keeps_latency_bounded(orders: psycopg.Connection, dsn: str,
-                                                            lock_timeout: str) -> None:
+                                                            lock_timeout: str, capture_mode: str) -> None:
     """A reader holds ACCESS SHARE for 3 s when the cutover starts.
 
     With lock_timeout 100ms each attempt queues the application for at most ~100 ms, then
@@ -131,7 +134,7 @@ def test_cutover_behind_a_long_reader_keeps_latency_bounded(orders: psycopg.Conn
     and every query of the application waits behind it: ~the blocker's remaining 3 s."""
     conn = orders
     hold_s = 3.0
-    plan = make_plan(lock_timeout=lock_timeout)
+    plan = make_plan(capture_mode, lock_timeout=lock_timeout)
     assert runner.apply(plan, dsn, cutover=False).data["status"] == "ready"
     wl = start_workload(dsn, seed=7)
     blocker = None
@@ -176,10 +179,12 @@ def test_cutover_behind_a_long_reader_keeps_latency_bounded(orders: psycopg.Conn
         assert worst > 2000, f"worst latency {worst} ms: the long lock wait should have stalled the writers"
 
 
-def test_exhausted_attempts_exit_7_and_change_nothing(orders: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
+def test_exhausted_attempts_exit_7_and_change_nothing(orders: psycopg.Connection, dsn: str, tmp_path: Path,
+                                                      capture_mode: str) -> None:
     conn = orders
     path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan_dict(lock_timeout="50ms", attempts=4, backoff_max="100ms", postpone=True)))
+    path.write_text(yaml.safe_dump(plan_dict(capture_mode, lock_timeout="50ms", attempts=4, backoff_max="100ms",
+                                                 postpone=True)))
     code, out, err = run_cli("apply", str(path), "--dsn", dsn)
     assert code == 0, err
     wl = start_workload(dsn, seed=8)
@@ -204,6 +209,7 @@ def test_exhausted_attempts_exit_7_and_change_nothing(orders: psycopg.Connection
         blocker.release()
         report = wl.stop()
     assert report.errors == 0, report.error_samples
+    drain(conn)  # async: what apply's replay would have done meanwhile (a no-op for sync)
     assert wl.compare(table="public.orders_partitioned").ok  # the twin kept up: resumable
     # The blocker is gone: the same command resumes and cuts over.
     code, out, err = run_cli("apply", str(path), "--dsn", dsn, "--cutover")
@@ -212,9 +218,10 @@ def test_exhausted_attempts_exit_7_and_change_nothing(orders: psycopg.Connection
     assert wl.compare().ok
 
 
-def test_cancel_blockers_spares_writers_and_cancels_readers(orders: psycopg.Connection, dsn: str) -> None:
+def test_cancel_blockers_spares_writers_and_cancels_readers(orders: psycopg.Connection, dsn: str,
+                                                            capture_mode: str) -> None:
     conn = orders
-    plan = make_plan(lock_timeout="100ms", attempts=6, backoff_max="200ms", cancel_blockers=True,
+    plan = make_plan(capture_mode, lock_timeout="100ms", attempts=6, backoff_max="200ms", cancel_blockers=True,
                      cancel_blockers_after=2)
     assert runner.apply(plan, dsn, cutover=False).data["status"] == "ready"
     wl = start_workload(dsn, seed=9)
@@ -258,12 +265,13 @@ def test_cancel_blockers_spares_writers_and_cancels_readers(orders: psycopg.Conn
     assert wl.compare().ok
 
 
-def test_gates_wait_then_exit_8_naming_the_gate(orders: psycopg.Connection, dsn: str, tmp_path: Path) -> None:
+def test_gates_wait_then_exit_8_naming_the_gate(orders: psycopg.Connection, dsn: str, tmp_path: Path,
+                                               capture_mode: str) -> None:
     """A transaction older than cutover.max_blocker_age holding a lock on the table keeps the
     cutover from even asking for the lock; after gate_timeout: exit 8, nothing changed."""
     conn = orders
     path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan_dict(max_blocker_age="1s", gate_timeout="3s", postpone=True)))
+    path.write_text(yaml.safe_dump(plan_dict(capture_mode, max_blocker_age="1s", gate_timeout="3s", postpone=True)))
     code, out, err = run_cli("apply", str(path), "--dsn", dsn)
     assert code == 0, err
     blocker = Blocker(dsn, "SELECT id FROM public.orders LIMIT 1", app="app-forgotten").start(conn)
