@@ -37,24 +37,28 @@ def demo_cmd(rows: int, days: int, clients: int, keep: bool, distributed: bool) 
               help="Where benchmarks.json and benchmarks.md go (default ./docs; --quick: a temp dir).")
 @click.option("--pg-bin", default=None, help="PostgreSQL bin directory (or 'system', '15', 'embedded').")
 @click.option("--distributed", is_flag=True, help="Instead: on a local Citus cluster, the distributed migration "
-              "against our migration followed by create_distributed_table_concurrently (wall time, longest write).")
+              "against our migration followed by create_distributed_table_concurrently (wall time, longest "
+              "write); writes benchmarks-distributed.json/.md (default ./docs; --quick: only printed).")
 @handled
 def bench_cmd(rows: int | None, quick: bool, output_dir: str | None, pg_bin: str | None,
               distributed: bool = False) -> None:
     """Measure backfill speed, dual-write overhead, cutover lock and memory, side by side."""
     if distributed:
-        from orchestrator.lab.bench_citus import compare
+        from orchestrator.lab.bench_citus import LABELS, compare, render_markdown
 
         res = compare(rows or (20_000 if quick else 200_000), say=lambda s: click.echo(s, err=True))
-        if output_dir:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "benchmarks-distributed.json").write_text(json.dumps(res, indent=2))
-        for mode, label in (("one_step", "one step (distribute:)"),
-                            ("two_step", "two steps (+ create_distributed_table_concurrently)")):
+        out = Path(output_dir) if output_dir else (None if quick else Path("docs"))
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "benchmarks-distributed.json").write_text(json.dumps(res, indent=2) + "\n")
+            (out / "benchmarks-distributed.md").write_text(render_markdown(res))
+        for mode, label in LABELS:
             r = res[mode]
             click.echo(f"{label:<52} wall {r['wall_s']:>7.1f}s  longest write {r['longest_write_ms']:>8.1f} ms  "
                        f"errors {r['errors']}" + (f"  (concurrently refused: {r['concurrently_error']}; "
                                                   f"then {r['second_step']})" if "concurrently_error" in r else ""))
+        if out is not None:
+            click.echo(f"wrote {out / 'benchmarks-distributed.json'}, {out / 'benchmarks-distributed.md'}")
         return
     from orchestrator.lab.bench import run_bench, verdict
 

@@ -75,7 +75,11 @@ def _plan(days: int, distribute: bool):
 
 def compare(rows: int = 200_000, days: int = 90, say=print) -> dict:
     """Run both paths on one fresh Citus cluster; their figures side by side."""
-    out: dict = {"rows": rows}
+    import os
+    import platform
+
+    out: dict = {"rows": rows, "machine": f"{os.cpu_count()} CPU(s), {platform.machine()}",
+                 "load_before": round(os.getloadavg()[0], 1)}
     say("bench --distributed: starting a local Citus coordinator and two workers")
     with CitusCluster() as cluster:
         for mode in ("one_step", "two_step"):
@@ -117,4 +121,34 @@ def compare(rows: int = 200_000, days: int = 90, say=print) -> dict:
                 ).fetchone()[0] == 1
             out[mode] = result
             say(f"  {mode}: {result}")
+        with psycopg.connect(cluster.dsn("postgres"), autocommit=True) as conn:
+            out["citus"] = conn.execute("SELECT default_version FROM pg_available_extensions "
+                                        "WHERE name = 'citus'").fetchone()[0]
+            out["postgres"] = conn.execute("SHOW server_version").fetchone()[0]
+    out["load_after"] = round(os.getloadavg()[0], 1)
     return out
+
+
+LABELS = (("one_step", "one step (distribute:)"),
+          ("two_step", "two steps (+ create_distributed_table_concurrently)"))
+
+
+def render_markdown(res: dict) -> str:
+    """docs/benchmarks-distributed.md: both paths' figures, the machine and its load."""
+    lines = ["# The distributed migration against the two-step path", "",
+             "Written by `orchestrate bench --distributed`; both paths on one local Citus cluster "
+             "(coordinator + 2 workers), the same table and rows, in one run, under one application "
+             "writer (an INSERT and an UPDATE by key per loop, autocommit).", "",
+             f"Rows: {res['rows']:,}. Machine: {res.get('machine', '?')}; load average "
+             f"{res.get('load_before', '?')} before, {res.get('load_after', '?')} after. "
+             f"Citus {res.get('citus', '?')} on PostgreSQL {res.get('postgres', '?')}.", "",
+             "| path | wall time | longest application write | writes | errors | second step |",
+             "|---|---|---|---|---|---|"]
+    for mode, label in LABELS:
+        r = res[mode]
+        second = r.get("second_step", "-")
+        if "concurrently_error" in r:
+            second += f" (concurrently refused: {r['concurrently_error']})"
+        lines.append(f"| {label} | {r['wall_s']:.1f} s | {r['longest_write_ms']:,.1f} ms | {r['writes']:,} | "
+                     f"{r['errors']} | {second} |")
+    return "\n".join(lines) + "\n"

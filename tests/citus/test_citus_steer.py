@@ -89,3 +89,5 @@ def test_bench_distributed_measures_both_paths(tmp_path):
     assert res["one_step"]["errors"] == 0, res["one_step"]
     assert res["two_step"]["second_step"].startswith("create_distributed_table"), res["two_step"]
     assert "one step (distribute:)" in out and "two steps" in out
+    md = (tmp_path / "benchmarks-distributed.md").read_text()
+    assert "| one step (distribute:) |" in md and "| two steps" in md and "5,000" in md
