@@ -41,7 +41,9 @@ from orchestrator import sql
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import StateConflict
 from orchestrator.inspect import TableInfo, inspect_table
-from orchestrator.sql import QualifiedName, ident
+from orchestrator.sql import QualifiedName
+from orchestrator.sql import drift as dsql
+from orchestrator.sql.compose import Composed
 
 
 class DriftRefused(StateConflict):
@@ -71,14 +73,7 @@ def snapshot(conn: psycopg.Connection, info: TableInfo, key: str) -> dict:
     """The shape of ``info`` as JSON-able data: columns (by attnum, with type, typmod,
     collation, default, NOT NULL, generated, identity), primary key, key column, CHECKs
     (pg_get_constraintdef, which ends in NOT VALID for unvalidated ones) and indexes."""
-    rows = conn.execute(
-        """SELECT a.attname, a.attnum,
-                  CASE WHEN a.attcollation <> t.typcollation
-                       THEN (SELECT quote_ident(n.nspname) || '.' || quote_ident(c.collname) FROM pg_collation c
-                             JOIN pg_namespace n ON n.oid = c.collnamespace WHERE c.oid = a.attcollation) END
-           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-           WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped""",
-        (info.oid,)).fetchall()
+    rows = conn.execute(dsql.ATTRIBUTE_COLLATIONS, (info.oid,)).fetchall()
     extra = {r[0]: (r[1], r[2]) for r in rows}
     return {
         "columns": [{"name": c.name, "attnum": extra[c.name][0], "type": c.type, "collation": extra[c.name][1],
@@ -177,13 +172,11 @@ def install_column_guard(cur: psycopg.Cursor, table: QualifiedName, trigger: str
     of every later write failing in the sync trigger. Costs nothing per row.
 
     Warning: DROP/CREATE TRIGGER lock the table (ACCESS EXCLUSIVE); call under the lock."""
-    cur.execute(f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$ BEGIN RETURN NULL; END $orchestrate$""")
-    name = ident(trigger + "_columns")
-    cur.execute(f"DROP TRIGGER IF EXISTS {name} ON {table}")
+    cur.execute(dsql.column_guard_function(fn))
+    name = trigger + "_columns"
+    cur.execute(dsql.drop_trigger(table, name))
     if columns:
-        cur.execute(f"CREATE TRIGGER {name} AFTER UPDATE OF {sql.column_list(columns)} ON {table} "
-                    f"FOR EACH ROW WHEN (false) EXECUTE FUNCTION {fn}()")
+        cur.execute(dsql.column_guard_trigger(table, name, columns, fn))
 
 
 def column_guard_matches(cur: psycopg.Cursor, table: QualifiedName, trigger: str, columns: list[str]) -> bool:
@@ -192,11 +185,7 @@ def column_guard_matches(cur: psycopg.Cursor, table: QualifiedName, trigger: str
     The reverse side's guard is staged on the twin at prepare (creating it on a partitioned
     table clones it onto every partition, which the cutover must not do under its lock);
     the cutover re-makes it only when a column was carried to the twin since."""
-    cur.execute(
-        "SELECT array(SELECT a.attname::text FROM pg_catalog.unnest(t.tgattr::pg_catalog.int2[]) k "
-        "JOIN pg_catalog.pg_attribute a ON a.attrelid = t.tgrelid AND a.attnum = k ORDER BY 1) "
-        "FROM pg_catalog.pg_trigger t WHERE t.tgrelid = pg_catalog.to_regclass(%s) AND t.tgname = %s",
-        (str(table), trigger + "_columns"))
+    cur.execute(dsql.COLUMN_GUARD_COLUMNS, (str(table), trigger + "_columns"))
     row = cur.fetchone()
     return row is not None and list(row[0]) == sorted(columns)
 
@@ -204,13 +193,12 @@ def column_guard_matches(cur: psycopg.Cursor, table: QualifiedName, trigger: str
 def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName | None, trigger: str, fn: QualifiedName) -> None:
     """Idempotent; ``table`` None when it no longer exists."""
     if table is not None:
-        cur.execute(f"DROP TRIGGER IF EXISTS {ident(trigger + '_columns')} ON {table}")
+        cur.execute(dsql.drop_trigger(table, trigger + "_columns"))
     # Each side has a function of its own (capture_columns / reverse_columns); it goes only
     # when no guard trigger uses it any more.
-    cur.execute("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgfoid = pg_catalog.to_regprocedure(%s)",
-                (f"{fn}()",))
+    cur.execute(dsql.TRIGGERS_USING_FUNCTION, (dsql.no_arg_signature(fn),))
     if cur.fetchone()[0] == 0:
-        cur.execute(f"DROP FUNCTION IF EXISTS {fn}()")
+        cur.execute(dsql.drop_function(fn))
 
 
 # --- the opt-in guard: an event trigger (superuser) -------------------------------------------
@@ -218,7 +206,7 @@ def drop_column_guard(cur: psycopg.Cursor, table: QualifiedName | None, trigger:
 
 def can_guard_ddl(conn: psycopg.Connection) -> tuple[bool, str]:
     """Event triggers need superuser (PostgreSQL 15: no other role may create one)."""
-    row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    row = conn.execute(dsql.IS_SUPERUSER).fetchone()
     if row and row[0]:
         return True, ""
     return False, ("guard_ddl: the role is not a superuser and cannot create an event trigger; the table is "
@@ -237,46 +225,23 @@ def install_ddl_guard(cur: psycopg.Cursor, mid: int, table_oid: int, table: Qual
     Warning: superuser only; the trigger runs the function for every DDL in the database
     (a catalog lookup per command, nothing per row)."""
     fn = QualifiedName("orchestrate", guard_name(mid))
-    msg = sql.literal(f"{table} is being migrated by orchestrate (migration {mid}); schema changes are refused "
-                      "until cutover (guard_ddl: true). Roll back or finish the migration first")
-    cur.execute(f"""CREATE OR REPLACE FUNCTION {fn}() RETURNS event_trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$
-DECLARE r record;
-BEGIN
-  IF pg_catalog.current_setting('application_name') LIKE 'orchestrate:%' THEN
-    RETURN;
-  END IF;
-  IF TG_EVENT = 'sql_drop' THEN
-    FOR r IN SELECT objid, object_type FROM pg_catalog.pg_event_trigger_dropped_objects() LOOP
-      IF r.objid = {int(table_oid)}::oid THEN
-        RAISE EXCEPTION {msg} USING ERRCODE = 'object_in_use';
-      END IF;
-    END LOOP;
-    RETURN;
-  END IF;
-  FOR r IN SELECT classid, objid FROM pg_catalog.pg_event_trigger_ddl_commands() LOOP
-    IF r.classid = 'pg_catalog.pg_class'::pg_catalog.regclass AND (r.objid = {int(table_oid)}::oid OR EXISTS (
-         SELECT 1 FROM pg_catalog.pg_index i WHERE i.indexrelid = r.objid AND i.indrelid = {int(table_oid)}::oid))
-    THEN
-      RAISE EXCEPTION {msg} USING ERRCODE = 'object_in_use';
-    END IF;
-  END LOOP;
-END $orchestrate$""")
-    cur.execute(f"REVOKE ALL ON FUNCTION {fn}() FROM PUBLIC")
-    for event, suffix in (("ddl_command_end", ""), ("sql_drop", "_drop")):
-        name = ident(guard_name(mid) + suffix)
-        cur.execute(f"DROP EVENT TRIGGER IF EXISTS {name}")
-        cur.execute(f"CREATE EVENT TRIGGER {name} ON {event} EXECUTE FUNCTION {fn}()")
+    msg = (f"{table} is being migrated by orchestrate (migration {mid}); schema changes are refused "
+           "until cutover (guard_ddl: true). Roll back or finish the migration first")
+    cur.execute(dsql.ddl_guard_function(fn, table_oid, msg))
+    cur.execute(dsql.revoke_function(fn))
+    for event, suffix in dsql.GUARD_EVENTS:
+        name = guard_name(mid) + suffix
+        cur.execute(dsql.drop_event_trigger(name))
+        cur.execute(dsql.create_event_trigger(name, event, fn))
 
 
 def drop_ddl_guard(cur: psycopg.Cursor, mid: int) -> None:
     """Idempotent; a no-op when no guard was installed (any role may run it then)."""
-    cur.execute("SELECT evtname FROM pg_event_trigger WHERE evtname IN (%s, %s)",
-                (guard_name(mid), guard_name(mid) + "_drop"))
+    cur.execute(dsql.GUARD_EVENT_TRIGGERS, (guard_name(mid), guard_name(mid) + "_drop"))
     for (name,) in cur.fetchall():
-        cur.execute(f"DROP EVENT TRIGGER IF EXISTS {ident(name)}")
-    if cur.execute("SELECT to_regproc(%s)", (f"orchestrate.{guard_name(mid)}",)).fetchone()[0] is not None:
-        cur.execute(f"DROP FUNCTION orchestrate.{ident(guard_name(mid))}()")
+        cur.execute(dsql.drop_event_trigger(name))
+    if cur.execute(dsql.REGPROC, (f"orchestrate.{guard_name(mid)}",)).fetchone()[0] is not None:
+        cur.execute(dsql.drop_function(QualifiedName("orchestrate", guard_name(mid)), if_exists=False))
 
 
 # --- comparing and carrying ---------------------------------------------------------------
@@ -436,8 +401,7 @@ def carry(ctx) -> None:
                 # Added NOT VALID under the lock (no scan), validated after it; recorded NOT
                 # VALID until then.
                 shape["checks"][ch.name] = definition + " NOT VALID"
-                cur.execute(f"ALTER TABLE {plan.twin} DROP CONSTRAINT IF EXISTS {ident(ch.name)}, "
-                            f"ADD CONSTRAINT {ident(ch.name)} {definition} NOT VALID")
+                cur.execute(dsql.replace_check_not_valid(plan.twin, ch.name, definition))
                 later.append(Change("validate_check", ch.name, ch.detail, ch.text))
                 continue
             for stmt in twin_ddl(plan.twin, ch, plan.partition_by.column):
@@ -471,41 +435,10 @@ def carry(ctx) -> None:
     ctx.refresh()
 
 
-def twin_ddl(twin: QualifiedName, ch: Change, key: str) -> list[str]:
+def twin_ddl(twin: QualifiedName, ch: Change, key: str) -> list[Composed]:
     """The catalog-only statements that carry one change to the twin (pure)."""
-    c = ident(ch.name)
-    d = ch.detail
-    if ch.kind == "drop_column":
-        return [f"ALTER TABLE {twin} DROP COLUMN IF EXISTS {c}"]
-    if ch.kind == "rename_column":
-        return [f"ALTER TABLE {twin} RENAME COLUMN {ident(d['old'])} TO {c}"]
-    if ch.kind == "add_column":
-        col = f"ALTER TABLE {twin} ADD COLUMN {c} {d['type']}"
-        if d["collation"]:
-            col += f" COLLATE {d['collation']}"
-        if d["generated"] == "s":
-            col += f" GENERATED ALWAYS AS ({d['default']}) STORED"
-        elif d["default"] is not None:
-            col += f" DEFAULT {d['default']}"
-        if d["not_null"]:
-            col += " NOT NULL"
-        return [col]
-    if ch.kind == "default":
-        if d["default"] is None:
-            return [f"ALTER TABLE {twin} ALTER COLUMN {c} DROP DEFAULT"]
-        return [f"ALTER TABLE {twin} ALTER COLUMN {c} SET DEFAULT {d['default']}"]
-    if ch.kind == "not_null":
-        return [f"ALTER TABLE {twin} ALTER COLUMN {c} {'SET' if d['not_null'] else 'DROP'} NOT NULL"]
-    if ch.kind == "drop_check":
-        return [f"ALTER TABLE {twin} DROP CONSTRAINT IF EXISTS {c}"]
-    if ch.kind == "add_check":
-        definition = d["definition"]
-        if not definition.endswith(" NOT VALID"):
-            definition += " NOT VALID"  # validated after the lock is released
-        return [f"ALTER TABLE {twin} ADD CONSTRAINT {c} {definition}"]
-    if ch.kind == "drop_index":
-        return [f"DROP INDEX IF EXISTS {twin_index(twin, ch.name)}"]
-    raise ValueError(f"not a catalog-only change: {ch.kind}")
+    index = twin_index(twin, ch.name) if ch.kind == "drop_index" else None
+    return dsql.twin_ddl(twin, ch.kind, ch.name, ch.detail, index)
 
 
 def twin_index(twin: QualifiedName, name: str) -> QualifiedName:
@@ -519,7 +452,7 @@ def _schedule_recopy(cur: psycopg.Cursor, ctx) -> None:
     this regeneration), in any row: every range is re-copied (delete the twin's rows, copy
     again, live rows locked FOR SHARE) and verified again."""
 
-    ranges = cur.execute("SELECT count(*) FROM orchestrate.ranges WHERE migration_id = %s", (ctx.mid,)).fetchone()
+    ranges = cur.execute(dsql.RANGES_PLANNED, (ctx.mid,)).fetchone()
     if not ranges[0]:
         return  # not planned yet: the backfill copies every range with the new column
     # Pending ranges too: the trigger may have inserted rows there, and the copy's ON CONFLICT
@@ -534,40 +467,27 @@ def build_index(ctx, name: str, definition: str) -> None:
     plan = ctx.plan
     key = plan.partition_by.column
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-        cur.execute("SET LOCAL search_path = pg_catalog")
-        cur.execute("SELECT quote_ident(c.relname), %s::regclass::text, i.indisunique, "
-                    "  ARRAY(SELECT a.attname FROM unnest(i.indkey) k(n) JOIN pg_attribute a "
-                    "        ON a.attrelid = i.indrelid AND a.attnum = k.n WHERE k.n > 0) "
-                    "FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid "
-                    "WHERE c.relnamespace = %s::regnamespace AND c.relname = %s",
-                    (str(plan.table_name), ident(plan.table_name.schema), name))
+        cur.execute(dsql.SEARCH_PATH_CATALOG)
+        cur.execute(dsql.INDEX_FACTS, (str(plan.table_name), sql.ident(plan.table_name.schema), name))
         row = cur.fetchone()
     if row is None:
         return  # dropped again meanwhile: the next check sees it gone
     qname, qtable, unique, columns = row
-    u = "UNIQUE " if unique else ""
     add_key = key if unique and key not in columns else None
-    prefix = f"CREATE {u}INDEX {qname} ON {qtable} USING "
+    head = dsql.index_definition_head(unique, qname, qtable)
     target = twin_index(plan.twin, name)
-    parent = sql.rewrite_index(definition, prefix, f"CREATE {u}INDEX IF NOT EXISTS {ident(target.name)} ON ONLY "
-                               f"{plan.twin} USING ", add_key)
-    ctx.conn.execute(parent)
-    parts = ctx.conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE h.inhparent = %s::regclass ORDER BY 2",
-        (str(plan.twin),)).fetchall()
+    ctx.conn.execute(dsql.create_parent_index(definition, head, unique, target.name, plan.twin, add_key))
+    parts = ctx.conn.execute(dsql.PARTITIONS_OF, (str(plan.twin),)).fetchall()
     for schema, part in parts:
         pname = part_index_name(part, name)
-        have = ctx.conn.execute(
-            "SELECT 1 FROM pg_inherits h JOIN pg_class c ON c.oid = h.inhrelid "
-            "WHERE h.inhparent = %s::regclass AND c.relname = %s", (str(target), pname)).fetchone()
+        have = ctx.conn.execute(dsql.PARTITION_INDEX_ATTACHED, (str(target), pname)).fetchone()
         if have:
             continue
-        ctx.conn.execute(f"DROP INDEX IF EXISTS {QualifiedName(schema, pname)}")  # an invalid leftover
+        ctx.conn.execute(dsql.drop_index(QualifiedName(schema, pname)))  # an invalid leftover
         # CONCURRENTLY: writers to the partition (the capture trigger) go on while it builds.
-        ctx.conn.execute(sql.rewrite_index(definition, prefix, f"CREATE {u}INDEX CONCURRENTLY {ident(pname)} ON "
-                                           f"{QualifiedName(schema, part)} USING ", add_key))
-        ctx.conn.execute(f"ALTER INDEX {target} ATTACH PARTITION {QualifiedName(schema, pname)}")
+        ctx.conn.execute(dsql.create_partition_index(definition, head, unique, pname, QualifiedName(schema, part),
+                                                     add_key))
+        ctx.conn.execute(dsql.attach_index(target, QualifiedName(schema, pname)))
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
         shape = recorded(ctx) or {}
         shape.setdefault("indexes", {})[name] = definition
@@ -591,7 +511,7 @@ def part_index_name(part: str, index: str) -> str:
 def _validate_check(ctx, name: str) -> None:
     """VALIDATE CONSTRAINT takes SHARE UPDATE EXCLUSIVE on the twin: writers go on."""
     def body(cur: psycopg.Cursor) -> None:
-        cur.execute(f"ALTER TABLE {ctx.plan.twin} VALIDATE CONSTRAINT {ident(name)}")
+        cur.execute(dsql.validate_constraint(ctx.plan.twin, name))
         shape = recorded(ctx) or {}
         shape.setdefault("checks", {})[name] = shape.get("checks", {}).get(name, "").removesuffix(" NOT VALID")
         ctx.store.set_facts(cur, ctx.mid, shape=shape)
@@ -604,18 +524,11 @@ def _validate_check(ctx, name: str) -> None:
 
 # --- under the cutover lock -----------------------------------------------------------------
 
-COLUMNS_SQL = """SELECT coalesce(string_agg(concat_ws(':', quote_ident(a.attname), format_type(a.atttypid, a.atttypmod),
-        a.attcollation, a.attnotnull, a.attgenerated, a.attidentity, pg_get_expr(d.adbin, d.adrelid)), E'\\n'
-        ORDER BY a.attnum), '')
-  FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
- WHERE a.attrelid = %s::regclass AND a.attnum > 0 AND NOT a.attisdropped"""
-
-
 def columns_differ(cur: psycopg.Cursor, table: QualifiedName, twin: QualifiedName) -> str | None:
     """One query per table: their columns (name, type, collation, NOT NULL, generated, identity,
     default) in order; the first difference, or None. Run under the cutover lock."""
-    a = cur.execute(COLUMNS_SQL, (str(table),)).fetchone()[0]
-    b = cur.execute(COLUMNS_SQL, (str(twin),)).fetchone()[0]
+    a = cur.execute(dsql.COLUMNS, (str(table),)).fetchone()[0]
+    b = cur.execute(dsql.COLUMNS, (str(twin),)).fetchone()[0]
     if a == b:
         return None
     la, lb = a.split("\n"), b.split("\n")

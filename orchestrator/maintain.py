@@ -92,7 +92,9 @@ from orchestrator.inspect import partitioned_facts as table_facts
 from orchestrator.owner import as_owner_sql, render, table_executor
 from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, parse_duration, utc_now
-from orchestrator.sql import MAX_IDENT, QualifiedName, bound_literal, ident, literal, timestamp_text
+from orchestrator.sql import MAX_IDENT, QualifiedName, timestamp_text
+from orchestrator.sql import maintain as msql
+from orchestrator.sql.compose import Composed
 from orchestrator.state.store import Store
 
 #: Test hook: called with the attach's cursor right after its locks are taken (tests only).
@@ -178,20 +180,15 @@ def expired_partitions(plan: Plan, now: datetime, parts: list[Part]) -> list[Par
 # (what a partitioned table looks like: inspect.partitioned_facts)
 
 
-def _range_sql(f: Facts, lo: datetime, hi: datetime, alias: str = "") -> str:
-    k = (alias + "." if alias else "") + ident(f.key)
-    return f"{k} >= {bound_literal(fmt(lo), f.key_type)} AND {k} < {bound_literal(fmt(hi), f.key_type)}"
+def _range_sql(f: Facts, lo: datetime, hi: datetime, alias: str | None = None) -> Composed:
+    return msql.key_range(f.key, f.key_type, lo, hi, alias)
 
 
 def default_report(conn: psycopg.Connection, plan: Plan, f: Facts, limit: int = 50) -> dict:
     """Rows in the default partition, by aligned interval of the plan (NULL/infinite apart)."""
     if f.default is None:
         return {"default_partition": None, "default_rows": 0, "default_ranges": []}
-    k = ident(f.key)
-    rows = conn.execute(
-        f"SELECT CASE WHEN {k} IS NOT NULL AND isfinite({k}) THEN date_trunc('day', {k})::timestamp END AS d, "
-        f"count(*) FROM {f.default} GROUP BY 1 ORDER BY 1 NULLS FIRST"
-    ).fetchall()
+    rows = conn.execute(msql.default_by_day(f.default, f.key)).fetchall()
     iv = plan.partition_by.interval_value
     buckets: dict[Any, int] = {}
     total = 0
@@ -212,7 +209,7 @@ def default_report(conn: psycopg.Connection, plan: Plan, f: Facts, limit: int = 
 def _count_in_default(conn: psycopg.Connection, f: Facts, lo: datetime, hi: datetime) -> int:
     if f.default is None:
         return 0
-    return conn.execute(f"SELECT count(*) FROM {f.default} WHERE {_range_sql(f, lo, hi)}").fetchone()[0]
+    return conn.execute(msql.count_where(f.default, _range_sql(f, lo, hi))).fetchone()[0]
 
 
 def _action(plan: Plan) -> str:
@@ -256,7 +253,7 @@ def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[Q
 
     def wrapped(cur: psycopg.Cursor) -> Any:
         for rel, mode in locks:
-            cur.execute(f"LOCK TABLE {rel} IN {mode} MODE")
+            cur.execute(msql.lock_table(rel, mode))
         mark["t"] = time.monotonic()
         return body(cur)
 
@@ -288,7 +285,7 @@ class _Pass:
         """An event in the state schema (status shows it), on the table's latest migration when
         there is one; nothing when the state schema was never made (a table maintain alone manages)."""
         try:
-            if not self.conn.execute("SELECT pg_catalog.to_regclass('orchestrate.events') IS NOT NULL").fetchone()[0]:
+            if not self.conn.execute(msql.EVENTS_TABLE_EXISTS).fetchone()[0]:
                 return
             store = Store(self.conn)
             latest = store.latest(str(self.plan.table_name))
@@ -302,7 +299,7 @@ class _Pass:
             self._executor = table_executor(self.conn, f.oid)
         return self._executor
 
-    def _as_owner(self, cur: psycopg.Cursor, f: Facts, query: str, params: list | tuple = ()) -> int:
+    def _as_owner(self, cur: psycopg.Cursor, f: Facts, query: Composed, params: list | tuple = ()) -> int:
         """Run one write as the table's owner (its CHECKs, defaults and triggers are its
         code: never run with our rights); returns the row count."""
         fn, _owner = self._owner(f)
@@ -316,8 +313,7 @@ class _Pass:
             from orchestrator.phases.backfill import _holder
 
             try:
-                who = _holder(self.conn, "a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE l.granted AND "
-                              "l.relation = ANY(%s::regclass[]))", [[str(rel) for rel, _ in locks]])
+                who = _holder(self.conn, msql.LOCK_HOLDER_WHERE, [[str(rel) for rel, _ in locks]])
             except psycopg.Error:
                 who = None
             why = f"{what}: attempt {a.attempt} gave up after {a.waited_s * 1000:.0f} ms; " + (
@@ -339,21 +335,16 @@ class _Pass:
         plan, conn = self.plan, self.conn
         name = plan.partition_name(lo)
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT c.relkind, c.relispartition, obj_description(c.oid, 'pg_class') FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-                (name.schema, name.name),
-            )
+            cur.execute(msql.RELATION_BY_NAME, (name.schema, name.name))
             row = cur.fetchone()
         if row is not None:
             if row[0] == "r" and not row[1] and row[2] == STAGING_COMMENT:
                 logger.info("maintain: dropping {} left over by an interrupted pass", name)
-                self._locked(f"drop leftover staging {name.name}", lambda cur: cur.execute(f"DROP TABLE {name}"),
+                self._locked(f"drop leftover staging {name.name}", lambda cur: cur.execute(msql.drop_table(name)),
                              [(name, "ACCESS EXCLUSIVE")])
             else:
                 raise PreflightError(f"cannot create partition {name}: a relation of that name already exists")
         check = _constraint_name(name.name)
-        k = ident(f.key)
         _fn, owner = self._owner(f)
 
         like = _sibling(conn, f)
@@ -361,11 +352,10 @@ class _Pass:
         def stage(cur: psycopg.Cursor) -> None:
             _create_like(cur, name, f.parent)
             _like_sibling(cur, name, like)
-            cur.execute(f"ALTER TABLE {name} ALTER COLUMN {k} SET NOT NULL, "
-                        f"ADD CONSTRAINT {ident(check)} CHECK ({_range_sql(f, lo, hi)})")
-            cur.execute(f"COMMENT ON TABLE {name} IS {literal(STAGING_COMMENT)}")
+            cur.execute(msql.stage_bounds(name, f.key, check, _range_sql(f, lo, hi)))
+            cur.execute(msql.comment_on_table(name, STAGING_COMMENT))
             # The owner's before a row is written into it, like every partition of the table.
-            cur.execute(f"ALTER TABLE {name} OWNER TO {ident(owner)}")
+            cur.execute(msql.owner_to(name, owner))
 
         # Only the new table is locked exclusively; LIKE reads the parent under ACCESS SHARE.
         self._locked(f"stage {name.name}", stage, [])
@@ -376,8 +366,7 @@ class _Pass:
             # staging table is distributed colocated with it, so the rows moved out of the
             # default partition go shard to shard, and ATTACH is catalog work on each node.
             self._locked(f"distribute {name.name}", lambda cur: cur.execute(
-                "SELECT pg_catalog.create_distributed_table(%s::pg_catalog.regclass, %s, colocate_with => %s)",
-                (str(name), plan.distribute.column, str(f.parent))), [])
+                msql.DISTRIBUTE_COLOCATED, (str(name), plan.distribute.column, str(f.parent))), [])
             self.result["lock_held_ms"].pop(f"distribute {name.name}", None)  # locks nothing live
         precopied = 0
         if f.default is not None and f.pk:
@@ -387,51 +376,40 @@ class _Pass:
 
         rng = _range_sql(f, lo, hi)
         rng_d = _range_sql(f, lo, hi, "d")
-        wcols = ", ".join(ident(c) for c in f.writable)
 
         def swap(cur: psycopg.Cursor) -> int:
             moved = 0
             if distributed:
                 # One connection per worker: Citus refuses DDL (ATTACH) after a parallel DML.
-                cur.execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'")
+                cur.execute(msql.CITUS_SEQUENTIAL)
             if on_attach_locked is not None:
                 on_attach_locked(cur)
             if f.default is not None:
                 if f.pk:
-                    pk_eq = " AND ".join(f"d.{ident(c)} = n.{ident(c)}" for c in f.pk)
-                    row_d = "ROW(" + ", ".join(f"d.{ident(c)}" for c in f.columns) + ")::text"
-                    row_n = "ROW(" + ", ".join(f"n.{ident(c)}" for c in f.columns) + ")::text"
                     # Copies that are stale (row changed, moved or deleted since the copy).
-                    self._as_owner(cur, f, f"DELETE FROM {name} AS n WHERE NOT EXISTS (SELECT 1 FROM {f.default} "
-                                   f"AS d WHERE {pk_eq} AND {rng_d} AND {row_d} = {row_n})")
+                    self._as_owner(cur, f, msql.delete_stale_copies(name, f.default, f.pk, f.columns, rng_d))
                     # Rows not copied yet (new, or changed and just deleted above).
-                    self._as_owner(cur, f, f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
-                                   f"FROM {f.default} AS d WHERE {rng_d} AND NOT EXISTS "
-                                   f"(SELECT 1 FROM {name} AS n WHERE {pk_eq})")
+                    self._as_owner(cur, f, msql.insert_missing(name, f.default, f.pk, f.writable, rng_d))
                 else:
-                    self._as_owner(cur, f, f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
-                                   f"FROM {f.default} WHERE {rng}")
+                    self._as_owner(cur, f, msql.insert_where(name, f.default, f.writable, rng))
                 # A move is not a delete: between cutover and finalize the reverse trigger
                 # (cloned onto the default partition) would delete the moved rows from the
                 # retired table, and a rollback would lose them. The staging table has no
                 # trigger yet, so the retired table is left as it is. We hold ACCESS
                 # EXCLUSIVE on the default: no other write can slip past the disabled trigger.
-                paused = cur.execute(
-                    "SELECT tgname, tgenabled FROM pg_catalog.pg_trigger WHERE tgrelid = %s::regclass "
-                    "AND tgname = %s AND tgenabled <> 'D'", (str(f.default), REVERSE_TRIGGER)).fetchall()
+                paused = cur.execute(msql.ENABLED_TRIGGER, (str(f.default), REVERSE_TRIGGER)).fetchall()
                 for tg, _ in paused:
-                    cur.execute(f"ALTER TABLE {f.default} DISABLE TRIGGER {ident(tg)}")
-                moved = self._as_owner(cur, f, f"DELETE FROM {f.default} WHERE {rng}")
+                    cur.execute(msql.set_trigger(f.default, tg, "DISABLE"))
+                moved = self._as_owner(cur, f, msql.delete_where(f.default, rng))
                 for tg, mode in paused:
                     verb = {"O": "ENABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[mode]
-                    cur.execute(f"ALTER TABLE {f.default} {verb} TRIGGER {ident(tg)}")
-                cur.execute(f"SELECT count(*) FROM {name}")
+                    cur.execute(msql.set_trigger(f.default, tg, verb))
+                cur.execute(msql.count_rows(name))
                 if cur.fetchone()[0] != moved:  # cannot happen; never attach on a doubt
                     raise PreflightError(f"{name}: moved row count mismatch; nothing changed")
-            cur.execute(f"ALTER TABLE {f.parent} ATTACH PARTITION {name} FOR VALUES FROM "
-                        f"({bound_literal(fmt(lo), f.key_type)}) TO ({bound_literal(fmt(hi), f.key_type)})")
-            cur.execute(f"ALTER TABLE {name} DROP CONSTRAINT {ident(check)}")
-            cur.execute(f"COMMENT ON TABLE {name} IS NULL")
+            cur.execute(msql.attach_partition(f.parent, name, f.key_type, lo, hi))
+            cur.execute(msql.drop_constraint(name, check))
+            cur.execute(msql.comment_on_table(name, None))
             _replica_identity_index_like_sibling(cur, name, like)
             return moved
 
@@ -454,25 +432,16 @@ class _Pass:
         """Copy the default's rows of [lo, hi) into the staging table, pk order, one batch per
         transaction, without locking them: the locked swap reconciles whatever changed."""
         size = self.plan.backfill.batch_size
-        wcols = ", ".join(ident(c) for c in f.writable)
-        pk = ", ".join(ident(c) for c in f.pk)
-        pk_desc = ", ".join(ident(c) + " DESC" for c in f.pk)
-        after = "(" + pk + ") > (" + ", ".join(f"%s::{t}" for t in f.pk_types) + ")"
         last: list[str] | None = None
         total = 0
-        upto = "(" + pk + ") <= (" + ", ".join(f"%s::{t}" for t in f.pk_types) + ")"
         while True:
-            where = _range_sql(f, lo, hi) + (f" AND {after}" if last is not None else "")
+            where = msql.copy_where(_range_sql(f, lo, hi), f.pk, f.pk_types, after=last is not None)
             # The window's end (a read), then its copy as the owner, bounded by that value.
-            row = self.conn.execute(
-                f"WITH b AS MATERIALIZED (SELECT {pk} FROM {f.default} WHERE {where} ORDER BY {pk} LIMIT %s) "
-                f"SELECT (SELECT count(*) FROM b), " + ", ".join(f"{ident(c)}::text" for c in f.pk)
-                + f" FROM b ORDER BY {pk_desc} LIMIT 1", [*(last or []), size]).fetchone()
+            row = self.conn.execute(msql.copy_window(f.default, f.pk, where), [*(last or []), size]).fetchone()
             if row is None:
                 break
             with self.conn.cursor() as cur:
-                self._as_owner(cur, f, f"INSERT INTO {name} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} "
-                               f"FROM {f.default} WHERE {where} AND {upto} ON CONFLICT DO NOTHING",
+                self._as_owner(cur, f, msql.copy_batch(name, f.default, f.writable, f.pk, f.pk_types, where),
                                [*(last or []), *row[1:]])
             total += row[0]
             last = list(row[1:])
@@ -501,19 +470,19 @@ class _Pass:
                 method = "plain (concurrently failed)"
                 if self._detach_pending(name):
                     self._locked(f"finalize detach {name.name}", lambda cur: cur.execute(
-                        f"ALTER TABLE {f.parent} DETACH PARTITION {name} FINALIZE"),
+                        msql.detach_partition(f.parent, name, "FINALIZE")),
                         [(f.parent, "SHARE UPDATE EXCLUSIVE")])
                     detached_already = True
         archive = QualifiedName(_archive_schema(plan), name.name)
 
         def body(cur: psycopg.Cursor) -> None:
             if not detached_already:
-                cur.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {name}")
+                cur.execute(msql.detach_partition(f.parent, name))
             if action == "drop":
-                cur.execute(f"DROP TABLE {name}")
+                cur.execute(msql.drop_table(name))
             elif action == "archive":
-                cur.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(archive.schema)}")
-                cur.execute(f"ALTER TABLE {name} SET SCHEMA {ident(archive.schema)}")
+                cur.execute(msql.create_schema(archive.schema))
+                cur.execute(msql.set_schema(name, archive.schema))
 
         if not detached_already:
             locks = [(f.parent, "ACCESS EXCLUSIVE")]  # plain DETACH takes it anyway; take it first
@@ -537,7 +506,7 @@ class _Pass:
         conn = connect(self.dsn, "maintain-detach", settings={"lock_timeout": f"{ms}ms"})
         t0 = time.monotonic()
         try:
-            conn.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {p.name} CONCURRENTLY")
+            conn.execute(msql.detach_partition(f.parent, p.name, "CONCURRENTLY"))
         finally:
             close_quietly(conn)
         # CONCURRENTLY holds SHARE UPDATE EXCLUSIVE only: writers are never blocked.
@@ -545,11 +514,7 @@ class _Pass:
             (time.monotonic() - t0) * 1000, 1)
 
     def _detach_pending(self, name: QualifiedName) -> bool:
-        row = self.conn.execute(
-            "SELECT i.inhdetachpending FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
-            (name.schema, name.name),
-        ).fetchone()
+        row = self.conn.execute(msql.DETACH_PENDING, (name.schema, name.name)).fetchone()
         return bool(row and row[0])
 
 
@@ -567,27 +532,23 @@ class Sibling:
 
 
 def _sibling(conn: psycopg.Connection, f: Facts) -> Sibling:
-    owner = conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = %s", (f.oid,)).fetchone()[0]
+    owner = conn.execute(msql.TABLE_OWNER, (f.oid,)).fetchone()[0]
     ranged = [p for p in f.parts if not p.is_default and not p.detach_pending]
     if not ranged:
         return Sibling(owner, [], "d", None)
     newest = max(ranged, key=lambda p: p.lo or datetime.min)
-    row = conn.execute(
-        "SELECT coalesce(c.reloptions, '{}'), c.relreplident::text, "
-        "  (SELECT h.inhparent FROM pg_index i JOIN pg_inherits h ON h.inhrelid = i.indexrelid "
-        "   WHERE i.indrelid = c.oid AND i.indisreplident) "
-        "FROM pg_class c WHERE c.oid = %s::regclass", (str(newest.name),)).fetchone()
+    row = conn.execute(msql.NEWEST_PARTITION_STORAGE, (str(newest.name),)).fetchone()
     return Sibling(owner, list(row[0]), row[1], row[2])
 
 
 def _like_sibling(cur: psycopg.Cursor, name: QualifiedName, like: Sibling) -> None:
     """Owner, storage parameters, replica identity FULL/NOTHING onto the staging table (it
     is not attached yet: no lock on live data)."""
-    cur.execute(f"ALTER TABLE {name} OWNER TO {ident(like.owner)}")
+    cur.execute(msql.owner_to(name, like.owner))
     if like.reloptions:
-        cur.execute(f"ALTER TABLE {name} SET ({', '.join(like.reloptions)})")
+        cur.execute(msql.set_reloptions(name, like.reloptions))
     if like.replident in ("f", "n"):
-        cur.execute(f"ALTER TABLE {name} REPLICA IDENTITY {'FULL' if like.replident == 'f' else 'NOTHING'}")
+        cur.execute(msql.replica_identity(name, like.replident))
 
 
 def _replica_identity_index_like_sibling(cur: psycopg.Cursor, name: QualifiedName, like: Sibling) -> None:
@@ -596,11 +557,9 @@ def _replica_identity_index_like_sibling(cur: psycopg.Cursor, name: QualifiedNam
     transaction: nobody else can hold a lock on it yet."""
     if like.replident != "i" or like.replident_parent_index is None:
         return
-    row = cur.execute("SELECT c.relname FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid "
-                      "JOIN pg_class c ON c.oid = i.indexrelid WHERE h.inhparent = %s AND i.indrelid = %s::regclass",
-                      (like.replident_parent_index, str(name))).fetchone()
+    row = cur.execute(msql.REPLIDENT_INDEX_OF, (like.replident_parent_index, str(name))).fetchone()
     if row is not None:
-        cur.execute(f"ALTER TABLE {name} REPLICA IDENTITY USING INDEX {ident(row[0])}")
+        cur.execute(msql.replica_identity_index(name, row[0]))
 
 
 def _constraint_name(table: str) -> str:
@@ -608,15 +567,6 @@ def _constraint_name(table: str) -> str:
     return table.encode()[: MAX_IDENT - len(suffix)].decode(errors="ignore") + suffix
 
 
-# LIKE options, most complete first; the next is tried when PostgreSQL refuses one
-# (e.g. COMPRESSION before PG 14). IDENTITY is excluded: a partition made with
-# PARTITION OF has no identity sequence of its own, and neither should ours.
-_LIKE_OPTIONS = (
-    "INCLUDING ALL EXCLUDING IDENTITY",
-    "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING INDEXES INCLUDING STORAGE "
-    "INCLUDING COMMENTS INCLUDING STATISTICS",
-    "INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING INDEXES",
-)
 
 
 def _distributed(conn: psycopg.Connection, table: QualifiedName) -> bool:
@@ -627,10 +577,12 @@ def _distributed(conn: psycopg.Connection, table: QualifiedName) -> bool:
 
 def _create_like(cur: psycopg.Cursor, name: QualifiedName, parent: QualifiedName) -> None:
     last: Exception | None = None
-    for opts in _LIKE_OPTIONS:
+    # LIKE options, most complete first; the next is tried when PostgreSQL refuses one
+    # (e.g. COMPRESSION before PG 14); IDENTITY is excluded (see msql.LIKE_OPTIONS).
+    for opts in msql.LIKE_OPTIONS:
         try:
             with cur.connection.transaction():  # a savepoint: a refused option leaves nothing behind
-                cur.execute(f"CREATE TABLE {name} (LIKE {parent} {opts})")
+                cur.execute(msql.create_like(name, parent, opts))
             return
         except (pgerr.FeatureNotSupported, pgerr.SyntaxError, pgerr.InvalidTableDefinition,
                 pgerr.WrongObjectType) as e:
@@ -665,7 +617,7 @@ def maintain_pass(plan: Plan, dsn: str, now: datetime | None = None, dry_run: bo
         f = table_facts(conn, plan)
         for part in [x for x in f.parts if x.detach_pending]:  # an interrupted DETACH CONCURRENTLY
             p._locked(f"finalize detach {part.name.name}", lambda cur, n=part.name: cur.execute(
-                f"ALTER TABLE {f.parent} DETACH PARTITION {n} FINALIZE"), [(f.parent, "SHARE UPDATE EXCLUSIVE")])
+                msql.detach_partition(f.parent, n, "FINALIZE")), [(f.parent, "SHARE UPDATE EXCLUSIVE")])
             f.parts.remove(part)
         create, skipped = ranges_to_create(plan, now, f.parts)
         p.result["skipped"] = skipped
@@ -723,13 +675,9 @@ def partman_handover(plan: Plan, conn: psycopg.Connection) -> dict:
     handover stop ``orchestrate maintain`` for this table and run partman's
     ``run_maintenance()`` (or its background worker) instead.
     """
-    row = conn.execute(
-        "SELECT e.extversion, n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
-        "WHERE e.extname = 'pg_partman'"
-    ).fetchone()
+    row = conn.execute(msql.PARTMAN_EXTENSION).fetchone()
     if row is None:
-        available = conn.execute(
-            "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_partman'").fetchone()[0]
+        available = conn.execute(msql.PARTMAN_AVAILABLE).fetchone()[0]
         hint = ("CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman" if available
                 else "install the server package (e.g. apt-get install postgresql-15-partman), then "
                      "CREATE SCHEMA partman; CREATE EXTENSION pg_partman SCHEMA partman")
@@ -737,39 +685,32 @@ def partman_handover(plan: Plan, conn: psycopg.Connection) -> dict:
     version, schema = row
     f = table_facts(conn, plan)
     major = int(version.split(".")[0])
-    s = ident(schema)
-    target = f"{f.parent.schema}.{f.parent.name}"
-    registered = conn.execute(f"SELECT count(*) FROM {s}.part_config WHERE parent_table = %s", (target,)).fetchone()[0]
+    target = f"{f.parent.schema}.{f.parent.name}"  # a value: part_config.parent_table's spelling
+    registered = conn.execute(msql.partman_registered(schema), (target,)).fetchone()[0]
     if not registered:
-        argnames = conn.execute(
-            "SELECT p.proargnames FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
-            "WHERE n.nspname = %s AND p.proname = 'create_parent'", (schema,)).fetchone()[0] or []
+        argnames = conn.execute(msql.PARTMAN_CREATE_PARENT_ARGS, (schema,)).fetchone()[0] or []
         has_default_arg = "p_default_table" in argnames
         p_type = "native" if major < 5 else "range"
-        call = (f"SELECT {s}.create_parent(p_parent_table := %s::text, p_control := %s::text, p_type := %s::text, "
-                f"p_interval := %s::text, p_premake := %s::int"
-                + (", p_default_table := false" if has_default_arg and f.default else "") + ")")
+        call = msql.partman_create_parent(schema, no_default_table=bool(has_default_arg and f.default))
         args = (target, f.key, p_type, plan.partition_by.interval, plan.partition_by.premake)
         parked = f.parent.with_name(_constraint_name(f.parent.name).replace("_orchestrate_bounds", "_handover"))
-        wcols = ", ".join(ident(c) for c in f.writable)
 
         def body(cur: psycopg.Cursor) -> None:
             if f.default is not None and not has_default_arg:
                 # pg_partman 4 always creates and attaches <table>_default: park ours, let it
                 # make its own, and route the parked rows through the parent (few rows in a
                 # healthy default; the parent stays ACCESS EXCLUSIVE locked meanwhile).
-                cur.execute(f"ALTER TABLE {f.parent} DETACH PARTITION {f.default}")
-                cur.execute(f"ALTER TABLE {f.default} RENAME TO {ident(parked.name)}")
+                cur.execute(msql.detach_partition(f.parent, f.default))
+                cur.execute(msql.rename_to(f.default, parked.name))
                 cur.execute(call, args)
-                cur.execute(f"INSERT INTO {f.parent} ({wcols}) OVERRIDING SYSTEM VALUE SELECT {wcols} FROM {parked}")
-                cur.execute(f"DROP TABLE {parked}")
+                cur.execute(msql.insert_through_parent(f.parent, parked, f.writable))
+                cur.execute(msql.drop_table(parked))
             else:
                 cur.execute(call, args)
             if plan.retention.keep is not None:
                 iv = plan.partition_by.interval_value
                 cur.execute(
-                    f"UPDATE {s}.part_config SET retention = %s, retention_keep_table = %s, "
-                    "retention_schema = %s WHERE parent_table = %s",
+                    msql.partman_retention(schema),
                     (f"{iv.count * plan.retention.keep} {iv.unit}s", plan.retention.action != "drop",
                      _archive_schema(plan) if plan.retention.action == "archive" else None, target),
                 )
@@ -780,9 +721,7 @@ def partman_handover(plan: Plan, conn: psycopg.Connection) -> dict:
                                 c.backoff_max_s)
     else:
         held = 0.0
-    cfg = conn.execute(
-        f"SELECT parent_table, control, partition_interval, premake, retention, retention_keep_table "
-        f"FROM {s}.part_config WHERE parent_table = %s", (target,)).fetchone()
+    cfg = conn.execute(msql.partman_config(schema), (target,)).fetchone()
     return {"partman_version": version, "schema": schema, "already_registered": bool(registered),
             "lock_held_ms": round(held, 1),
             "part_config": dict(zip(("parent_table", "control", "partition_interval", "premake", "retention",

@@ -492,7 +492,7 @@ def test_plan_shows_the_capture_mode_and_its_steps(dsn: str, conn: psycopg.Conne
     data = runner.make_plan(_plan(), dsn).data
     assert data["capture"]["mode"] == "async" and "orders_changes" in data["capture"]["how"]
     capture = [s for s in data["steps"] if s["phase"] == "capture"]
-    assert any("CREATE TABLE public.orders_changes" in s["sql"] for s in capture)
+    assert any('CREATE TABLE "public"."orders_changes"' in s["sql"] for s in capture)  # sql.Identifier quoting
     assert runner.make_plan(parse_plan({"table": TABLE, "partition_by": {"column": "created_at",
                                                                           "interval": "1 month"}}),
                             dsn).data["capture"]["mode"] == "sync"

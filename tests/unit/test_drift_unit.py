@@ -6,6 +6,7 @@ import copy
 
 from orchestrator.drift import Change, diff, twin_ddl
 from orchestrator.sql import QualifiedName, fit_name
+from orchestrator.sql.compose import text
 
 BASE = {
     "columns": [
@@ -80,14 +81,18 @@ def test_refused_kinds():
 def test_twin_statements():
     add = Change("add_column", "region", {"type": "text", "collation": None, "generated": "", "default": "'eu'::text",
                                           "not_null": True}, "")
-    assert twin_ddl(TWIN, add, "created_at") == [
-        "ALTER TABLE public.t_partitioned ADD COLUMN region text DEFAULT 'eu'::text NOT NULL"]
-    assert twin_ddl(TWIN, Change("drop_column", "Note", {}, ""), "created_at") == [
-        'ALTER TABLE public.t_partitioned DROP COLUMN IF EXISTS "Note"']
-    assert twin_ddl(TWIN, Change("default", "note", {"default": None}, ""), "created_at") == [
-        "ALTER TABLE public.t_partitioned ALTER COLUMN note DROP DEFAULT"]
-    assert twin_ddl(TWIN, Change("add_check", "c2", {"definition": "CHECK ((id < 10))"}, ""), "created_at") == [
-        "ALTER TABLE public.t_partitioned ADD CONSTRAINT c2 CHECK ((id < 10)) NOT VALID"]
+
+    def ddl(ch):
+        return [text(q) for q in twin_ddl(TWIN, ch, "created_at")]
+
+    assert ddl(add) == [
+        'ALTER TABLE "public"."t_partitioned" ADD COLUMN "region" text DEFAULT \'eu\'::text NOT NULL']
+    assert ddl(Change("drop_column", "Note", {}, "")) == [
+        'ALTER TABLE "public"."t_partitioned" DROP COLUMN IF EXISTS "Note"']
+    assert ddl(Change("default", "note", {"default": None}, "")) == [
+        'ALTER TABLE "public"."t_partitioned" ALTER COLUMN "note" DROP DEFAULT']
+    assert ddl(Change("add_check", "c2", {"definition": "CHECK ((id < 10))"}, "")) == [
+        'ALTER TABLE "public"."t_partitioned" ADD CONSTRAINT "c2" CHECK ((id < 10)) NOT VALID']
 
 
 def test_fit_name_is_unique_within_63_bytes():
