@@ -43,7 +43,7 @@ from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, re
 from orchestrator.phases.prepare import _twin_index_name, fmt
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident, parse_qualified, swap
-from orchestrator.sql.compose import Composed
+from orchestrator.sql.compose import Composed, text
 
 
 def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retired: QualifiedName,
@@ -530,9 +530,9 @@ class Cutover:
             Step(self.name, "storage parameters of the table onto each partition (a partitioned parent takes none)",
                  "ALTER TABLE <partition> SET (...)", "SHARE UPDATE EXCLUSIVE on each partition of the twin"),
             Step(self.name, "lock both tables, drop the capture trigger, swap the names",
-                 f"LOCK TABLE {p.table_name}, {p.twin} IN ACCESS EXCLUSIVE MODE; "
-                 f"ALTER TABLE {p.table_name} RENAME TO {ident(p.retired.name)}; "
-                 f"ALTER TABLE {p.twin} RENAME TO {ident(p.table_name.name)}", lock),
+                 # The statements run() executes (lock_both, then the renames), from the same renderers.
+                 "; ".join(text(s) for s in [swap.lock_table(p.table_name), swap.lock_table(p.twin),
+                                             *swap.renames(p.table_name, p.twin, p.retired.name)]), lock),
             Step(self.name, "move sequences, identity, views, owner, grants, comment, policies, publications, "
                  "statistics targets, user triggers", "(catalog statements)", "same transaction"),
             Step(self.name, "reverse trigger: writes to the new table reach the retired one (rollback keeps them)",
@@ -700,8 +700,8 @@ class Cutover:
             drop_sync(cur, ctx, plan.table_name, FORWARD_TRIGGER, "capture")
             for fk in old.incoming_fks:
                 cur.execute(swap.drop_constraint(fk.table, fk.name))
-            cur.execute(swap.rename(plan.table_name, plan.retired.name))
-            cur.execute(swap.rename(plan.twin, plan.table_name.name))
+            for stmt in swap.renames(plan.table_name, plan.twin, plan.retired.name):
+                cur.execute(stmt)
             hold_for_tests("cutover-renamed")
             # Distributed: the serial sequences stay owned by the retired heap table until
             # finalize (distribute.own_sequences): Citus never lets a sequence owned by a
@@ -779,8 +779,8 @@ class Cutover:
                 arm_reverse(cur, ctx, False)
             else:
                 drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
-            cur.execute(swap.rename(plan.table_name, plan.twin.name))
-            cur.execute(swap.rename(plan.retired, plan.table_name.name))
+            for stmt in swap.renames(plan.table_name, plan.retired, plan.twin.name):
+                cur.execute(stmt)
             # Triggers on the partitioned table are re-created on the heap with their current
             # state by carry_objects; any other trigger of the heap gets back the state it had
             # before the cutover disabled it (enabled ones enabled, disabled ones left disabled).

@@ -32,6 +32,12 @@ def rename(table: QualifiedName, new_name: str) -> Composed:
     return SQL("ALTER TABLE {} RENAME TO {}").format(name(table), col(new_name))
 
 
+def renames(live: QualifiedName, incoming: QualifiedName, outgoing_name: str) -> list[Composed]:
+    """The swap of names, in order: ``live`` becomes ``outgoing_name``, then ``incoming`` takes
+    the live name (cutover: twin in, retired out; its rollback: retired in, twin out)."""
+    return [rename(live, outgoing_name), rename(incoming, live.name)]
+
+
 def drop_constraint(table: QualifiedName, constraint: str) -> Composed:
     return SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(name(table), col(constraint))
 

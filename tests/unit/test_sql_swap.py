@@ -18,6 +18,11 @@ def test_lock_and_renames():
     assert text(swap.lock_table(T)) == f"LOCK TABLE ONLY {T_SQL} IN ACCESS EXCLUSIVE MODE"
     assert text(swap.rename(T, OLD.name)) == f'ALTER TABLE {T_SQL} RENAME TO "Order Items_retired"'
     assert text(swap.rename(TW, T.name)) == f'ALTER TABLE {TW_SQL} RENAME TO "Order Items"'
+    # cutover: live out, twin in; its rollback: live (the partitioned one) out, retired back in
+    assert [text(s) for s in swap.renames(T, TW, OLD.name)] == [
+        f'ALTER TABLE {T_SQL} RENAME TO "Order Items_retired"', f'ALTER TABLE {TW_SQL} RENAME TO "Order Items"']
+    assert [text(s) for s in swap.renames(T, OLD, TW.name)] == [
+        f'ALTER TABLE {T_SQL} RENAME TO "Order Items_partitioned"', f'ALTER TABLE {OLD_SQL} RENAME TO "Order Items"']
 
 
 def test_foreign_keys():
