@@ -26,7 +26,8 @@ from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
 from orchestrator.phases.capture import drop_sync, replication_warnings
 from orchestrator.phases.prepare import Preflight, describe_names, preflight
 from orchestrator.plan import Plan
-from orchestrator.sql import ident
+from orchestrator.sql import QualifiedName, ident
+from orchestrator.sql import runner as runner_sql
 from orchestrator.state.store import (
     PHASES,
     MigrationLock,
@@ -247,7 +248,7 @@ def _state_tables(conn: psycopg.Connection) -> bool:
     """Does the state schema hold our tables? Refuses (exit 8) a schema others control."""
     if not check_state_schema(conn):
         return False
-    return conn.execute("SELECT pg_catalog.to_regclass('orchestrate.migrations') IS NOT NULL").fetchone()[0]
+    return conn.execute(runner_sql.STATE_TABLES_EXIST).fetchone()[0]
 
 
 def _check_lock(ctx: Context, phase: str) -> None:
@@ -268,13 +269,8 @@ def privilege_warnings(ctx: Context, info) -> list[str]:
     if not sees_all_sessions(conn):
         out.append(f"no pg_monitor: the cutover's blocker gate refuses (exit 8) and throttle.max_xact_age_s / "
                    f"max_xmin_age hold the backfill; {MONITOR_HINT}")
-    row = conn.execute(
-        "SELECT r.rolsuper, pg_catalog.has_database_privilege(current_user, pg_catalog.current_database(), 'CREATE'), "
-        "pg_catalog.has_schema_privilege(current_user, %s::text, 'CREATE'), "
-        "pg_catalog.has_schema_privilege(%s::name, %s::text, 'CREATE'), "
-        "pg_catalog.to_regnamespace('orchestrate') IS NOT NULL "
-        "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
-        (ctx.plan.table_name.schema, info.owner, ctx.plan.table_name.schema)).fetchone()
+    row = conn.execute(runner_sql.PRIVILEGES,
+                       (ctx.plan.table_name.schema, info.owner, ctx.plan.table_name.schema)).fetchone()
     superuser, create_db, create_schema, owner_create, has_state = row
     if superuser:
         return out
@@ -287,10 +283,7 @@ def privilege_warnings(ctx: Context, info) -> list[str]:
                              " to it")
     views = [d for d in info.dependents if d.kind == "v"]
     if views:
-        row = conn.execute(
-            "SELECT c.oid::regclass::text FROM pg_catalog.pg_class c WHERE c.oid = ANY (%s::oid[]) "
-            "AND NOT pg_catalog.pg_has_role(current_user, c.relowner, 'MEMBER') LIMIT 1",
-            ([d.oid for d in views],)).fetchone()
+        row = conn.execute(runner_sql.VIEW_NOT_OURS, ([d.oid for d in views],)).fetchone()
         if row:  # the cutover re-creates each view on the new table: only its owner may
             raise PreflightError(f"view {row[0]} depends on {info.name} and belongs to a role the one running "
                                  f"orchestrate ({conn.info.user}) cannot act as; the cutover must re-create it. "
@@ -411,9 +404,9 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
 
                 distribute.own_sequences(cur, inspect_table(ctx.conn, plan.retired), str(plan.table_name))
             if resolve(cur, plan.retired) is not None:
-                cur.execute(f"DROP TABLE {plan.retired}")
+                cur.execute(runner_sql.drop_table(plan.retired))
             changelog.drop(cur, ctx)
-            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
+            cur.execute(runner_sql.drop_function(ctx.function(EXECUTOR), "text"))
             ctx.store.set_status(cur, m.id, MigrationStatus.FINALIZED)
 
         with_lock_retry(ctx.conn, body, what="finalize", lock_timeout_s=plan.cutover.lock_timeout_s,
@@ -471,7 +464,7 @@ def status(plan: Plan, dsn: str) -> Outcome:
             # Read now, running apply or not: the log grows while no apply replays it.
             try:
                 pending, oldest = conn.execute(
-                    f"SELECT * FROM orchestrate.{ident(f'replay_lag_{m.id}')}()").fetchone()
+                    runner_sql.replay_lag(QualifiedName("orchestrate", f"replay_lag_{m.id}"))).fetchone()
                 data["replay"] = {"pending": int(pending), "oldest_s": round(float(oldest), 3)}
             except psycopg.Error as e:
                 data["replay"] = {"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}

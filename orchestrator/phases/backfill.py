@@ -33,8 +33,11 @@ from orchestrator.phases import Context, Step
 from orchestrator.state.store import PhaseName
 
 if TYPE_CHECKING:
+    from psycopg.sql import Composable
+
     from orchestrator.phases.prepare import Preflight
 from orchestrator.phases.prepare import fmt
+from orchestrator.sql import backfill as backfill_sql
 
 
 def plan_ranges(ctx: Context, key_min: datetime | None, key_max: datetime | None, nullable: bool) -> list[dict]:
@@ -198,18 +201,14 @@ def batch_lock_timeout_ms(conn: psycopg.Connection, plan_s: float) -> int:
     waited deadlock_timeout and aborts that one; a batch that gives up first means the
     application's transaction is never the victim.
     """
-    row = conn.execute("SELECT setting::int FROM pg_catalog.pg_settings WHERE name = 'deadlock_timeout'").fetchone()
+    row = conn.execute(backfill_sql.DEADLOCK_TIMEOUT_MS).fetchone()
     deadlock_ms = int(row[0]) if row else 1000
     return max(1, min(int(plan_s * 1000), deadlock_ms // 2))
 
 
-def _holder(conn: psycopg.Connection, where: str, params: list) -> str | None:
+def _holder(conn: psycopg.Connection, where: Composable, params: list) -> str | None:
     """'pid N, idle in transaction for 42 s' for the first session matching ``where``."""
-    row = conn.execute(
-        "SELECT a.pid, coalesce(a.state, 'unknown'), extract(epoch FROM now() - a.state_change)::bigint, "
-        "extract(epoch FROM now() - a.xact_start)::bigint, a.application_name "
-        "FROM pg_catalog.pg_stat_activity a WHERE a.pid <> pg_catalog.pg_backend_pid() AND " + where
-        + " ORDER BY a.xact_start LIMIT 1", params).fetchone()
+    row = conn.execute(backfill_sql.holder(where), params).fetchone()
     if row is None:
         return None
     pid, state, in_state, in_xact, app = row
@@ -234,22 +233,17 @@ def describe_blocker(conn: psycopg.Connection, table: sql.QualifiedName, err: ps
     try:
         if m and m.group(1) == "locking":
             ctid = f"({m.group(2)},{m.group(3)})"
-            row = conn.execute(f"SELECT xmax::text FROM {table} WHERE ctid = %s::tid", (ctid,)).fetchone()
+            row = conn.execute(backfill_sql.tuple_xmax(table), (ctid,)).fetchone()
             xids = [row[0]] if row else []
             if row:
                 try:  # xmax may be a multixact (several lockers): its members, when it is one
-                    xids += [r[0] for r in conn.execute(
-                        "SELECT xid::text FROM pg_catalog.pg_get_multixact_members(%s::xid)", (row[0],))]
+                    xids += [r[0] for r in conn.execute(backfill_sql.MULTIXACT_MEMBERS, (row[0],))]
                 except psycopg.Error:
                     pass
-            who = xids and _holder(conn, "a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE "
-                                   "l.locktype = 'transactionid' AND l.granted AND l.transactionid::text = ANY(%s))",
-                                   [xids])
+            who = xids and _holder(conn, backfill_sql.HOLDS_XID, [xids])
             if who:
                 return f"row lock held by {who}"
-        who = _holder(conn, "a.backend_type = 'client backend' AND a.application_name NOT LIKE 'orchestrate:%%' "
-                      "AND a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE l.relation = %s::regclass "
-                      "AND l.granted AND l.mode IN ('RowShareLock', 'RowExclusiveLock'))", [str(table)])
+        who = _holder(conn, backfill_sql.HOLDS_ROW_LOCKS, [str(table)])
     except psycopg.Error as e:
         return f"lock wait timed out ({str(err).splitlines()[0]}); its holder could not be read: {e}"
     waited = f"lock wait on tuple ({m.group(2)},{m.group(3)}) of {m.group(4)} timed out" if m else \
@@ -406,9 +400,9 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
     cparams = sql.cursor_params(shape, rng["is_null"], cursor) if after else []
     with conn.pipeline(), conn.cursor() as cur, conn.cursor() as probe:
         with conn.transaction():
-            cur.execute(f"SET LOCAL synchronous_commit = {sync}")
+            cur.execute(backfill_sql.synchronous_commit(sync))
             # Never wait long for the application's row locks (see batch_lock_timeout_ms).
-            cur.execute(f"SET LOCAL lock_timeout = {int(lock_ms)}")
+            cur.execute(backfill_sql.lock_timeout(lock_ms))
             if not guarded:
                 probe.execute(sql.twin_rows_after(dst, shape, where, after, rng["is_null"]), [*wparams, *cparams])
             cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
@@ -458,13 +452,13 @@ def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict,
 def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
                  sync: str, lock_ms: int) -> tuple[int, int]:
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute(f"SET LOCAL synchronous_commit = {sync}")
-        cur.execute(f"SET LOCAL lock_timeout = {int(lock_ms)}")
+        cur.execute(backfill_sql.synchronous_commit(sync))
+        cur.execute(backfill_sql.lock_timeout(lock_ms))
         # Lock the live rows first, in the writers' order (live row, then its twin row via
         # the trigger): deleting the twin's rows first deadlocks with any writer of the range.
-        cur.execute(f"SELECT 1 FROM {ctx.plan.table_name} WHERE {where} FOR SHARE", wparams)
+        cur.execute(backfill_sql.lock_range(ctx.plan.table_name, where), wparams)
         run_as_owner = owner.as_owner_sql(ctx.function(owner.EXECUTOR))
-        cur.execute(run_as_owner, [owner.render(cur, f"DELETE FROM {ctx.plan.twin} WHERE {where}", wparams)])
+        cur.execute(run_as_owner, [owner.render(cur, backfill_sql.delete_range(ctx.plan.twin, where), wparams)])
         removed = cur.fetchone()[0]
         cur.execute(run_as_owner, [owner.render(
             cur, sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False, rng["is_null"]),
@@ -479,7 +473,7 @@ def ensure_executor(ctx: Context) -> None:
     version, or an owner that ran DROP OWNED (which it may: it owns the function)."""
     fn = ctx.function(owner.EXECUTOR)
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-        if cur.execute("SELECT pg_catalog.to_regprocedure(%s) IS NULL", (f"{fn}(text)",)).fetchone()[0]:
+        if cur.execute(backfill_sql.EXECUTOR_MISSING, (f"{fn}(text)",)).fetchone()[0]:
             owner.install_executor(cur, fn, ctx.info.owner if ctx.info is not None else ctx.facts["owner"])
 
 
@@ -529,15 +523,13 @@ class Backfill:
         t0 = time.monotonic()
         self._run_workers(ctx, pending, pace, counters, total)
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-            left = cur.execute(
-                "SELECT count(*) FROM orchestrate.ranges WHERE migration_id = %s AND state <> 'copied'", (ctx.mid,)
-            ).fetchone()[0]
+            left = cur.execute(backfill_sql.RANGES_LEFT, (ctx.mid,)).fetchone()[0]
             if left:
                 raise OrchestrateError(f"backfill stopped with {left} ranges left; run apply again to resume")
             # An xid newer than every batch (they all committed before this transaction began):
             # a snapshot older than it may miss copied rows; the cutover waits for those
             # snapshots to end (see cutover_gates, GATE_SNAPSHOTS).
-            copied_xid = cur.execute("SELECT (pg_catalog.txid_current() % 4294967296)::text").fetchone()[0]
+            copied_xid = cur.execute(backfill_sql.CURRENT_XID).fetchone()[0]
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, rows=counters.rows,
                                  batches_redone=counters.batches_redone, copied_xid=copied_xid,
                                  yields=counters.yields)

@@ -19,6 +19,7 @@ from orchestrator import changelog, drift, sql
 from orchestrator.db import with_lock_retry
 from orchestrator.owner import give_to_owner
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
+from orchestrator.sql import sync as sync_sql
 from orchestrator.state.store import MigrationStatus, PhaseName
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def install_capture(cur: psycopg.Cursor, ctx: Context) -> None:
     Warning: takes SHARE ROW EXCLUSIVE on the table (CREATE TRIGGER); call inside with_lock_retry."""
     if changelog.is_async(ctx):
         changelog.install(cur, ctx, FORWARD_TRIGGER)
-        oid = cur.execute("SELECT pg_catalog.to_regclass(%s)::oid", (str(changelog.log_table(ctx.plan)),)).fetchone()[0]
+        oid = cur.execute(sync_sql.TO_REGCLASS_OID, (str(changelog.log_table(ctx.plan)),)).fetchone()[0]
         ctx.store.set_facts(cur, ctx.mid, change_log_oid=int(oid))
     else:
         install_sync(cur, ctx, ctx.plan.table_name, ctx.plan.twin, FORWARD_TRIGGER, "capture")
@@ -80,9 +81,7 @@ def stage_reverse(cur: psycopg.Cursor, ctx: Context) -> None:
 def reverse_staged(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName) -> bool:
     """Does ``table`` carry the reverse trigger staged at prepare (a migration prepared by an
     older version does not: its cutover creates the trigger under the lock)?"""
-    cur.execute("SELECT count(*) FROM pg_catalog.pg_trigger WHERE tgrelid = pg_catalog.to_regclass(%s) "
-                "AND tgname = %s AND NOT tgisinternal AND tgqual IS NOT NULL",
-                (str(table), REVERSE_TRIGGER))
+    cur.execute(sync_sql.STAGED_TRIGGER, (str(table), REVERSE_TRIGGER))
     return cur.fetchone()[0] == 1
 
 
@@ -103,7 +102,7 @@ def arm_reverse(cur: psycopg.Cursor, ctx: Context, on: bool) -> None:
 
 def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigger: str, kind: str) -> None:
     """Warning: takes ACCESS EXCLUSIVE on table (DROP TRIGGER); call inside with_lock_retry."""
-    exists = cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is not None
+    exists = cur.execute(sync_sql.TO_REGCLASS, (str(table),)).fetchone()[0] is not None
     if exists:
         for stmt in sql.drop_sync_triggers(table, trigger):
             cur.execute(stmt)
@@ -114,7 +113,7 @@ def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigg
         drift.drop_ddl_guard(cur, ctx.mid)
         changelog.drop(cur, ctx)
     for k in (kind, kind + "_truncate", kind + "_on", kind + "_columns"):
-        cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+        cur.execute(sync_sql.drop_function(ctx.function(k)))
 
 
 def replication_warnings(conn: psycopg.Connection, table: sql.QualifiedName, twin: sql.QualifiedName) -> list[str]:
@@ -128,10 +127,7 @@ def replication_warnings(conn: psycopg.Connection, table: sql.QualifiedName, twi
     """
     out: list[str] = []
     try:
-        pubs = conn.execute(
-            "SELECT DISTINCT p.pubname, p.puballtables, p.pubviaroot FROM pg_catalog.pg_publication p "
-            "JOIN pg_catalog.pg_publication_tables t ON t.pubname = p.pubname "
-            "WHERE t.schemaname = %s AND t.tablename = %s ORDER BY 1", (table.schema, table.name)).fetchall()
+        pubs = conn.execute(sync_sql.PUBLICATIONS_OF, (table.schema, table.name)).fetchall()
         for name, all_tables, via_root in pubs:
             if all_tables:
                 out.append(f"publication {sql.ident(name)} is FOR ALL TABLES: it also publishes the twin {twin} "
@@ -140,10 +136,7 @@ def replication_warnings(conn: psycopg.Connection, table: sql.QualifiedName, twi
                 out.append(f"publication {sql.ident(name)} publishes {table}: after cutover it publishes the "
                            "partitioned table" + ("" if via_root else " as its leaf partitions (publish_via_partition_"
                                                    "root is off; subscribers keyed on the table name break)"))
-        subs = conn.execute(
-            "SELECT s.subname, s.subenabled FROM pg_catalog.pg_subscription_rel r "
-            "JOIN pg_catalog.pg_subscription s ON s.oid = r.srsubid WHERE r.srrelid = %s::regclass ORDER BY 1",
-            (str(table),)).fetchall()
+        subs = conn.execute(sync_sql.SUBSCRIPTIONS_INTO, (str(table),)).fetchall()
         for name, enabled in subs:
             out.append(f"subscription {sql.ident(name)} writes into {table}"
                        + ("" if enabled else " (disabled now)")

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import psycopg
 from loguru import logger
 
-from orchestrator import changelog, drift, fidelity, horizon, sql
+from orchestrator import changelog, drift, fidelity, horizon
 from orchestrator.db import LockAttempt, own_pids, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.distribute import local_ddl
@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, reverse_staged
 from orchestrator.phases.prepare import _twin_index_name, fmt
 from orchestrator.plan import utc_now
-from orchestrator.sql import QualifiedName, ident
+from orchestrator.sql import QualifiedName, ident, parse_qualified, swap
+from orchestrator.sql.compose import Composed, text
 
 
 def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retired: QualifiedName,
@@ -54,78 +55,67 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
     """
     done: list[str] = []
     # The owner first: OWNED BY needs the sequence and the table to have the same owner.
-    cur.execute(f"ALTER TABLE {new} OWNER TO {ident(old.owner)}")
+    cur.execute(swap.owner_to(new, old.owner))
     # Normally none: prepare made the partitions the owner's and Cutover.prepare_partitions
     # caught any added since; only a straggler costs a statement here, under the lock.
     for part in _partitions(cur, new, not_owned_by=old.owner) if new_is_partitioned else []:
-        cur.execute(f"ALTER TABLE {part} OWNER TO {ident(old.owner)}")
+        cur.execute(swap.owner_to(part, old.owner))
     for seq in old.sequences:
         if seq.identity:
             continue  # identity sequences belong to their column; continued below
-        cur.execute(f"ALTER SEQUENCE {seq.name} OWNED BY {new}.{ident(seq.column)}")
+        cur.execute(swap.sequence_owned_by(seq.name, new, seq.column))
         done.append(f"sequence {seq.name} owned by {new}.{seq.column}")
     for col in old.columns:
         if col.identity:
             # The new table's identity sequence must continue where the old one stands.
-            cur.execute("SELECT pg_catalog.pg_get_serial_sequence(%s::text, %s::text), "
-                        "pg_catalog.pg_get_serial_sequence(%s::text, %s::text)",
-                        (str(retired), col.name, str(new), col.name))
+            cur.execute(swap.SERIAL_SEQUENCES, (str(retired), col.name, str(new), col.name))
             old_seq, new_seq = cur.fetchone()
-            cur.execute(f"SELECT last_value, is_called FROM {old_seq}")
+            # pg_get_serial_sequence's text is a quoted schema.name: parsed back into a name.
+            cur.execute(swap.sequence_state(parse_qualified(old_seq)))
             last, called = cur.fetchone()
             # Qualified, arguments cast: no setval(text, smallint, boolean) elsewhere can match.
-            cur.execute("SELECT pg_catalog.setval(%s::pg_catalog.regclass, %s::bigint, %s::boolean)",
-                        (new_seq, last, called))
+            cur.execute(swap.SETVAL, (new_seq, last, called))
             done.append(f"identity {col.name} continues at {last}")
     for grantee, priv, grantable in old.acl:
-        who = "PUBLIC" if grantee == "PUBLIC" else ident(grantee)
-        cur.execute(f"GRANT {priv} ON {new} TO {who}{' WITH GRANT OPTION' if grantable else ''}")
+        cur.execute(swap.grant(priv, new, grantee, grantable))
     for column, grantee, priv in old.column_acl:
-        who = "PUBLIC" if grantee == "PUBLIC" else ident(grantee)
-        cur.execute(f"GRANT {priv} ({ident(column)}) ON {new} TO {who}")
+        cur.execute(swap.grant_column(priv, column, new, grantee))
     if old.acl or old.column_acl:
         done.append(f"{len(old.acl) + len(old.column_acl)} grants")
     # Utility statements take no bound parameters: the comment goes in as a quoted literal.
-    cur.execute(f"COMMENT ON TABLE {new} IS {sql.literal(old.comment) if old.comment is not None else 'NULL'}")
+    cur.execute(swap.comment_on_table(new, old.comment))
     for col in old.columns:
         if col.stattarget is not None:
-            cur.execute(f"ALTER TABLE {new} ALTER COLUMN {ident(col.name)} SET STATISTICS {int(col.stattarget)}")
+            cur.execute(swap.set_statistics(new, col.name, col.stattarget))
     for view in old.dependents:
         if view.kind != "v":
             continue
-        opts = f" WITH ({', '.join(view.options)})" if view.options else ""
-        cur.execute(f"CREATE OR REPLACE VIEW {view.name}{opts} AS {view.definition}")
+        cur.execute(swap.replace_view(view.name, view.definition, view.options))
         done.append(f"view {view.name} re-created")
-    cur.execute("SELECT polname FROM pg_policy WHERE polrelid = %s::regclass", (str(new),))
+    cur.execute(swap.POLICY_NAMES, (str(new),))
     existing = {r[0] for r in cur.fetchall()}
     for name, stmt in old.policies:
         if name not in existing:
-            cur.execute(stmt.replace("{table}", str(new)))
+            cur.execute(swap.create_policy(stmt, new))
     if old.policies:
         done.append(f"{len(old.policies)} RLS policies")
     if old.rls_enabled:
-        cur.execute(f"ALTER TABLE {new} ENABLE ROW LEVEL SECURITY")
+        cur.execute(swap.row_level_security(new))
     if old.rls_forced:
-        cur.execute(f"ALTER TABLE {new} FORCE ROW LEVEL SECURITY")
+        cur.execute(swap.row_level_security(new, force=True))
     done += _carry_replica_identity(cur, old, new, retired, new_is_partitioned)
     done += _carry_publications(cur, old, new, retired)
     for trig in old.triggers:
         if trig.name in (FORWARD_TRIGGER, REVERSE_TRIGGER) or trig.name.startswith("orchestrate_"):
             continue
-        cur.execute(f"DROP TRIGGER IF EXISTS {ident(trig.name)} ON {new}")
-        cur.execute(trig.definition)  # its text names the live table, which is now `new`
+        cur.execute(swap.drop_trigger(new, trig.name))
+        cur.execute(swap.create_trigger(trig.definition))  # its text names the live table, which is now `new`
         if trig.enabled != "O":
-            cur.execute(trigger_state_sql(new, trig.name, trig.enabled))
+            cur.execute(swap.trigger_state(new, trig.name, trig.enabled))
         # The retired table only receives mirrored writes now: its own triggers must not fire twice.
-        cur.execute(f"ALTER TABLE {retired} DISABLE TRIGGER {ident(trig.name)}")
+        cur.execute(swap.trigger_state(retired, trig.name, "D"))
         done.append(f"trigger {trig.name}" + ("" if trig.enabled == "O" else f" (state {trig.enabled})"))
     return done
-
-
-def trigger_state_sql(table: QualifiedName, name: str, enabled: str) -> str:
-    """The ALTER TABLE that gives a trigger its pg_trigger.tgenabled state (O, D, R, A)."""
-    verb = {"O": "ENABLE", "D": "DISABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[enabled]
-    return f"ALTER TABLE {table} {verb} TRIGGER {ident(name)}"
 
 
 def _carry_replica_identity(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retired: QualifiedName,
@@ -137,32 +127,27 @@ def _carry_replica_identity(cur: psycopg.Cursor, old: TableInfo, new: QualifiedN
         # Partitions set before the lock (Cutover.prepare_partitions) are skipped.
         todo = _partitions(cur, new, replica_identity_not=old.replica_identity) if partitioned else []
         for t in [new, *todo]:
-            cur.execute(f"ALTER TABLE {t} REPLICA IDENTITY {mode}")
+            cur.execute(swap.replica_identity(t, old.replica_identity))
         return [f"replica identity {mode}"]
     if old.replica_identity != "i" or not partitioned:
         return []  # 'd' is the default; swapping back, the heap table kept its own
-    cur.execute("SELECT c.relname, i.indisprimary FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                "WHERE i.indrelid = %s::regclass AND i.indisreplident", (str(retired),))
+    cur.execute(swap.REPLICA_IDENTITY_INDEX, (str(retired),))
     row = cur.fetchone()
     if row is None:
         return []
     if row[1]:
-        cur.execute("SELECT indexrelid FROM pg_index WHERE indrelid = %s::regclass AND indisprimary", (str(new),))
+        cur.execute(swap.PRIMARY_KEY_INDEX, (str(new),))
     else:
-        cur.execute("SELECT c.oid FROM pg_class c WHERE c.relnamespace = %s::regnamespace AND c.relname = %s",
-                    (ident(new.schema), _twin_index_name(row[0])))
+        cur.execute(swap.INDEX_IN_SCHEMA, (ident(new.schema), _twin_index_name(row[0])))
     found = cur.fetchone()
     if found is None:
         logger.warning("cutover: replica identity index {} has no counterpart on {}; left at DEFAULT", row[0], new)
         return [f"replica identity index {row[0]}: no counterpart, left DEFAULT"]
-    cur.execute("SELECT relname FROM pg_class WHERE oid = %s", (found[0],))
-    cur.execute(f"ALTER TABLE {new} REPLICA IDENTITY USING INDEX {ident(cur.fetchone()[0])}")
-    cur.execute(
-        "SELECT n.nspname, t.relname, ic.relname FROM pg_inherits h JOIN pg_index i ON i.indexrelid = h.inhrelid "
-        "JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid "
-        "JOIN pg_namespace n ON n.oid = t.relnamespace WHERE h.inhparent = %s AND NOT i.indisreplident", (found[0],))
+    cur.execute(swap.RELNAME, (found[0],))
+    cur.execute(swap.replica_identity_index(new, cur.fetchone()[0]))
+    cur.execute(swap.PARTITION_INDEXES_NOT_REPLIDENT, (found[0],))
     for schema, table, index in cur.fetchall():
-        cur.execute(f"ALTER TABLE {QualifiedName(schema, table)} REPLICA IDENTITY USING INDEX {ident(index)}")
+        cur.execute(swap.replica_identity_index(QualifiedName(schema, table), index))
     return [f"replica identity index {row[0]}"]
 
 
@@ -173,33 +158,27 @@ def _carry_publications(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName,
         return []
     extra = {}
     if cur.connection.info.server_version >= 150000:
-        cur.execute(
-            "SELECT p.pubname, pg_get_expr(pr.prqual, pr.prrelid), "
-            "  (SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY a.attnum) FROM pg_attribute a "
-            "   WHERE a.attrelid = pr.prrelid AND a.attnum = ANY (pr.prattrs)) "
-            "FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid WHERE pr.prrelid = %s::regclass",
-            (str(retired),))
+        cur.execute(swap.PUBLICATION_FILTERS, (str(retired),))
         extra = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
     out = []
     for pub in old.publications:
         if new_is_partitioned(cur, new):
             # Without it the publication would publish the partitions under their own names
             # after the swap: subscribers and CDC consumers keyed on the table break.
-            cur.execute("SELECT pubviaroot FROM pg_publication WHERE pubname = %s", (pub,))
+            cur.execute(swap.PUBLISH_VIA_ROOT, (pub,))
             row = cur.fetchone()
             if row is not None and not row[0]:
-                cur.execute(f"ALTER PUBLICATION {ident(pub)} SET (publish_via_partition_root = true)")
+                cur.execute(swap.publish_via_partition_root(pub))
                 out.append(f"publication {pub}: publish_via_partition_root = true")
         qual, cols = extra.get(pub, (None, None))
-        cur.execute(f"ALTER PUBLICATION {ident(pub)} DROP TABLE {retired}")
-        cur.execute(f"ALTER PUBLICATION {ident(pub)} ADD TABLE {new}"
-                    + (f" ({cols})" if cols else "") + (f" WHERE ({qual})" if qual else ""))
+        cur.execute(swap.publication_drop_table(pub, retired))
+        cur.execute(swap.publication_add_table(pub, new, cols, qual))
         out.append(f"publication {pub}")
     return out
 
 
 def new_is_partitioned(cur: psycopg.Cursor, table: QualifiedName) -> bool:
-    cur.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = %s::regclass", (str(table),))
+    cur.execute(swap.IS_PARTITIONED, (str(table),))
     return bool(cur.fetchone()[0])
 
 
@@ -207,13 +186,8 @@ def _partitions(cur: psycopg.Cursor, parent: QualifiedName, not_owned_by: str | 
                 replica_identity_not: str | None = None) -> list[QualifiedName]:
     """The partitions of ``parent``; only those whose owner is not ``not_owned_by``, or whose
     replica identity (pg_class.relreplident) is not ``replica_identity_not``, when given."""
-    cur.execute(
-        "SELECT n.nspname, c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.inhparent = %s::regclass "
-        "AND (%s::text IS NULL OR c.relowner <> (SELECT oid FROM pg_roles WHERE rolname = %s)) "
-        "AND (%s::text IS NULL OR c.relreplident <> %s)",
-        (str(parent), not_owned_by, not_owned_by, replica_identity_not, replica_identity_not),
-    )
+    cur.execute(swap.PARTITIONS,
+                (str(parent), not_owned_by, not_owned_by, replica_identity_not, replica_identity_not))
     return [QualifiedName(r[0], r[1]) for r in cur.fetchall()]
 
 
@@ -225,10 +199,10 @@ def lock_both(cur: psycopg.Cursor, first: QualifiedName, second: QualifiedName,
     application waits on us, so that is where the held time starts. ONLY: every access to a
     partitioned table goes through its parent's lock first, so the parent's ACCESS EXCLUSIVE
     already keeps everyone out; locking each partition too costs O(partitions) under the lock."""
-    cur.execute(f"LOCK TABLE ONLY {first} IN ACCESS EXCLUSIVE MODE")
+    cur.execute(swap.lock_table(first))
     if marks is not None:
         marks["first"] = time.monotonic()
-    cur.execute(f"LOCK TABLE ONLY {second} IN ACCESS EXCLUSIVE MODE")
+    cur.execute(swap.lock_table(second))
 
 
 def record_attempt(ctx: Context, what: str):
@@ -245,24 +219,10 @@ def lock_holders(conn: psycopg.Connection, tables: list[QualifiedName]) -> list[
     """Client sessions in a transaction holding a granted lock on any of ``tables``, oldest
     transaction first. This process's own sessions are left out, known by backend pid
     (application_name proves nothing: anyone can set it)."""
-    oids = [r[0] for r in conn.execute(
-        "SELECT to_regclass(t)::oid FROM unnest(%s::text[]) t WHERE to_regclass(t) IS NOT NULL",
-        ([str(t) for t in tables],)).fetchall()]
+    oids = [r[0] for r in conn.execute(swap.RELATION_OIDS, ([str(t) for t in tables],)).fetchall()]
     if not oids:
         return []
-    rows = conn.execute(
-        """SELECT a.pid, coalesce(a.application_name, ''), coalesce(a.state, ''),
-                  extract(epoch FROM clock_timestamp() - a.xact_start)::float8,
-                  left(regexp_replace(coalesce(a.query, ''), '[[:space:]]+', ' ', 'g'), 200),
-                  array_agg(DISTINCT l.mode::text), array_agg(DISTINCT l.relation::regclass::text)
-           FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-           WHERE l.locktype = 'relation' AND l.granted AND l.relation = ANY (%s::oid[])
-             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             AND a.pid <> pg_backend_pid() AND a.backend_type = 'client backend'
-             AND a.xact_start IS NOT NULL AND a.pid <> ALL (%s::int[])
-           GROUP BY 1, 2, 3, 4, 5 ORDER BY 4 DESC""",
-        (oids, own_pids()),
-    ).fetchall()
+    rows = conn.execute(swap.LOCK_HOLDERS, (oids, own_pids())).fetchall()
     return [{"pid": r[0], "application_name": r[1], "state": r[2], "age_s": round(float(r[3]), 3), "query": r[4],
              "modes": sorted(r[5]), "tables": sorted(r[6])} for r in rows]
 
@@ -362,7 +322,7 @@ def cancel_blockers(ctx: Context, tables: list[QualifiedName], *, min_age_s: flo
             continue
         idle = h["state"].startswith("idle in transaction")
         fn = "pg_terminate_backend" if idle else "pg_cancel_backend"
-        signalled = ctx.conn.execute(f"SELECT {fn}(%s)", (h["pid"],)).fetchone()[0]
+        signalled = ctx.conn.execute(swap.SIGNAL_BACKEND[fn], (h["pid"],)).fetchone()[0]
         verb = "terminated" if idle else "cancelled"
         logger.warning("cutover: {} {} blocking the lock ({}): {}", verb, _describe(h), fn,
                        "ok" if signalled else "not signalled")
@@ -508,13 +468,7 @@ def old_snapshots(ctx: Context) -> list[str]:
     xid = ((m.phases.get("backfill") or {}).get("detail") or {}).get("copied_xid") if m else None
     if xid is None:
         return []
-    rows = ctx.conn.execute(
-        "SELECT pid, coalesce(state, ''), extract(epoch FROM now() - xact_start)::bigint "
-        "FROM pg_catalog.pg_stat_activity WHERE datname = pg_catalog.current_database() "
-        "AND pid <> pg_catalog.pg_backend_pid() "
-        "AND backend_type = 'client backend' AND application_name NOT LIKE 'orchestrate:%%' "
-        "AND backend_xmin IS NOT NULL AND pg_catalog.age(backend_xmin) > pg_catalog.age(%s::xid) "
-        "ORDER BY xact_start", (xid,)).fetchall()
+    rows = ctx.conn.execute(swap.OLD_SNAPSHOTS, (xid,)).fetchall()
     return [f"pid {pid} ({state}, transaction open {age} s)" for pid, state, age in rows]
 
 
@@ -576,9 +530,9 @@ class Cutover:
             Step(self.name, "storage parameters of the table onto each partition (a partitioned parent takes none)",
                  "ALTER TABLE <partition> SET (...)", "SHARE UPDATE EXCLUSIVE on each partition of the twin"),
             Step(self.name, "lock both tables, drop the capture trigger, swap the names",
-                 f"LOCK TABLE {p.table_name}, {p.twin} IN ACCESS EXCLUSIVE MODE; "
-                 f"ALTER TABLE {p.table_name} RENAME TO {ident(p.retired.name)}; "
-                 f"ALTER TABLE {p.twin} RENAME TO {ident(p.table_name.name)}", lock),
+                 # The statements run() executes (lock_both, then the renames), from the same renderers.
+                 "; ".join(text(s) for s in [swap.lock_table(p.table_name), swap.lock_table(p.twin),
+                                             *swap.renames(p.table_name, p.twin, p.retired.name)]), lock),
             Step(self.name, "move sequences, identity, views, owner, grants, comment, policies, publications, "
                  "statistics targets, user triggers", "(catalog statements)", "same transaction"),
             Step(self.name, "reverse trigger: writes to the new table reach the retired one (rollback keeps them)",
@@ -648,7 +602,7 @@ class Cutover:
         def body(cur: psycopg.Cursor) -> list[str]:
             parts = _partitions(cur, ctx.plan.twin)
             for part in parts:
-                cur.execute(f"ALTER TABLE {part} SET ({', '.join(opts)})")
+                cur.execute(swap.set_storage_parameters(part, opts))
             ctx.store.set_facts(cur, ctx.mid, storage_parameters=opts)
             return [str(p) for p in parts]
 
@@ -668,12 +622,12 @@ class Cutover:
         twin = ctx.plan.twin
         cur = ctx.conn.cursor()
         owner = _partitions(cur, twin, not_owned_by=info.owner)
-        ident_mode = {"f": "FULL", "n": "NOTHING"}.get(info.replica_identity)
+        ident_mode = info.replica_identity in ("f", "n")
         replident = _partitions(cur, twin, replica_identity_not=info.replica_identity) if ident_mode else []
-        work = [f"ALTER TABLE {p} OWNER TO {ident(info.owner)}" for p in owner]
-        work += [f"ALTER TABLE {p} REPLICA IDENTITY {ident_mode}" for p in replident]
+        work = [swap.owner_to(p, info.owner) for p in owner]
+        work += [swap.replica_identity(p, info.replica_identity) for p in replident]
 
-        def chunk(stmts: list[str]):
+        def chunk(stmts: list[Composed]):
             def body(c: psycopg.Cursor) -> None:
                 for stmt in stmts:
                     c.execute(stmt)
@@ -745,9 +699,9 @@ class Cutover:
                                           "definition": fk.definition} for fk in old.incoming_fks]})
             drop_sync(cur, ctx, plan.table_name, FORWARD_TRIGGER, "capture")
             for fk in old.incoming_fks:
-                cur.execute(f"ALTER TABLE {fk.table} DROP CONSTRAINT {ident(fk.name)}")
-            cur.execute(f"ALTER TABLE {plan.table_name} RENAME TO {ident(plan.retired.name)}")
-            cur.execute(f"ALTER TABLE {plan.twin} RENAME TO {ident(plan.table_name.name)}")
+                cur.execute(swap.drop_constraint(fk.table, fk.name))
+            for stmt in swap.renames(plan.table_name, plan.twin, plan.retired.name):
+                cur.execute(stmt)
             hold_for_tests("cutover-renamed")
             # Distributed: the serial sequences stay owned by the retired heap table until
             # finalize (distribute.own_sequences): Citus never lets a sequence owned by a
@@ -801,8 +755,8 @@ class Cutover:
                             tables=[plan.table_name, plan.retired])
         restored_fks: list[tuple[QualifiedName, str]] = []
 
-        live_oid = ctx.conn.execute("SELECT %s::regclass::oid", (str(plan.table_name),)).fetchone()[0]
-        retired_oid = ctx.conn.execute("SELECT %s::regclass::oid", (str(plan.retired),)).fetchone()[0]
+        live_oid = ctx.conn.execute(swap.REGCLASS_OID, (str(plan.table_name),)).fetchone()[0]
+        retired_oid = ctx.conn.execute(swap.REGCLASS_OID, (str(plan.retired),)).fetchone()[0]
         fingerprints = (catalog_fingerprint(ctx.conn, live_oid), catalog_fingerprint(ctx.conn, retired_oid))
         inspected = (inspect_table(ctx.conn, plan.table_name, allow_partitioned=True),
                      inspect_table(ctx.conn, plan.retired))
@@ -825,8 +779,8 @@ class Cutover:
                 arm_reverse(cur, ctx, False)
             else:
                 drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
-            cur.execute(f"ALTER TABLE {plan.table_name} RENAME TO {ident(plan.twin.name)}")
-            cur.execute(f"ALTER TABLE {plan.retired} RENAME TO {ident(plan.table_name.name)}")
+            for stmt in swap.renames(plan.table_name, plan.retired, plan.twin.name):
+                cur.execute(stmt)
             # Triggers on the partitioned table are re-created on the heap with their current
             # state by carry_objects; any other trigger of the heap gets back the state it had
             # before the cutover disabled it (enabled ones enabled, disabled ones left disabled).
@@ -834,7 +788,7 @@ class Cutover:
             recreated = {t.name for t in current.triggers}
             for trig in ctx.info.triggers:
                 if trig.name not in recreated and not trig.name.startswith("orchestrate_"):
-                    cur.execute(trigger_state_sql(plan.table_name, trig.name, before.get(trig.name, "O")))
+                    cur.execute(swap.trigger_state(plan.table_name, trig.name, before.get(trig.name, "O")))
             if plan.distribute is not None:
                 # Everything carried back lands on the coordinator's local heap table: nothing
                 # to propagate, and Citus would refuse a distributed view over a local table.
@@ -846,13 +800,12 @@ class Cutover:
             # the lock); they are validated after the commit, without blocking writers.
             for fk in saved.get("dropped_foreign_keys") or []:
                 table = QualifiedName(*fk["table"])
-                if cur.execute("SELECT to_regclass(%s)", (str(table),)).fetchone()[0] is None:
+                if cur.execute(swap.TO_REGCLASS, (str(table),)).fetchone()[0] is None:
                     continue
-                cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = %s::regclass AND conname = %s",
-                            (str(table), fk["name"]))
+                cur.execute(swap.CONSTRAINT_EXISTS, (str(table), fk["name"]))
                 if cur.fetchone():
                     continue
-                cur.execute(f"ALTER TABLE {table} ADD CONSTRAINT {ident(fk['name'])} {fk['definition']} NOT VALID")
+                cur.execute(swap.add_foreign_key_not_valid(table, fk["name"], fk["definition"]))
                 restored_fks.append((table, fk["name"]))
                 done.append(f"foreign key {table}.{fk['name']} (NOT VALID)")
             return done
@@ -873,7 +826,7 @@ class Cutover:
         """VALIDATE CONSTRAINT takes SHARE UPDATE EXCLUSIVE (writers go on). Rows written while
         the constraint was gone may violate it: then it stays NOT VALID, with a warning."""
         def body(cur: psycopg.Cursor) -> None:
-            cur.execute(f"ALTER TABLE {table} VALIDATE CONSTRAINT {ident(name)}")
+            cur.execute(swap.validate_constraint(table, name))
 
         try:
             with_lock_retry(ctx.conn, body, what=f"validate {table}.{name}",

@@ -24,6 +24,8 @@ from orchestrator.phases import REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import stage_reverse
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
+from orchestrator.sql import twin as twin_sql
+from orchestrator.sql.compose import SQL, Composed, col, name, text
 from orchestrator.state.store import PhaseName
 
 
@@ -90,7 +92,7 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     with conn.cursor() as cur:
         mode = acting_mode(cur, info.owner)  # refuses (exit 3) a role that cannot act as the owner
         if mode == "member" and info.rls_enabled:
-            cur.execute("SELECT rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = current_user")
+            cur.execute(twin_sql.CURRENT_ROLE_BYPASSES_RLS)
             if not cur.fetchone()[0]:
                 # Our reads (window bounds, verify) run as us, and the policies would apply to us.
                 raise PreflightError(
@@ -98,7 +100,7 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
                     f"({conn.info.user}) is not its owner and lacks BYPASSRLS: run as the owner "
                     f"({info.owner}) or a superuser")
         if info.rls_forced:
-            cur.execute("SELECT rolbypassrls FROM pg_catalog.pg_roles WHERE rolname = %s", (info.owner,))
+            cur.execute(twin_sql.ROLE_BYPASSES_RLS, (info.owner,))
             if not cur.fetchone()[0]:
                 # The copies run as the owner; FORCE makes the owner's own policies filter them.
                 raise PreflightError(
@@ -127,17 +129,13 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     warnings: list[str] = fidelity.check(conn, info, version)
     warnings += statements.check(conn, info, key, plan.acknowledge_statements)
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT count(*) FROM pg_inherits WHERE inhrelid = %s OR inhparent = %s", (info.oid, info.oid)
-        )
+        cur.execute(twin_sql.IN_INHERITANCE, (info.oid, info.oid))
         if cur.fetchone()[0]:
             raise PreflightError(f"table {info.name} takes part in table inheritance; not supported")
-        cur.execute(
-            "SELECT count(*) FROM pg_rewrite WHERE ev_class = %s AND rulename <> '_RETURN'", (info.oid,)
-        )
+        cur.execute(twin_sql.RULES, (info.oid,))
         if cur.fetchone()[0]:
             raise PreflightError(f"table {info.name} has rules; they would not follow the rename")
-        cur.execute("SELECT count(*) FROM pg_constraint WHERE conrelid = %s AND contype = 'x'", (info.oid,))
+        cur.execute(twin_sql.EXCLUSION_CONSTRAINTS, (info.oid,))
         if cur.fetchone()[0]:
             raise PreflightError(f"table {info.name} has an exclusion constraint; "
                                  "a partitioned table cannot enforce it across partitions")
@@ -191,9 +189,9 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
                 name = plan.partition_name(datetime.fromisoformat(lo))
                 if exists(cur, name):
                     raise PreflightError(f"partition name {name} is already taken")
-    where, params = _outside(ctx, info, partitions)
+    query, params = _outside(ctx, info, partitions)
     with conn.cursor() as cur:
-        cur.execute(f"SELECT count(*) FROM {info.name} WHERE {where}", params)
+        cur.execute(query, params)
         to_default = cur.fetchone()[0]
     if to_default:
         warnings.append(f"{to_default} rows have a NULL key or a key outside the partitions: "
@@ -201,15 +199,14 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     return Preflight(info, partitions, key_min, key_max, to_default, warnings, version)
 
 
-def _outside(ctx: Context, info: TableInfo, partitions: list[tuple[str, str]]) -> tuple[str, list]:
-    k = ident(ctx.plan.partition_by.column)
-    col = info.column(ctx.plan.partition_by.column)
-    if not partitions:
-        return f"{k} IS NULL", []
-    return f"{k} IS NULL OR {k} < %s::{col.type} OR {k} >= %s::{col.type}", [partitions[0][0], partitions[-1][1]]
+def _outside(ctx: Context, info: TableInfo, partitions: list[tuple[str, str]]) -> tuple[Composed, list]:
+    """The count of rows the default partition takes, and its parameters."""
+    key = ctx.plan.partition_by.column
+    query = twin_sql.rows_outside(info.name, key, info.column(key).type, bounded=bool(partitions))
+    return query, [partitions[0][0], partitions[-1][1]] if partitions else []
 
 
-def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
+def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str | Composed]]:
     """(action, SQL) for the twin, its keys, indexes, partitions and outgoing foreign keys."""
     plan, info = ctx.plan, pf.info
     shape = ctx.shape(info)
@@ -226,18 +223,17 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
         # The owner's from the start, before any index is built or row written: PostgreSQL's
         # own index builds, VACUUM and ANALYZE then run the owner's expressions as the owner,
         # and the cutover has no per-partition ALTER OWNER to do under its lock.
-        owner = ident(info.owner)
-        out.append((f"owner of the twin and its partitions: {info.owner}", f"ALTER TABLE {twin} OWNER TO {owner}"))
+        out.append((f"owner of the twin and its partitions: {info.owner}", twin_sql.owner_to(twin, info.owner)))
         for lo, _hi in pf.partitions:
             part = plan.partition_name(datetime.fromisoformat(lo))
-            out.append((f"owner of {part.name}: {info.owner}", f"ALTER TABLE {part} OWNER TO {owner}"))
+            out.append((f"owner of {part.name}: {info.owner}", twin_sql.owner_to(part, info.owner)))
         out.append((f"owner of {plan.default_partition.name}: {info.owner}",
-                    f"ALTER TABLE {plan.default_partition} OWNER TO {owner}"))
+                    twin_sql.owner_to(plan.default_partition, info.owner)))
     out.append(("its primary key, extended with the partition key", sql.twin_primary_key(twin, shape)))
     out += fidelity.not_valid_checks(info, twin)
     version = ctx.conn.info.server_version // 10000
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
-        cur.execute("SET LOCAL search_path = pg_catalog")
+        cur.execute(twin_sql.CATALOG_SEARCH_PATH)
         deferrable = fidelity.deferrable_uniques(cur, info.oid)
         for idx in info.indexes:
             if idx.primary:
@@ -247,12 +243,11 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
                 out.append((f"unique constraint like {idx.constraint} (DEFERRABLE kept)", fidelity.unique_constraint(
                     twin, _twin_index_name(idx.name), deferrable[idx.constraint], add_key)))
                 continue
-            cur.execute("SELECT quote_ident(%s), %s::regclass::text", (idx.name, info.oid))
+            cur.execute(twin_sql.INDEX_HEAD_NAMES, (idx.name, info.oid))
             qname, qtable = cur.fetchone()
-            unique = "UNIQUE " if idx.unique else ""
-            prefix = f"CREATE {unique}INDEX {qname} ON {qtable} USING "
-            new_name = sql.ident(_twin_index_name(idx.name))
-            new_prefix = f"CREATE {unique}INDEX {new_name} ON {twin} USING "
+            # The head pg_get_indexdef rendered (the server's quoted names), and the twin's.
+            prefix = text(twin_sql.index_head(idx.unique, SQL(qname), SQL(qtable)))
+            new_prefix = text(twin_sql.index_head(idx.unique, col(_twin_index_name(idx.name)), name(twin)))
             add_key = shape.key if idx.unique and shape.key not in idx.columns else None
             stmt = sql.rewrite_index(idx.definition, prefix, new_prefix, add_key)
             if idx.unique and shape.dist is not None and shape.dist not in (*idx.columns, shape.key):
@@ -262,7 +257,7 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
     for fk in info.outgoing_fks:
         if fidelity.skip_foreign_key(fk.definition, version):
             continue  # warned at preflight (fidelity.check)
-        out.append((f"foreign key {fk.name}", f"ALTER TABLE {twin} ADD CONSTRAINT {ident(fk.name)} {fk.definition}"))
+        out.append((f"foreign key {fk.name}", twin_sql.add_foreign_key(twin, fk.name, fk.definition)))
     if plan.distribute is not None:
         from orchestrator import distribute
 
@@ -275,10 +270,9 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str]]:
 
 def created_oids(cur: psycopg.Cursor, ctx: Context) -> dict:
     """The oids of what prepare made (twin, partitions, functions): rollback drops by these."""
-    twin = cur.execute("SELECT %s::regclass::oid", (str(ctx.plan.twin),)).fetchone()[0]
-    parts = [r[0] for r in cur.execute("SELECT inhrelid::oid FROM pg_catalog.pg_inherits WHERE inhparent = %s",
-                                       (twin,)).fetchall()]
-    fn = cur.execute("SELECT %s::regprocedure::oid", (f"{ctx.function(EXECUTOR)}(text)",)).fetchone()[0]
+    twin = cur.execute(twin_sql.REGCLASS_OID, (str(ctx.plan.twin),)).fetchone()[0]
+    parts = [r[0] for r in cur.execute(twin_sql.PARTITION_OIDS, (twin,)).fetchall()]
+    fn = cur.execute(twin_sql.REGPROCEDURE_OID, (f"{ctx.function(EXECUTOR)}(text)",)).fetchone()[0]
     return {"twin": int(twin), "partitions": [int(p) for p in parts], "functions": {EXECUTOR: int(fn)}}
 
 
@@ -300,7 +294,7 @@ class Prepare:
             lock = "ACCESS EXCLUSIVE on the new (empty) twin"
             if action.startswith("foreign key"):
                 lock = "SHARE ROW EXCLUSIVE on the referenced table (brief; lock_timeout + retry)"
-            rows.append(Step(self.name, action, stmt, lock))
+            rows.append(Step(self.name, action, stmt if isinstance(stmt, str) else text(stmt), lock))
         if ctx.plan.distribute is not None:
             return rows
         rows.append(Step(self.name, "reverse triggers staged on the twin, switched off until the cutover turns them "
@@ -319,7 +313,7 @@ class Prepare:
             if ctx.plan.distribute is not None:
                 # One connection per worker for the whole transaction: Citus refuses the
                 # function commands below after a parallel (multi-connection) operation.
-                cur.execute("SET LOCAL citus.multi_shard_modify_mode = 'sequential'")
+                cur.execute(twin_sql.CITUS_SEQUENTIAL)
             for _action, stmt in statements:
                 cur.execute(stmt)
             install_executor(cur, ctx.function(EXECUTOR), pf.info.owner)
@@ -347,7 +341,7 @@ class Prepare:
         recorded = (ctx.facts.get("created") or {}).get("twin")
 
         def body(cur: psycopg.Cursor) -> None:
-            found = cur.execute("SELECT pg_catalog.to_regclass(%s)::oid", (str(ctx.plan.twin),)).fetchone()[0]
+            found = cur.execute(twin_sql.TO_REGCLASS_OID, (str(ctx.plan.twin),)).fetchone()[0]
             if found is None:
                 return
             if recorded is None or int(found) != int(recorded):
@@ -356,7 +350,7 @@ class Prepare:
                 logger.warning(msg)
                 ctx.store.event(ctx.mid, "warning", msg)
                 return
-            cur.execute(f"DROP TABLE {ctx.plan.twin} CASCADE")
+            cur.execute(twin_sql.drop_table_cascade(ctx.plan.twin))
 
         # The twin goes in its own short transaction: the application already runs on the heap.
         with_lock_retry(ctx.conn, body, what="drop the twin", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
@@ -367,9 +361,9 @@ class Prepare:
         with ctx.conn.transaction(), ctx.conn.cursor() as cur:
             for kind in ("capture", "reverse"):
                 for k in (kind, kind + "_truncate", kind + "_on", kind + "_columns"):
-                    cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(k)}()")
+                    cur.execute(twin_sql.drop_function(ctx.function(k)))
             changelog.drop(cur, ctx)
-            cur.execute(f"DROP FUNCTION IF EXISTS {ctx.function(EXECUTOR)}(text)")
+            cur.execute(twin_sql.drop_function(ctx.function(EXECUTOR), "text"))
 
 
 def describe_names(ctx: Context) -> dict[str, str]:
