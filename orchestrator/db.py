@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import psycopg
 from loguru import logger
@@ -27,6 +27,11 @@ from psycopg import errors as pgerr
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from orchestrator.errors import BadEndpoint, ConnectionFailed, LockNotAcquired
+from orchestrator.sql import QualifiedName, swap
+from orchestrator.sql import backfill as backfill_sql
+
+if TYPE_CHECKING:
+    from psycopg.sql import Composable
 
 T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5
@@ -367,3 +372,46 @@ class Ticker:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
             self.fn()
+
+
+# --- locks the application holds, and ours -------------------------------------------------
+
+def lock_both(cur: psycopg.Cursor, first: QualifiedName, second: QualifiedName,
+              marks: dict[str, float] | None = None) -> None:
+    """Lock in the order writers take them (live table, then twin via the trigger): no deadlock.
+
+    ``marks["first"]`` is set when the live table's lock is granted: from then on the
+    application waits on us, so that is where the held time starts. ONLY: every access to a
+    partitioned table goes through its parent's lock first, so the parent's ACCESS EXCLUSIVE
+    already keeps everyone out; locking each partition too costs O(partitions) under the lock."""
+    cur.execute(swap.lock_table(first))
+    if marks is not None:
+        marks["first"] = time.monotonic()
+    cur.execute(swap.lock_table(second))
+
+
+def batch_lock_timeout_ms(conn: psycopg.Connection, plan_s: float) -> int:
+    """The lock_timeout of every backfill batch: the plan's, never above half the server's
+    deadlock_timeout.
+
+    Why below deadlock_timeout: a batch that waits for an application's row lock while it
+    holds FOR SHARE on rows it locked before can be part of a deadlock when the application
+    then touches one of those rows. PostgreSQL's detector runs in whichever backend has
+    waited deadlock_timeout and aborts that one; a batch that gives up first means the
+    application's transaction is never the victim.
+    """
+    row = conn.execute(backfill_sql.DEADLOCK_TIMEOUT_MS).fetchone()
+    deadlock_ms = int(row[0]) if row else 1000
+    return max(1, min(int(plan_s * 1000), deadlock_ms // 2))
+
+
+def lock_holder(conn: psycopg.Connection, where: Composable, params: list) -> str | None:
+    """'pid N, idle in transaction for 42 s' for the first session matching ``where``."""
+    row = conn.execute(backfill_sql.holder(where), params).fetchone()
+    if row is None:
+        return None
+    pid, state, in_state, in_xact, app = row
+    text = f"pid {pid}, {state} for {in_state} s"
+    if state != "idle in transaction" and in_xact is not None:
+        text += f" (transaction open {in_xact} s)"
+    return text + (f", application {app!r}" if app else "")

@@ -35,8 +35,8 @@ from orchestrator.sql import ident, literal
 from orchestrator.sql.probes import WORKER_SIGNALS_SQL
 
 if TYPE_CHECKING:
+    from orchestrator.context import Context
     from orchestrator.inspect import TableInfo
-    from orchestrator.phases import Context
 
 #: How often verify compares a range's two digests without a lock, the pause between
 #: attempts, and the attempts at the SHARE lock after that (see settled_digest).

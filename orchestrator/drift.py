@@ -32,18 +32,22 @@ What an application sees while capture runs (see README "Table shapes"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from loguru import logger
 
 from orchestrator import sql
-from orchestrator.db import with_lock_retry
-from orchestrator.errors import StateConflict
-from orchestrator.inspect import TableInfo, inspect_table
+from orchestrator.context import FORWARD_TRIGGER, REVERSE_TRIGGER
+from orchestrator.db import is_connection_error, lock_both, with_lock_retry
+from orchestrator.errors import ConnectionFailed, StateConflict
+from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.sql import QualifiedName
 from orchestrator.sql import drift as dsql
 from orchestrator.sql.compose import Composed
+from orchestrator.sql.twin import twin_index_name
 
 
 class DriftRefused(StateConflict):
@@ -287,7 +291,6 @@ class Watch:
     only when the fingerprint moved."""
 
     def __init__(self, ctx, min_interval_s: float = 1.0):
-        from orchestrator.inspect import catalog_fingerprint
 
         self.ctx = ctx
         self._fp = catalog_fingerprint
@@ -309,9 +312,12 @@ class Watch:
         return moved(self.ctx)
 
 
-def check(ctx) -> bool:
+def check(ctx, install_capture: Callable[[psycopg.Cursor, Any], None]) -> bool:
     """Compare the live table with the recorded shape; carry compatible changes, refuse the
     others (DriftRefused, exit 8, nothing changed). True when something was carried.
+
+    ``install_capture(cur, ctx)``: the capture phase's (re)install of the forward capture for
+    the new shape, passed in by the runner: drift sits below the phases.
 
     Before the shape is recorded (a migration prepared by an older version) it is recorded
     now: the twin was built from the table as it is."""
@@ -336,10 +342,8 @@ def check(ctx) -> bool:
     if not carried:
         return False
     try:
-        carry(ctx)
+        carry(ctx, install_capture)
     except psycopg.Error as e:
-        from orchestrator.db import is_connection_error
-        from orchestrator.errors import ConnectionFailed
 
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if is_connection_error(e):
@@ -352,16 +356,12 @@ def check(ctx) -> bool:
     return True
 
 
-def carry(ctx) -> None:
+def carry(ctx, install_capture: Callable[[psycopg.Cursor, Any], None]) -> None:
     """Carry the compatible changes: under ACCESS EXCLUSIVE on the table and the twin (taken in
     the writers' order, each wait capped by lock_timeout, retried), re-read the shape, change
     the twin, regenerate the sync functions and the sentinel, record the new shape, and
     schedule a re-copy when a column was added. Indexes are built and CHECKs validated
     afterwards, without blocking writers."""
-    from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER
-    from orchestrator.phases.capture import install_capture
-    from orchestrator.phases.cutover import lock_both
-
     plan = ctx.plan
     later: list[Change] = []
     texts: list[str] = []
@@ -442,9 +442,7 @@ def twin_ddl(twin: QualifiedName, ch: Change, key: str) -> list[Composed]:
 
 
 def twin_index(twin: QualifiedName, name: str) -> QualifiedName:
-    from orchestrator.phases.prepare import _twin_index_name
-
-    return twin.with_name(_twin_index_name(name))
+    return twin.with_name(twin_index_name(name))
 
 
 def _schedule_recopy(cur: psycopg.Cursor, ctx) -> None:

@@ -22,13 +22,45 @@ from datetime import datetime
 
 from loguru import logger
 
+from orchestrator import maintain
+from orchestrator.context import Context
+from orchestrator.errors import PreflightError
+from orchestrator.inspect import partitioned_facts as table_facts
+from orchestrator.maintain import _Pass
 from orchestrator.plan import utc_now
+from orchestrator.sql import timestamp_text
+
+
+def partition_bounds(ctx: Context, key_min: datetime | None) -> list[tuple[str, str]]:
+    """Aligned intervals from the oldest row's (or plan.start) to now + premake."""
+    pb = ctx.plan.partition_by
+    iv = pb.interval_value
+    now = ctx.now or utc_now()
+    current = iv.floor(now)
+    if pb.start is not None:
+        start = iv.floor(datetime(pb.start.year, pb.start.month, pb.start.day))
+    else:
+        start = iv.floor(min(key_min, now)) if key_min else current
+    end = iv.add(current, pb.premake + 1)
+    out: list[tuple[str, str]] = []
+    t = start
+    while t < end:
+        nxt = iv.add(t)
+        out.append((timestamp_text(t), timestamp_text(nxt)))
+        t = nxt
+        if len(out) > pb.max_partitions:
+            raise PreflightError(
+                f"the plan would create more than {pb.max_partitions} partitions (oldest key "
+                f"{key_min:%Y-%m-%d}): set partition_by.start to leave older rows in the default partition, "
+                "or raise partition_by.max_partitions"
+            )
+    return out
+
+
 
 
 def due(ctx) -> list[tuple[str, str]]:
     """Partitions the twin should have by now and does not, per the migration's facts."""
-    from orchestrator.phases.prepare import partition_bounds
-
     parts = [tuple(p) for p in ctx.facts.get("partitions") or []]
     if not parts:
         return []
@@ -43,9 +75,6 @@ def extend(ctx) -> list[str]:
     Warning: each partition's attach takes SHARE on the twin and ACCESS EXCLUSIVE on its
     default partition for milliseconds (capped by cutover.lock_timeout, retried): the
     capture trigger's writes, hence the application's, wait that long."""
-    from orchestrator import maintain
-    from orchestrator.inspect import partitioned_facts as table_facts
-    from orchestrator.maintain import _Pass
 
     m = ctx.migration
     if m is None or m.status != "running" or not m.done("prepare"):

@@ -85,12 +85,13 @@ import psycopg
 from loguru import logger
 from psycopg import errors as pgerr
 
-from orchestrator.db import LockAttempt, close_quietly, connect, with_lock_retry
+from orchestrator.context import REVERSE_TRIGGER, session
+from orchestrator.db import LockAttempt, batch_lock_timeout_ms, close_quietly, connect, lock_holder, with_lock_retry
+from orchestrator.distribute import is_distributed
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.inspect import Facts, Part, naive_utc, parse_bound, parse_partbound
 from orchestrator.inspect import partitioned_facts as table_facts
 from orchestrator.owner import as_owner_sql, render, table_executor
-from orchestrator.phases import REVERSE_TRIGGER
 from orchestrator.plan import Plan, parse_duration, utc_now
 from orchestrator.sql import MAX_IDENT, QualifiedName, timestamp_text
 from orchestrator.sql import maintain as msql
@@ -267,8 +268,6 @@ class _Pass:
         self.plan, self.conn, self.now, self.dsn = plan, conn, now, dsn
         self._executor: tuple[QualifiedName, str] | None = None
         c = plan.cutover
-        from orchestrator.phases.backfill import batch_lock_timeout_ms
-
         # Never above half of deadlock_timeout, like a backfill batch: while the swap waits for
         # the default's lock it holds SHARE on the parent, so writers queue behind it for at
         # most this long, and it gives up before a writer it blocks could be a deadlock victim.
@@ -310,10 +309,8 @@ class _Pass:
         def note(a: LockAttempt) -> None:
             if a.ok or not locks:
                 return
-            from orchestrator.phases.backfill import _holder
-
             try:
-                who = _holder(self.conn, msql.LOCK_HOLDER_WHERE, [[str(rel) for rel, _ in locks]])
+                who = lock_holder(self.conn, msql.LOCK_HOLDER_WHERE, [[str(rel) for rel, _ in locks]])
             except psycopg.Error:
                 who = None
             why = f"{what}: attempt {a.attempt} gave up after {a.waited_s * 1000:.0f} ms; " + (
@@ -570,7 +567,6 @@ def _constraint_name(table: str) -> str:
 
 
 def _distributed(conn: psycopg.Connection, table: QualifiedName) -> bool:
-    from orchestrator.distribute import is_distributed
 
     return is_distributed(conn, str(table))
 
@@ -600,7 +596,6 @@ def maintain_pass(plan: Plan, dsn: str, now: datetime | None = None, dry_run: bo
     detach_method, dropped, archived, default_rows, default_ranges, lock_held_ms
     {step: ms}, skipped, now. With dry_run: the same keys empty, and ``preview``.
     """
-    from orchestrator.runner import session
 
     now = naive_utc(now) or utc_now()
     # The same session discipline as apply: the per-table advisory lock (a pass never runs

@@ -10,30 +10,31 @@ session for the whole command) keeps two orchestrate processes off one table.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import psycopg
 from loguru import logger
 
 from orchestrator import changelog, distribute, drift, horizon
-from orchestrator.db import check_endpoints, close_quietly, connect, is_connection_error, with_lock_retry
+from orchestrator.context import _state_tables, session  # noqa: F401 - runner.session: the verbs' session
+from orchestrator.control import steering
+from orchestrator.db import check_endpoints, connect, is_connection_error, with_lock_retry
 from orchestrator.errors import ConnectionFailed, OrchestrateError, PreflightError, StateConflict
-from orchestrator.inspect import resolve
+from orchestrator.inspect import inspect_table, resolve
+from orchestrator.maintain import maintenance_preview
 from orchestrator.owner import EXECUTOR, MONITOR_HINT, sees_all_sessions
-from orchestrator.phases import REVERSE_TRIGGER, Context, ordered
-from orchestrator.phases.capture import drop_sync, replication_warnings
+from orchestrator.phases import REVERSE_TRIGGER, Context
+from orchestrator.phases.capture import drop_sync, install_capture, replication_warnings
+from orchestrator.phases.cutover import cutover_gates
+from orchestrator.phases.order import ordered
 from orchestrator.phases.prepare import Preflight, describe_names, preflight
 from orchestrator.plan import Plan
 from orchestrator.sql import QualifiedName, ident
 from orchestrator.sql import runner as runner_sql
 from orchestrator.state.store import (
     PHASES,
-    MigrationLock,
     MigrationStatus,
     Store,
-    check_state_schema,
     ensure_schema,
 )
 from orchestrator.status import Status
@@ -45,41 +46,6 @@ class Outcome:
 
     message: str
     data: dict = field(default_factory=dict)
-
-
-@contextmanager
-def session(plan: Plan, dsn: str, *, lock: bool = True, role: str = "main", state: bool = True) -> Iterator[Context]:
-    """Open the main session and (with ``lock``) the table's advisory lock; with ``state``,
-    make sure the state schema exists and load the live migration."""
-    conn = connect(dsn, role)
-    lock_conn = None
-    held = None
-    try:
-        # Only an existing state schema is upgraded here; apply creates it after preflight.
-        has_state = state and _state_tables(conn)
-        if has_state:
-            ensure_schema(conn)
-        if lock:
-            # A lock session killed by idle_session_timeout would free the lock unnoticed: a
-            # connection parameter of this session alone (never a SET that could outlive it).
-            lock_conn = connect(dsn, f"{role}-lock", settings={"idle_session_timeout": 0})
-            held = MigrationLock(lock_conn, str(plan.table_name))
-            held.acquire()
-        store = Store(conn)
-        ctx = Context(plan=plan, dsn=dsn, conn=conn, store=store,
-                      migration=store.live(str(plan.table_name)) if has_state else None)
-        if held is not None:
-            ctx.options["lock"] = held
-        yield ctx
-    except psycopg.OperationalError as e:
-        if is_connection_error(e):
-            raise ConnectionFailed(f"lost the database connection: {str(e).strip().splitlines()[0]}") from None
-        raise
-    finally:
-        if held:
-            held.release()
-        close_quietly(lock_conn)
-        close_quietly(conn)
 
 
 def make_plan(plan: Plan, dsn: str | None) -> Outcome:
@@ -102,7 +68,6 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
         found = resolve(conn.cursor(), plan.table_name)
         if found is not None and found[1] == "p":
             # Already partitioned (cut over, or made by hand): the plan is the next maintain pass.
-            from orchestrator.maintain import maintenance_preview
 
             data["validated_against_database"] = True
             data["maintenance"] = maintenance_preview(plan, conn)
@@ -127,7 +92,6 @@ def make_plan(plan: Plan, dsn: str | None) -> Outcome:
             steps += ph.steps(ctx, pf)
         data["steps"] = [s.as_dict() for s in steps]
         if ctx.migration is not None:
-            from orchestrator.phases.cutover import cutover_gates
 
             data["gates"] = cutover_gates(ctx)
         return Outcome(f"plan for {plan.table_name}: {len(steps)} steps, "
@@ -144,7 +108,6 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
         raise StateConflict(f"--until must be one of {', '.join(PHASES)}")
     from contextlib import ExitStack
 
-    from orchestrator.control import steering
 
     # Replicas through a transaction-mode pooler: refused before anything is recorded.
     check_endpoints([*plan.throttle.all_replicas, *replica_dsns], "replica-check")
@@ -196,7 +159,7 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                 continue
             # The application may have changed the table since the last look (DDL drift):
             # carry it to the twin first; a carried column re-opens backfill and verify.
-            if drift.check(ctx):
+            if drift.check(ctx, install_capture):
                 ctx.info = None
                 phases = ordered()
                 continue
@@ -217,7 +180,7 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                 if rounds > 20:
                     raise drift.DriftRefused(f"{table} keeps changing while it is being migrated ({e}); "
                                              "run apply again once the schema changes are deployed") from None
-                if not drift.check(ctx):
+                if not drift.check(ctx, install_capture):
                     raise drift.DriftRefused(f"{phase.name}: the twin's columns differ from the table's ({e}) "
                                              "and the difference is not a change orchestrate can carry; "
                                              "nothing was cut over") from None
@@ -242,13 +205,6 @@ def capture_summary(plan: Plan) -> dict:
     return {"mode": "sync", "how": "dual-write trigger: the twin is written in the writer's transaction",
             "write_cost": "a second write into an equally indexed table (0.5x-0.75x of the write throughput "
             "without capture); no lag, no drain at cutover", "alternative": "capture: {mode: async}"}
-
-
-def _state_tables(conn: psycopg.Connection) -> bool:
-    """Does the state schema hold our tables? Refuses (exit 8) a schema others control."""
-    if not check_state_schema(conn):
-        return False
-    return conn.execute(runner_sql.STATE_TABLES_EXIST).fetchone()[0]
 
 
 def _check_lock(ctx: Context, phase: str) -> None:
@@ -400,7 +356,6 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
             if plan.distribute is None:
                 drop_sync(cur, ctx, plan.table_name, REVERSE_TRIGGER, "reverse")
             elif resolve(cur, plan.retired) is not None:
-                from orchestrator.inspect import inspect_table
 
                 distribute.own_sequences(cur, inspect_table(ctx.conn, plan.retired), str(plan.table_name))
             if resolve(cur, plan.retired) is not None:

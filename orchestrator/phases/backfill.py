@@ -24,7 +24,10 @@ import psycopg
 from loguru import logger
 
 from orchestrator import owner, sql
-from orchestrator.db import connect, is_connection_error
+
+# batch_lock_timeout_ms: a module attribute here too (tests replace it for the backfill).
+from orchestrator.db import batch_lock_timeout_ms, connect, is_connection_error
+from orchestrator.db import lock_holder as _holder
 from orchestrator.drift import ShapeChanged, Watch
 from orchestrator.errors import ConnectionFailed, OrchestrateError
 from orchestrator.horizon import Tick
@@ -33,9 +36,8 @@ from orchestrator.phases import Context, Step
 from orchestrator.state.store import PhaseName
 
 if TYPE_CHECKING:
-    from psycopg.sql import Composable
 
-    from orchestrator.phases.prepare import Preflight
+    from orchestrator.context import Preflight
 from orchestrator.phases.prepare import fmt
 from orchestrator.sql import backfill as backfill_sql
 
@@ -189,33 +191,6 @@ YIELD_BACKOFF_MAX_S = 2.0
 # While a window keeps yielding, its event is recorded again this often (with fresh ages).
 YIELD_EVENT_EVERY_S = 30.0
 _WAIT_CONTEXT = re.compile(r'while (\w+(?: \w+)*?) tuple \((\d+),(\d+)\) in relation "((?:[^"]|"")*)"')
-
-
-def batch_lock_timeout_ms(conn: psycopg.Connection, plan_s: float) -> int:
-    """The lock_timeout of every backfill batch: the plan's, never above half the server's
-    deadlock_timeout.
-
-    Why below deadlock_timeout: a batch that waits for an application's row lock while it
-    holds FOR SHARE on rows it locked before can be part of a deadlock when the application
-    then touches one of those rows. PostgreSQL's detector runs in whichever backend has
-    waited deadlock_timeout and aborts that one; a batch that gives up first means the
-    application's transaction is never the victim.
-    """
-    row = conn.execute(backfill_sql.DEADLOCK_TIMEOUT_MS).fetchone()
-    deadlock_ms = int(row[0]) if row else 1000
-    return max(1, min(int(plan_s * 1000), deadlock_ms // 2))
-
-
-def _holder(conn: psycopg.Connection, where: Composable, params: list) -> str | None:
-    """'pid N, idle in transaction for 42 s' for the first session matching ``where``."""
-    row = conn.execute(backfill_sql.holder(where), params).fetchone()
-    if row is None:
-        return None
-    pid, state, in_state, in_xact, app = row
-    text = f"pid {pid}, {state} for {in_state} s"
-    if state != "idle in transaction" and in_xact is not None:
-        text += f" (transaction open {in_xact} s)"
-    return text + (f", application {app!r}" if app else "")
 
 
 def describe_blocker(conn: psycopg.Connection, table: sql.QualifiedName, err: psycopg.Error) -> str:

@@ -23,7 +23,7 @@ from orchestrator.sql import sync as sync_sql
 from orchestrator.state.store import MigrationStatus, PhaseName
 
 if TYPE_CHECKING:
-    from orchestrator.phases.prepare import Preflight
+    from orchestrator.context import Preflight
 
 
 def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst: sql.QualifiedName,

@@ -28,7 +28,7 @@ import psycopg
 from loguru import logger
 
 from orchestrator import changelog, drift, fidelity, horizon
-from orchestrator.db import LockAttempt, own_pids, with_lock_retry
+from orchestrator.db import LockAttempt, connect, lock_both, own_pids, with_lock_retry
 from orchestrator.db import close_quietly as _close
 from orchestrator.distribute import local_ddl
 from orchestrator.errors import OrchestrateError, StateConflict
@@ -36,14 +36,16 @@ from orchestrator.inspect import TableInfo, catalog_fingerprint, inspect_table
 from orchestrator.owner import MONITOR_HINT, sees_all_sessions
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 from orchestrator.state.store import MigrationStatus, PhaseName
+from orchestrator.throttle import dsn_label, primary_lag, replica_lag_s
 
 if TYPE_CHECKING:
-    from orchestrator.phases.prepare import Preflight
+    from orchestrator.context import Preflight
 from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, reverse_staged
-from orchestrator.phases.prepare import _twin_index_name, fmt
+from orchestrator.phases.prepare import fmt
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident, parse_qualified, swap
 from orchestrator.sql.compose import Composed, text
+from orchestrator.sql.twin import twin_index_name
 
 
 def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retired: QualifiedName,
@@ -138,7 +140,7 @@ def _carry_replica_identity(cur: psycopg.Cursor, old: TableInfo, new: QualifiedN
     if row[1]:
         cur.execute(swap.PRIMARY_KEY_INDEX, (str(new),))
     else:
-        cur.execute(swap.INDEX_IN_SCHEMA, (ident(new.schema), _twin_index_name(row[0])))
+        cur.execute(swap.INDEX_IN_SCHEMA, (ident(new.schema), twin_index_name(row[0])))
     found = cur.fetchone()
     if found is None:
         logger.warning("cutover: replica identity index {} has no counterpart on {}; left at DEFAULT", row[0], new)
@@ -189,20 +191,6 @@ def _partitions(cur: psycopg.Cursor, parent: QualifiedName, not_owned_by: str | 
     cur.execute(swap.PARTITIONS,
                 (str(parent), not_owned_by, not_owned_by, replica_identity_not, replica_identity_not))
     return [QualifiedName(r[0], r[1]) for r in cur.fetchall()]
-
-
-def lock_both(cur: psycopg.Cursor, first: QualifiedName, second: QualifiedName,
-              marks: dict[str, float] | None = None) -> None:
-    """Lock in the order writers take them (live table, then twin via the trigger): no deadlock.
-
-    ``marks["first"]`` is set when the live table's lock is granted: from then on the
-    application waits on us, so that is where the held time starts. ONLY: every access to a
-    partitioned table goes through its parent's lock first, so the parent's ACCESS EXCLUSIVE
-    already keeps everyone out; locking each partition too costs O(partitions) under the lock."""
-    cur.execute(swap.lock_table(first))
-    if marks is not None:
-        marks["first"] = time.monotonic()
-    cur.execute(swap.lock_table(second))
 
 
 def record_attempt(ctx: Context, what: str):
@@ -356,8 +344,6 @@ class LagProbe:
         return float(getattr(gate, "pause", None) or self.ctx.plan.throttle.max_replica_lag_s)
 
     def measure(self) -> tuple[bool, str]:
-        from orchestrator.db import connect
-        from orchestrator.throttle import dsn_label, primary_lag, replica_lag_s
 
         limit = self.limit
         if not self.replicas:

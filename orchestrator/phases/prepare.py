@@ -9,77 +9,29 @@ now + premake, and a DEFAULT partition takes NULL and out-of-range keys.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from datetime import datetime
 
 import psycopg
 from loguru import logger
 
-from orchestrator import changelog, drift, fidelity, sql, statements
+from orchestrator import changelog, distribute, drift, fidelity, sql, statements
+from orchestrator.context import Preflight  # noqa: F401 - re-exported: prepare's result
 from orchestrator.db import with_lock_retry
 from orchestrator.errors import PreflightError
+from orchestrator.horizon import partition_bounds
 from orchestrator.inspect import KEY_TYPES, TableInfo, base_type, exists, has_index_on, inspect_table, key_bounds
 from orchestrator.owner import EXECUTOR, acting_mode, install_executor
 from orchestrator.phases import REVERSE_TRIGGER, Context, Step
 from orchestrator.phases.capture import stage_reverse
-from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident
 from orchestrator.sql import twin as twin_sql
 from orchestrator.sql.compose import SQL, Composed, col, name, text
+from orchestrator.sql.twin import twin_index_name
 from orchestrator.state.store import PhaseName
 
-
-@dataclass
-class Preflight:
-    """The facts and decisions the checks produced: partitions to make, warnings, estimates."""
-
-    info: TableInfo
-    partitions: list[tuple[str, str]]  # [lo, hi) as 'YYYY-MM-DD HH:MM:SS' (UTC)
-    key_min: datetime | None
-    key_max: datetime | None
-    rows_to_default: int
-    warnings: list[str] = field(default_factory=list)
-    server_version: int = 0
-
-    @property
-    def estimates(self) -> dict:
-        return {
-            "rows": self.info.estimated_rows,
-            "bytes": self.info.total_bytes,
-            "partitions": len(self.partitions) + 1,
-            "rows_to_default_partition": self.rows_to_default,
-            "key_min": self.key_min.isoformat() if self.key_min else None,
-            "key_max": self.key_max.isoformat() if self.key_max else None,
-        }
-
-
 fmt = sql.timestamp_text  # the one formatting of a bound (maintain uses it too)
-
-
-def partition_bounds(ctx: Context, key_min: datetime | None) -> list[tuple[str, str]]:
-    """Aligned intervals from the oldest row's (or plan.start) to now + premake."""
-    pb = ctx.plan.partition_by
-    iv = pb.interval_value
-    now = ctx.now or utc_now()
-    current = iv.floor(now)
-    if pb.start is not None:
-        start = iv.floor(datetime(pb.start.year, pb.start.month, pb.start.day))
-    else:
-        start = iv.floor(min(key_min, now)) if key_min else current
-    end = iv.add(current, pb.premake + 1)
-    out: list[tuple[str, str]] = []
-    t = start
-    while t < end:
-        nxt = iv.add(t)
-        out.append((fmt(t), fmt(nxt)))
-        t = nxt
-        if len(out) > pb.max_partitions:
-            raise PreflightError(
-                f"the plan would create more than {pb.max_partitions} partitions (oldest key "
-                f"{key_min:%Y-%m-%d}): set partition_by.start to leave older rows in the default partition, "
-                "or raise partition_by.max_partitions"
-            )
-    return out
+# partition_bounds lives with the horizon (orchestrator/horizon.py): prepare and the moving
+# horizon compute the same partitions.
 
 
 def preflight(ctx: Context, resuming: bool = False) -> Preflight:
@@ -169,7 +121,6 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
     if not has_index_on(info, key):
         warnings.append(f"no index starts with {key}: every backfill range scans the whole table; create one first")
     if plan.distribute is not None:
-        from orchestrator import distribute
 
         warnings += distribute.check(ctx, info)  # refuses (exit 3) what Citus cannot take
     if info.triggers:
@@ -259,7 +210,6 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str | Composed]]:
             continue  # warned at preflight (fidelity.check)
         out.append((f"foreign key {fk.name}", twin_sql.add_foreign_key(twin, fk.name, fk.definition)))
     if plan.distribute is not None:
-        from orchestrator import distribute
 
         # Last, while the twin is still empty: Citus creates the shards of every partition
         # and moves no row. In prepare's one transaction, with everything above.
@@ -276,8 +226,7 @@ def created_oids(cur: psycopg.Cursor, ctx: Context) -> dict:
     return {"twin": int(twin), "partitions": [int(p) for p in parts], "functions": {EXECUTOR: int(fn)}}
 
 
-def _twin_index_name(name: str) -> str:
-    return sql.fit_name(name, "_twin")
+_twin_index_name = twin_index_name  # the name the twin's copy of an index gets (sql/twin.py)
 
 
 class Prepare:

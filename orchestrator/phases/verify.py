@@ -23,12 +23,13 @@ from loguru import logger
 
 from orchestrator import changelog, sql
 from orchestrator.db import close_quietly, connect, is_connection_error
+from orchestrator.distribute import settled_digest
 from orchestrator.errors import ConnectionFailed, VerificationFailed
 from orchestrator.phases import Context, Step
 from orchestrator.state.store import PhaseName
 
 if TYPE_CHECKING:
-    from orchestrator.phases.prepare import Preflight
+    from orchestrator.context import Preflight
 
 
 def exact_hash_columns(conn: psycopg.Connection, table: sql.QualifiedName) -> frozenset[str]:
@@ -62,7 +63,6 @@ def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
                  by_type: frozenset[str]) -> dict:
     """One range: the digest in its own snapshot, then its verdict recorded."""
     if ctx.plan.distribute is not None:
-        from orchestrator.distribute import settled_digest
 
         def digest(cur: psycopg.Cursor, locked: bool) -> dict:
             if not locked:  # under the lock each statement sees everything committed before it

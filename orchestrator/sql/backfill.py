@@ -60,6 +60,8 @@ HOLDS_ROW_LOCKS = SQL("a.backend_type = 'client backend' AND a.application_name 
 def holder(where: sql.Composable) -> Composed:
     """The first other session matching ``where`` (:data:`HOLDS_XID` or :data:`HOLDS_ROW_LOCKS`),
     oldest transaction first: pid, state, seconds in it, seconds in the transaction, application."""
+    if not isinstance(where, sql.Composable):  # a str would be formatted as a quoted literal
+        raise TypeError(f"holder(): the condition must be SQL, not {type(where).__name__}")
     return SQL(
         "SELECT a.pid, coalesce(a.state, 'unknown'), extract(epoch FROM now() - a.state_change)::bigint, "
         "extract(epoch FROM now() - a.xact_start)::bigint, a.application_name "

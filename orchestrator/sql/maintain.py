@@ -44,10 +44,11 @@ LIKE_OPTIONS = (
 # --------------------------------------------------------------------------- fixed statements
 
 EVENTS_TABLE_EXISTS = SQL("SELECT pg_catalog.to_regclass('orchestrate.events') IS NOT NULL")
-#: A str, not SQL: orchestrator.phases.backfill._holder appends it to its own query text.
-#: Param: the locked relations as regclass texts.
-LOCK_HOLDER_WHERE = ("a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE l.granted AND "
-                     "l.relation = ANY(%s::regclass[]))")
+#: The condition db.lock_holder() composes into its query (sql.backfill.holder): SQL, never a
+#: str (psycopg's format() would quote a str as a literal). Param: the locked relations as
+#: regclass texts.
+LOCK_HOLDER_WHERE = SQL("a.pid IN (SELECT l.pid FROM pg_catalog.pg_locks l WHERE l.granted AND "
+                        "l.relation = ANY(%s::regclass[]))")
 #: Params: schema, relname.
 RELATION_BY_NAME = SQL(
     "SELECT c.relkind, c.relispartition, obj_description(c.oid, 'pg_class') FROM pg_class c "

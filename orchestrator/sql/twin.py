@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator.sql import QualifiedName
+from orchestrator.sql import QualifiedName, fit_name
 from orchestrator.sql.compose import SQL, Composed, col, name
 from orchestrator.sql.swap import owner_to
 
@@ -78,3 +78,9 @@ def drop_table_cascade(table: QualifiedName) -> Composed:
 def drop_function(fn: QualifiedName, *arg_types: str) -> Composed:
     """``DROP FUNCTION IF EXISTS fn(types)``; the argument types are ours (``text``), never a user's."""
     return SQL("DROP FUNCTION IF EXISTS {}({})").format(name(fn), SQL(", ").join(SQL(a) for a in arg_types))
+
+
+def twin_index_name(name: str) -> str:
+    """The name the twin's copy of index ``name`` gets (unique in the schema, within 63 bytes)."""
+
+    return fit_name(name, "_twin")

@@ -20,8 +20,8 @@ import psycopg
 import pytest
 
 from helpers import wait_until
+from orchestrator import maintain
 from orchestrator.maintain import maintain_pass
-from orchestrator.phases import backfill
 from orchestrator.plan import parse_plan
 
 HOLD_S = 4.0
@@ -94,7 +94,7 @@ def test_default_move_yields_to_a_lock_holder(dsn: str, conn: psycopg.Connection
 
 def test_control_without_the_cap_stalls_writers(dsn: str, conn: psycopg.Connection,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(backfill, "batch_lock_timeout_ms", lambda conn, plan_s: int(plan_s * 1000))
+    monkeypatch.setattr(maintain, "batch_lock_timeout_ms", lambda conn, plan_s: int(plan_s * 1000))
     out = _scenario(conn, dsn)
     assert "error" not in out, out.get("error")
     assert max(out["waits"]) > 2.0, f"the control did not stall the writer: {max(out['waits']):.2f} s"
