@@ -31,7 +31,9 @@ from typing import TYPE_CHECKING
 import psycopg
 
 from orchestrator.errors import PreflightError
-from orchestrator.sql import ident, literal
+from orchestrator.sql import QualifiedName, ident, parse_qualified
+from orchestrator.sql import distribute as dsql
+from orchestrator.sql.compose import Composed
 from orchestrator.sql.probes import WORKER_SIGNALS_SQL
 
 if TYPE_CHECKING:
@@ -50,22 +52,18 @@ NO_ROLLBACK = ("a rollback after the cutover loses the writes made since the cut
 
 
 def citus_version(conn: psycopg.Connection) -> str | None:
-    row = conn.execute("SELECT extversion FROM pg_catalog.pg_extension WHERE extname = 'citus'").fetchone()
+    row = conn.execute(dsql.CITUS_VERSION).fetchone()
     return row[0] if row else None
 
 
 def workers(conn: psycopg.Connection) -> list[tuple[str, int]]:
     """The active primary workers that take shards (pg_dist_node; the coordinator is group 0)."""
-    return [(r[0], int(r[1])) for r in conn.execute(
-        "SELECT nodename, nodeport FROM pg_catalog.pg_dist_node WHERE noderole = 'primary' AND isactive "
-        "AND shouldhaveshards AND groupid <> 0 ORDER BY nodeid").fetchall()]
+    return [(r[0], int(r[1])) for r in conn.execute(dsql.ACTIVE_WORKERS).fetchall()]
 
 
 def on_workers(conn: psycopg.Connection, command: str) -> list[tuple[str, int, bool, str]]:
     """(node, port, success, result) of ``command`` on every worker (Citus' run_command_on_workers)."""
-    return [(r[0], int(r[1]), bool(r[2]), r[3]) for r in conn.execute(
-        "SELECT nodename, nodeport, success, result FROM pg_catalog.run_command_on_workers(%s)",
-        (command,)).fetchall()]
+    return [(r[0], int(r[1]), bool(r[2]), r[3]) for r in conn.execute(dsql.ON_WORKERS, (command,)).fetchall()]
 
 
 # On each worker: its standbys' replay lag (s) and its replication slot holding the most WAL.
@@ -94,7 +92,7 @@ def check(ctx: Context, info: TableInfo) -> list[str]:
     if citus_version(conn) is None:
         raise PreflightError("distribute: the citus extension is not installed in this database: "
                              "CREATE EXTENSION citus on the coordinator and on every worker")
-    if not conn.execute("SELECT pg_catalog.citus_is_coordinator()").fetchone()[0]:
+    if not conn.execute(dsql.IS_COORDINATOR).fetchone()[0]:
         raise PreflightError("distribute: this database is not a Citus coordinator: run "
                              "SELECT citus_set_coordinator_host(...) and citus_add_node(...) on it, "
                              "and point --dsn at it")
@@ -102,8 +100,8 @@ def check(ctx: Context, info: TableInfo) -> list[str]:
     if not nodes:
         raise PreflightError("distribute: no active worker is registered on the coordinator "
                              "(SELECT citus_add_node('host', port) for each worker)")
-    levels = [("coordinator", conn.execute("SELECT pg_catalog.current_setting('wal_level')").fetchone()[0])]
-    for host, port, ok, result in on_workers(conn, "SHOW wal_level"):
+    levels = [("coordinator", conn.execute(dsql.WAL_LEVEL).fetchone()[0])]
+    for host, port, ok, result in on_workers(conn, dsql.SHOW_WAL_LEVEL):
         if not ok:
             raise PreflightError(f"distribute: worker {host}:{port} cannot be reached from the coordinator: "
                                  f"{result}")
@@ -123,10 +121,7 @@ def check(ctx: Context, info: TableInfo) -> list[str]:
         raise PreflightError(f"distribute: column {ident(d.column)} of {info.name} is nullable: Citus refuses "
                              f"rows with a NULL distribution column (every such write would fail). "
                              f"ALTER TABLE {info.name} ALTER COLUMN {ident(d.column)} SET NOT NULL first")
-    hashable = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_opclass oc JOIN pg_catalog.pg_am am ON am.oid = oc.opcmethod "
-        "WHERE am.amname = 'hash' AND oc.opcdefault AND oc.opcintype = %s::pg_catalog.regtype)",
-        (col.type,)).fetchone()[0]
+    hashable = conn.execute(dsql.HASHABLE_TYPE, (col.type,)).fetchone()[0]
     if not hashable:
         raise PreflightError(f"distribute: column {ident(d.column)} is of type {col.type}, which has no hash "
                              "function: Citus cannot hash-distribute by it")
@@ -140,18 +135,12 @@ def check(ctx: Context, info: TableInfo) -> list[str]:
                              ": on a distributed table they would run on the workers' shards (Citus refuses them "
                              "unless citus.enable_unsafe_triggers); move their logic to the application first")
     with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM pg_catalog.pg_constraint WHERE conrelid = %s AND contype = 'u' "
-                    "AND condeferrable", (info.oid,))
+        cur.execute(dsql.DEFERRABLE_UNIQUE_COUNT, (info.oid,))
         if cur.fetchone()[0]:
             raise PreflightError(f"distribute: {info.name} has DEFERRABLE unique constraints; Citus does not "
                                  "distribute them")
     if d.colocate_with not in (None, "none", "default"):
-        row = conn.execute(
-            "SELECT pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_dist_partition p "
-            "JOIN pg_catalog.pg_attribute a ON a.attrelid = p.logicalrelid "
-            "AND a.attname = pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) "
-            "WHERE p.logicalrelid = pg_catalog.to_regclass(%s) AND p.partmethod = 'h'",
-            (d.colocate_with,)).fetchone()
+        row = conn.execute(dsql.COLOCATION_TYPE, (d.colocate_with,)).fetchone()
         if row is None:
             raise PreflightError(f"distribute.colocate_with: {d.colocate_with} is not a hash-distributed table")
         if row[0] != col.type:
@@ -166,8 +155,7 @@ def check(ctx: Context, info: TableInfo) -> list[str]:
         if idx.unique and not idx.primary and d.column not in idx.columns:
             warnings.append(f"distribute: unique index {idx.name} becomes unique on its columns plus "
                             f"{d.column}: uniqueness is then only enforced within one {d.column}")
-    shards = d.shard_count or int(conn.execute("SELECT pg_catalog.current_setting('citus.shard_count')")
-                                  .fetchone()[0])
+    shards = d.shard_count or int(conn.execute(dsql.SHARD_COUNT).fetchone()[0])
     warnings.append(f"distribute: {shards} shard(s) per partition over {len(nodes)} worker(s) "
                     f"({', '.join(f'{h}:{p}' for h, p in nodes)}); replica identity: the twin's primary key; "
                     f"{d.column} cannot change in an UPDATE once cut over (Citus refuses it)")
@@ -180,19 +168,14 @@ def check(ctx: Context, info: TableInfo) -> list[str]:
     return warnings
 
 
-def distribute_twin_sql(ctx: Context) -> str:
+def distribute_twin_sql(ctx: Context) -> Composed:
     """``create_distributed_table`` for the (empty) twin: its partitions become shards too.
 
     Warning: takes locks on the twin only (new, empty, nobody else uses it yet); in the
     prepare transaction, so the twin and its distribution commit or vanish together."""
     d = ctx.plan.distribute
     assert d is not None
-    args = [f"{literal(str(ctx.plan.twin))}::pg_catalog.regclass", literal(d.column)]
-    if d.colocate_with is not None:
-        args.append(f"colocate_with => {literal(d.colocate_with)}")
-    if d.shard_count is not None:
-        args.append(f"shard_count => {int(d.shard_count)}")
-    return f"SELECT pg_catalog.create_distributed_table({', '.join(args)})"
+    return dsql.create_distributed_table(ctx.plan.twin, d.column, d.colocate_with, d.shard_count)
 
 
 @contextmanager
@@ -205,28 +188,29 @@ def local_ddl(cur: psycopg.Cursor) -> Iterator[None]:
     distributed sequence is currently not supported"). Who owns it matters only on the
     coordinator, where the application's inserts call nextval() and where finalize drops
     the retired table (which must no longer own it)."""
-    before = cur.execute("SELECT pg_catalog.current_setting('citus.enable_ddl_propagation', true)").fetchone()[0]
+    before = cur.execute(dsql.DDL_PROPAGATION).fetchone()[0]
     if before is None:
         yield
         return
-    cur.execute("SELECT pg_catalog.set_config('citus.enable_ddl_propagation', 'off', true)")
+    cur.execute(dsql.DDL_PROPAGATION_OFF)
     try:
         yield
     finally:
-        cur.execute("SELECT pg_catalog.set_config('citus.enable_ddl_propagation', %s, true)", (before,))
+        cur.execute(dsql.SET_DDL_PROPAGATION, (before,))
 
 
-def own_sequences(cur: psycopg.Cursor, retired: TableInfo, table: str) -> list[str]:
+def own_sequences(cur: psycopg.Cursor, retired: TableInfo, table: str | QualifiedName) -> list[str]:
     """At finalize: the serial sequences the retired heap table still owns become the new
     table's, so that DROP TABLE retired keeps them. Not at the cutover: Citus refuses to
     change the owner of a sequence once a distributed table owns it, so a rollback could
     not give it back to the heap table."""
     done = []
+    target = _qualified(table)
     for seq in retired.sequences:
         if seq.identity:
             continue
         with local_ddl(cur):
-            cur.execute(f"ALTER SEQUENCE {seq.name} OWNED BY {table}.{ident(seq.column)}")
+            cur.execute(dsql.owned_by(seq.name, target, seq.column))
         done.append(str(seq.name))
     return done
 
@@ -234,8 +218,7 @@ def own_sequences(cur: psycopg.Cursor, retired: TableInfo, table: str) -> list[s
 def is_distributed(conn: psycopg.Connection, table: str) -> bool:
     if citus_version(conn) is None:
         return False
-    return bool(conn.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_dist_partition "
-                             "WHERE logicalrelid = pg_catalog.to_regclass(%s))", (table,)).fetchone()[0])
+    return bool(conn.execute(dsql.IS_DISTRIBUTED, (table,)).fetchone()[0])
 
 
 def settled_digest(conn: psycopg.Connection, digest, table: str, lock_timeout_s: float) -> dict:
@@ -268,9 +251,9 @@ def settled_digest(conn: psycopg.Connection, digest, table: str, lock_timeout_s:
     for attempt in range(LOCK_ATTEMPTS):
         try:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute(f"SET LOCAL lock_timeout = '{max(1, int(lock_timeout_s * 1000))}ms'")
+                cur.execute(dsql.lock_timeout(lock_timeout_s))
                 # Writers wait from here to the commit: the two reads of one range.
-                cur.execute(f"LOCK TABLE ONLY {table} IN SHARE MODE")
+                cur.execute(dsql.lock_share(_qualified(table)))
                 result = digest(cur, True)
             result["attempts"] = DIGEST_ATTEMPTS + attempt + 1
             result["locked"] = True
@@ -296,11 +279,13 @@ def shard_rows(conn: psycopg.Connection, table: str) -> dict[str, int]:
     """Rows per worker ("host:port") of a distributed (partitioned) table, from citus_shards'
     placements: a count(*) per shard, run where the shard lives."""
     out: dict[str, int] = {}
-    res = conn.execute(
-        "SELECT p.nodename, p.nodeport, sum(p.result::bigint) FROM pg_catalog.pg_inherits i, "
-        "LATERAL pg_catalog.run_command_on_placements(i.inhrelid::pg_catalog.regclass, "
-        "'SELECT count(*) FROM %%s') p WHERE i.inhparent = pg_catalog.to_regclass(%s) AND p.success "
-        "GROUP BY 1, 2 ORDER BY 1, 2", (table,)).fetchall()
+    res = conn.execute(dsql.SHARD_ROWS, (table,)).fetchall()
     for host, port, n in res:
         out[f"{host}:{port}"] = int(n)
     return out
+
+
+def _qualified(table: str | QualifiedName) -> QualifiedName:
+    """The callers (runner, verify) pass the table as its rendered name (``str(QualifiedName)``);
+    parsed back so that the statements quote it through sql.Identifier."""
+    return table if isinstance(table, QualifiedName) else parse_qualified(table)

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import psycopg
 
-from orchestrator import sql
 from orchestrator.errors import PreflightError
 from orchestrator.inspect import TableInfo
 from orchestrator.sql import QualifiedName, ident
+from orchestrator.sql import fidelity as fidelity_sql
+from orchestrator.sql.compose import Composed
 
 
 def check(conn: psycopg.Connection, info: TableInfo, version: int) -> list[str]:
     """Refuse (PreflightError) what the twin cannot reproduce; return warnings for the rest."""
     warnings: list[str] = []
-    row = conn.execute("SELECT conname FROM pg_constraint WHERE conrelid = %s AND contype = 'p' AND condeferrable",
-                       (info.oid,)).fetchone()
+    row = conn.execute(fidelity_sql.DEFERRABLE_PRIMARY_KEY, (info.oid,)).fetchone()
     if row:
         raise PreflightError(
             f"the primary key {row[0]} of {info.name} is DEFERRABLE: the backfill's ON CONFLICT needs an immediate "
@@ -56,7 +56,7 @@ def skip_foreign_key(definition: str, version: int) -> bool:
     return definition.endswith(" NOT VALID")
 
 
-def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, str]]:
+def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, Composed]]:
     """(action, SQL) taking the twin's copies of NOT VALID CHECKs off until the cutover.
 
     ``LIKE ... INCLUDING CONSTRAINTS`` copies them as validated, and even a NOT VALID CHECK
@@ -64,7 +64,7 @@ def not_valid_checks(info: TableInfo, twin: QualifiedName) -> list[tuple[str, st
     trigger's writes satisfy them anyway (the live table checks every new row version), so
     they are added back, NOT VALID, just before the cutover (:func:`add_not_valid_checks`)."""
     return [(f"CHECK {name} is NOT VALID: added back NOT VALID before the cutover",
-             f"ALTER TABLE {twin} DROP CONSTRAINT {ident(name)}")
+             fidelity_sql.drop_constraint(twin, name))
             for name, definition in info.checks if definition.endswith(" NOT VALID")]
 
 
@@ -76,23 +76,17 @@ def add_not_valid_checks(ctx) -> list[str]:
     from orchestrator.db import with_lock_retry
 
     plan = ctx.plan
-    rows = ctx.conn.execute(
-        "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
-        "AND contype = 'c' AND NOT convalidated AND conname NOT IN "
-        "(SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'c') ORDER BY 1",
-        (str(plan.table_name), str(plan.twin))).fetchall()
+    rows = ctx.conn.execute(fidelity_sql.NOT_VALID_CHECKS_MISSING, (str(plan.table_name), str(plan.twin))).fetchall()
     if ctx.conn.info.server_version >= 180000:
-        rows += ctx.conn.execute(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s::regclass "
-            "AND contype = 'f' AND NOT convalidated AND conname NOT IN "
-            "(SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass AND contype = 'f') ORDER BY 1",
-            (str(plan.table_name), str(plan.twin))).fetchall()
+        rows += ctx.conn.execute(fidelity_sql.NOT_VALID_FKS_MISSING,
+                                 (str(plan.table_name), str(plan.twin))).fetchall()
     if not rows:
         return []
 
     def body(cur: psycopg.Cursor) -> None:
         for name, definition in rows:
-            cur.execute(f"ALTER TABLE {plan.twin} ADD CONSTRAINT {ident(name)} {definition}")
+            # definition: pg_get_constraintdef's text, embedded as SQL by add_constraint.
+            cur.execute(fidelity_sql.add_constraint(plan.twin, name, definition))
 
     with_lock_retry(ctx.conn, body, what="NOT VALID checks on the twin", lock_timeout_s=plan.cutover.lock_timeout_s,
                     attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s)
@@ -101,31 +95,22 @@ def add_not_valid_checks(ctx) -> list[str]:
 
 def deferrable_uniques(cur: psycopg.Cursor, oid: int) -> dict[str, str]:
     """conname -> pg_get_constraintdef of the table's DEFERRABLE unique constraints."""
-    cur.execute("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
-                "WHERE conrelid = %s AND contype = 'u' AND condeferrable", (oid,))
+    cur.execute(fidelity_sql.DEFERRABLE_UNIQUES, (oid,))
     return {r[0]: r[1] for r in cur.fetchall()}
 
 
-def unique_constraint(twin: QualifiedName, name: str, definition: str, add_key: str | None) -> str:
+def unique_constraint(twin: QualifiedName, name: str, definition: str, add_key: str | None) -> Composed:
     """The twin's copy of a unique constraint, keeping DEFERRABLE / INITIALLY DEFERRED: a slot
     swap that is legal on the table (checked at commit) stays legal on the twin."""
-    return f"ALTER TABLE {twin} ADD CONSTRAINT {ident(name)} " + sql.rewrite_index(definition, "", "", add_key)
+    return fidelity_sql.unique_constraint(twin, name, definition, add_key)
 
 
 def publication_warnings(conn: psycopg.Connection, info: TableInfo) -> list[str]:
     """What the cutover does to publications of the table, and what it cannot fix."""
     out = []
-    rows = conn.execute(
-        "SELECT p.pubname, p.pubviaroot, p.puballtables, "
-        "  EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_class c ON c.oid = pr.prrelid "
-        "          WHERE pr.prpubid = p.oid AND c.relkind = 'p') "
-        "FROM pg_publication p WHERE p.puballtables OR p.oid IN "
-        "  (SELECT prpubid FROM pg_publication_rel WHERE prrelid = %s) ORDER BY 1", (info.oid,)).fetchall()
+    rows = conn.execute(fidelity_sql.PUBLICATIONS_OF, (info.oid,)).fetchall()
     if conn.info.server_version >= 150000:
-        rows += conn.execute(
-            "SELECT p.pubname, p.pubviaroot, false, false FROM pg_publication p "
-            "JOIN pg_publication_namespace pn ON pn.pnpubid = p.oid "
-            "JOIN pg_class c ON c.relnamespace = pn.pnnspid AND c.oid = %s ORDER BY 1", (info.oid,)).fetchall()
+        rows += conn.execute(fidelity_sql.SCHEMA_PUBLICATIONS_OF, (info.oid,)).fetchall()
     for name, viaroot, alltables, other_partitioned in rows:
         if name not in info.publications:
             out.append(

@@ -22,9 +22,12 @@ same transaction, so it is never visible to the owner).
 from __future__ import annotations
 
 import psycopg
+from psycopg import sql
 
 from orchestrator.errors import PreflightError
-from orchestrator.sql import QualifiedName, ident, literal
+from orchestrator.sql import QualifiedName, ident
+from orchestrator.sql import owner as owner_sql
+from orchestrator.sql.compose import SQL, text
 
 EXECUTOR = "as_owner"
 MONITOR_HINT = "the role running orchestrate needs pg_monitor (or pg_read_all_stats): GRANT pg_monitor TO it"
@@ -33,19 +36,14 @@ MONITOR_HINT = "the role running orchestrate needs pg_monitor (or pg_read_all_st
 def sees_all_sessions(conn: psycopg.Connection) -> bool:
     """Can this session see every role's xact_start and backend_xmin (superuser, or
     pg_read_all_stats, which pg_monitor includes)? Checks that need them fail closed if not."""
-    return bool(conn.execute(
-        "SELECT r.rolsuper OR pg_catalog.pg_has_role(current_user, 'pg_read_all_stats', 'USAGE') "
-        "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user").fetchone()[0])
+    return bool(conn.execute(owner_sql.SEES_ALL_SESSIONS).fetchone()[0])
 
 
 def acting_mode(cur: psycopg.Cursor, owner: str) -> str:
     """'owner', 'superuser' or 'member': how this session can act as ``owner``.
 
     Raises PreflightError (exit 3) when it cannot act as the owner at all."""
-    cur.execute(
-        "SELECT current_user = %s::name, r.rolsuper, pg_catalog.pg_has_role(current_user, %s::name, 'MEMBER') "
-        "FROM pg_catalog.pg_roles r WHERE r.rolname = current_user",
-        (owner, owner))
+    cur.execute(owner_sql.ACTING_MODE, (owner, owner))
     is_owner, is_super, member = cur.fetchone()
     if is_owner:
         return "owner"
@@ -60,7 +58,7 @@ def acting_mode(cur: psycopg.Cursor, owner: str) -> str:
 
 
 def _current(cur: psycopg.Cursor) -> str:
-    return cur.execute("SELECT current_user::text").fetchone()[0]
+    return cur.execute(owner_sql.CURRENT_USER).fetchone()[0]
 
 
 def give_to_owner(cur: psycopg.Cursor, signature: str, owner: str, *, executable_by_us: bool = False) -> None:
@@ -71,36 +69,23 @@ def give_to_owner(cur: psycopg.Cursor, signature: str, owner: str, *, executable
     statement; call it inside the transaction that created the function, so the grant
     never commits."""
     mode = acting_mode(cur, owner)
-    cur.execute(f"ALTER FUNCTION {signature} SECURITY DEFINER")
+    # The signature is regprocedure text with its name already quoted (QualifiedName's str,
+    # sql.changelog.signature), so it is embedded as SQL (see orchestrator.sql.owner).
+    fn = SQL(signature)
+    cur.execute(owner_sql.security_definer(fn))
     if mode == "superuser":
-        cur.execute(f"ALTER FUNCTION {signature} OWNER TO {ident(owner)}")
+        cur.execute(owner_sql.owner_to(fn, owner))
     elif mode == "member":
         # A non-superuser may give an object away only to a role with CREATE on its schema.
-        cur.execute(f"GRANT CREATE ON SCHEMA orchestrate TO {ident(owner)}")
-        cur.execute(f"ALTER FUNCTION {signature} OWNER TO {ident(owner)}")
-        cur.execute(f"REVOKE CREATE ON SCHEMA orchestrate FROM {ident(owner)}")
-    cur.execute(f"REVOKE ALL ON FUNCTION {signature} FROM PUBLIC")
+        cur.execute(owner_sql.grant_create_on_state_schema(owner))
+        cur.execute(owner_sql.owner_to(fn, owner))
+        cur.execute(owner_sql.revoke_create_on_state_schema(owner))
+    cur.execute(owner_sql.revoke_from_public(fn))
     if executable_by_us and mode != "owner":
-        cur.execute(f"GRANT EXECUTE ON FUNCTION {signature} TO CURRENT_USER")
+        cur.execute(owner_sql.grant_execute_to_us(fn))
 
 
-def executor_function(fn: QualifiedName, owner: str) -> str:
-    """``fn(q text) RETURNS bigint``: EXECUTE one statement as the owner, return its row count.
-
-    ``row_security = off``: a query the owner's RLS policies would filter (FORCE ROW LEVEL
-    SECURITY) raises instead of silently copying fewer rows."""
-    return f"""CREATE OR REPLACE FUNCTION {fn}(q text) RETURNS bigint LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET row_security = off AS $orchestrate$
-DECLARE n bigint;
-BEGIN
-  IF current_user OPERATOR(pg_catalog.<>) {literal(owner)}::pg_catalog.name THEN
-    RAISE EXCEPTION 'orchestrate: % runs as %, not as the table owner', {literal(str(fn))}, current_user;
-  END IF;
-  EXECUTE q;
-  GET DIAGNOSTICS n = ROW_COUNT;
-  RETURN n;
-END
-$orchestrate$"""
+executor_function = owner_sql.executor_function  # the statement lives in orchestrator.sql.owner
 
 
 def install_executor(cur: psycopg.Cursor, fn: QualifiedName, owner: str) -> None:
@@ -109,20 +94,26 @@ def install_executor(cur: psycopg.Cursor, fn: QualifiedName, owner: str) -> None
     give_to_owner(cur, f"{fn}(text)", owner, executable_by_us=True)
 
 
-def render(cur: psycopg.Cursor, query: str, params: list | tuple) -> str:
+def render(cur: psycopg.Cursor, query: str | sql.Composable, params: list | tuple) -> str:
     """The statement with its parameters inlined as quoted literals (psycopg's own quoting),
-    for the executor, which takes one text argument."""
+    for the executor, which takes one text argument (so a str, not a Composed).
+
+    psycopg's client-side binding reads every ``%`` of the query text as a placeholder, also
+    one inside a quoted name (``"100% orders"``): a Composed has the ``%`` of its identifiers
+    and literals doubled first (owner_sql.bindable), so the name comes out as it was. A str
+    query (the older renderers') is bound as before: its author wrote %% for a literal %."""
+    if isinstance(query, sql.Composable):
+        query = owner_sql.bindable(query, cur)
     return psycopg.ClientCursor(cur.connection).mogrify(query, params)
 
 
 def call(fn: QualifiedName) -> str:
-    """The executor call as an expression (param: the rendered statement)."""
-    return f"{fn}(%s::text)"
+    """The executor call as an expression (param: the rendered statement). A str, rendered
+    from owner_sql.call: the state store formats it into its own batch statement's text."""
+    return text(owner_sql.call(fn))
 
 
-def as_owner_sql(fn: QualifiedName) -> str:
-    """The query that runs one rendered statement through the executor; returns its row count."""
-    return f"SELECT {call(fn)}"
+as_owner_sql = owner_sql.as_owner_sql  # runs one rendered statement through the executor
 
 
 def table_executor(conn: psycopg.Connection, table_oid: int) -> tuple[QualifiedName, str]:
@@ -134,8 +125,7 @@ def table_executor(conn: psycopg.Connection, table_oid: int) -> tuple[QualifiedN
 
     ensure_schema(conn)
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SELECT relowner::int, pg_catalog.pg_get_userbyid(relowner)::text FROM pg_catalog.pg_class "
-                    "WHERE oid = %s", (table_oid,))
+        cur.execute(owner_sql.TABLE_OWNER_ROLE, (table_oid,))
         owner_oid, owner = cur.fetchone()
         fn = QualifiedName("orchestrate", f"{EXECUTOR}_r{owner_oid}")
         install_executor(cur, fn, owner)

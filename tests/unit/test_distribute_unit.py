@@ -65,10 +65,11 @@ def test_sync_function_never_sets_the_distribution_column():
 def test_create_distributed_table_sql():
     from orchestrator.distribute import distribute_twin_sql
     from orchestrator.phases import Context
+    from orchestrator.sql.compose import text
 
     plan = parse_plan({**BASE, "distribute": {"column": "customer_id", "shard_count": 4,
                                               "colocate_with": "public.customers"}})
     ctx = Context(plan=plan, dsn="", conn=None, store=None, migration=None)  # type: ignore[arg-type]
-    assert distribute_twin_sql(ctx) == (
+    assert text(distribute_twin_sql(ctx)) == (
         "SELECT pg_catalog.create_distributed_table('public.orders_partitioned'::pg_catalog.regclass, "
         "'customer_id', colocate_with => 'public.customers', shard_count => 4)")

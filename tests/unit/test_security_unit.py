@@ -13,6 +13,7 @@ from orchestrator.errors import PlanError
 from orchestrator.metrics import MetricsServer
 from orchestrator.owner import executor_function
 from orchestrator.plan import env_value, parse_plan
+from orchestrator.sql.compose import text
 
 BASE = {"version": 1, "table": "public.orders", "partition_by": {"column": "created_at", "interval": "1 month"}}
 SECRET = "Pw-unit-9f2c"
@@ -69,7 +70,7 @@ def test_owner_functions_pin_search_path_and_qualify_builtins():
     fn = sql.QualifiedName("orchestrate", "capture_1")
     body = sql.sync_function(fn, sql.QualifiedName("public", "t_partitioned"), shape)
     assert "SET search_path = pg_catalog, pg_temp" in body
-    ex = executor_function(sql.QualifiedName("orchestrate", "as_owner_1"), "app_owner")
+    ex = text(executor_function(sql.QualifiedName("orchestrate", "as_owner_1"), "app_owner"))
     assert "SET search_path = pg_catalog, pg_temp" in ex and "SET row_security = off" in ex
     assert "current_user OPERATOR(pg_catalog.<>) 'app_owner'::pg_catalog.name" in ex
     digest = sql.range_digest(sql.QualifiedName("public", "t"), shape, "true", "hash")
