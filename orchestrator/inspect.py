@@ -15,6 +15,7 @@ import psycopg
 
 from orchestrator.errors import PreflightError
 from orchestrator.sql import QualifiedName, ident
+from orchestrator.sql import catalog as catalog_sql
 
 if TYPE_CHECKING:
     from orchestrator.plan import Plan
@@ -134,11 +135,7 @@ class TableInfo:
 
 
 def resolve(cur: psycopg.Cursor, name: QualifiedName) -> tuple[int, str] | None:
-    cur.execute(
-        "SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND c.relname = %s",
-        (name.schema, name.name),
-    )
+    cur.execute(catalog_sql.RELATION_BY_NAME, (name.schema, name.name))
     row = cur.fetchone()
     return (row[0], row[1]) if row else None
 
@@ -148,11 +145,7 @@ def exists(cur: psycopg.Cursor, name: QualifiedName) -> bool:
 
 
 def _case_hint(cur: psycopg.Cursor, name: QualifiedName) -> str:
-    cur.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE lower(n.nspname) = lower(%s) AND lower(c.relname) = lower(%s) AND c.relkind IN ('r','p') LIMIT 1",
-        (name.schema, name.name),
-    )
+    cur.execute(catalog_sql.TABLE_BY_NAME_ANY_CASE, (name.schema, name.name))
     row = cur.fetchone()
     if row:
         return f" (did you mean {QualifiedName(row[0], row[1])}? quote mixed-case names in the plan)"
@@ -164,7 +157,7 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
     # One transaction: a consistent read, and SET LOCAL renders every definition fully
     # qualified (search_path = pg_catalog), whatever the caller's search_path.
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("SET LOCAL search_path = pg_catalog")
+        cur.execute(catalog_sql.CATALOG_SEARCH_PATH)
         found = resolve(cur, name)
         if found is None:
             raise PreflightError(f"table {name} does not exist{_case_hint(cur, name)}")
@@ -173,142 +166,39 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
             raise PreflightError(f"table {name} is already partitioned")
         if relkind not in ("r", "p"):
             raise PreflightError(f"{name} is not an ordinary table (relkind {relkind!r})")
-        cur.execute(
-            """SELECT pg_get_userbyid(c.relowner), obj_description(c.oid, 'pg_class'), c.relreplident,
-                      c.relrowsecurity, c.relforcerowsecurity, coalesce(c.reloptions, '{}'),
-                      greatest(c.reltuples, 0)::bigint, pg_total_relation_size(c.oid), c.relpersistence
-               FROM pg_class c WHERE c.oid = %s""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.TABLE_ROW, (oid,))
         owner, comment, replident, rls, rls_forced, reloptions, reltuples, total_bytes, persistence = cur.fetchone()
         if persistence == "t":
             raise PreflightError(f"{name} is a temporary table")
-        cur.execute(
-            """SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
-                      pg_get_expr(d.adbin, d.adrelid), a.attgenerated::text, a.attidentity::text,
-                      CASE WHEN a.attstattarget >= 0 THEN a.attstattarget END
-               FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
-               WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.COLUMNS, (oid,))
         columns = [Column(r[0], r[1], r[2], r[3], r[4] or "", r[5] or "", r[6]) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT i.indexrelid::regclass::text, pg_get_indexdef(i.indexrelid), i.indisunique, i.indisprimary,
-                      con.conname,
-                      ARRAY(SELECT a.attname FROM unnest(i.indkey) WITH ORDINALITY k(n, o)
-                            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.n
-                            WHERE k.n > 0 ORDER BY k.o),
-                      0 = ANY (i.indkey::int2[]) OR i.indexprs IS NOT NULL, c2.relname
-               FROM pg_index i JOIN pg_class c2 ON c2.oid = i.indexrelid
-               LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
-               WHERE i.indrelid = %s ORDER BY c2.relname""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.INDEXES, (oid,))
         indexes = [Index(r[7], r[1], r[2], r[3], r[4], tuple(r[5]), r[6]) for r in cur.fetchall()]
         pk = next((list(i.columns) for i in indexes if i.primary), [])
-        cur.execute(
-            "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint WHERE conrelid = %s AND contype = 'c' "
-            "ORDER BY conname",
-            (oid,),
-        )
+        cur.execute(catalog_sql.CHECKS, (oid,))
         checks = [(r[0], r[1]) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
-               WHERE conrelid = %s AND contype = 'f' ORDER BY conname""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.OUTGOING_FKS, (oid,))
         outgoing = [ForeignKey(r[0], name, r[1]) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT con.conname, n.nspname, c.relname, pg_get_constraintdef(con.oid),
-                      ARRAY(SELECT a.attname FROM unnest(con.conkey) k(n)
-                            JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n)
-               FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace
-               WHERE con.confrelid = %s AND con.contype = 'f' AND con.conrelid <> con.confrelid
-               ORDER BY 1""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.INCOMING_FKS, (oid,))
         incoming = [ForeignKey(r[0], QualifiedName(r[1], r[2]), r[3], tuple(r[4])) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT DISTINCT v.oid, n.nspname, v.relname, v.relkind, pg_get_viewdef(v.oid),
-                      coalesce(v.reloptions, '{}')
-               FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
-               JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace n ON n.oid = v.relnamespace
-               WHERE d.refobjid = %s AND d.refclassid = 'pg_class'::regclass AND v.oid <> %s
-               ORDER BY v.oid""",
-            (oid, oid),
-        )
+        cur.execute(catalog_sql.DEPENDENTS, (oid, oid))
         dependents = [Dependent(r[0], QualifiedName(r[1], r[2]), r[3], r[4], tuple(r[5])) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT tgname, pg_get_triggerdef(oid), tgenabled::text FROM pg_trigger
-               WHERE tgrelid = %s AND NOT tgisinternal AND tgname NOT LIKE 'orchestrate\\_%%' ORDER BY tgname""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.TRIGGERS, (oid,))
         triggers = [Trigger(*r) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT n.nspname, s.relname, a.attname, d.deptype = 'i'
-               FROM pg_depend d JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
-               JOIN pg_namespace n ON n.oid = s.relnamespace
-               JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
-               WHERE d.refobjid = %s AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.OWNED_SEQUENCES, (oid,))
         sequences = [OwnedSequence(QualifiedName(r[0], r[1]), r[2], r[3]) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
-                      a.privilege_type, a.is_grantable
-               FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = %s AND a.grantee <> c.relowner""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.TABLE_ACL, (oid,))
         acl = [(r[0], r[1], r[2]) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT att.attname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
-                      a.privilege_type
-               FROM pg_attribute att, aclexplode(att.attacl) a
-               WHERE att.attrelid = %s AND att.attacl IS NOT NULL AND NOT att.attisdropped""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.COLUMN_ACL, (oid,))
         column_acl = [(r[0], r[1], r[2]) for r in cur.fetchall()]
-        cur.execute(
-            "SELECT i.indexrelid::regclass::text FROM pg_index i WHERE i.indrelid = %s AND i.indisreplident", (oid,)
-        )
+        cur.execute(catalog_sql.REPLIDENT_INDEX, (oid,))
         row = cur.fetchone()
         replident_index = row[0] if row else None
-        cur.execute(
-            """SELECT polname, format('CREATE POLICY %%I ON %%s AS %%s FOR %%s TO %%s%%s%%s', polname, '{table}',
-                      CASE WHEN polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
-                      CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
-                                  WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
-                      CASE WHEN polroles = '{0}' THEN 'PUBLIC'
-                           ELSE (SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles
-                                 WHERE oid = ANY (polroles)) END,
-                      CASE WHEN polqual IS NOT NULL
-                           THEN ' USING (' || pg_get_expr(polqual, polrelid) || ')' ELSE '' END,
-                      CASE WHEN polwithcheck IS NOT NULL
-                           THEN ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) || ')' ELSE '' END)
-               FROM pg_policy WHERE polrelid = %s ORDER BY polname""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.POLICIES, (oid,))
         policies = [(r[0], r[1]) for r in cur.fetchall()]
-        cur.execute(
-            """SELECT p.pubname FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-               WHERE pr.prrelid = %s ORDER BY 1""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.PUBLICATIONS, (oid,))
         publications = [r[0] for r in cur.fetchall()]
-        cur.execute(
-            """SELECT a.attname,
-                      (SELECT format('OPERATOR(%%s.=)', quote_ident(o.oprnamespace::regnamespace::text))
-                       FROM pg_opclass oc JOIN pg_am am ON am.oid = oc.opcmethod AND am.amname = 'btree'
-                       JOIN pg_amop ao ON ao.amopfamily = oc.opcfamily AND ao.amopstrategy = 3
-                            AND ao.amoplefttype = oc.opcintype AND ao.amoprighttype = oc.opcintype
-                       JOIN pg_operator o ON o.oid = ao.amopopr
-                       WHERE oc.opcdefault AND oc.opcintype = t.oid)
-               FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
-               WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped
-                 AND t.typnamespace <> 'pg_catalog'::regnamespace""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.EQ_OPS, (oid,))
         eq_ops = {r[0]: r[1] or "" for r in cur.fetchall()}
     return TableInfo(
         name=name, oid=oid, relkind=relkind, owner=owner, comment=comment, acl=acl, columns=columns,
@@ -325,11 +215,8 @@ def key_bounds(conn: psycopg.Connection, table: QualifiedName, key: str) -> tupl
 
     'infinity' / '-infinity' keys are left out: no partition can hold them (they go to the
     default partition with NULLs and far-out keys) and Python's datetime cannot either."""
-    k = ident(key)
     with conn.cursor() as cur:
-        cur.execute(f"SELECT (SELECT {k}::timestamp FROM {table} WHERE {k} IS NOT NULL AND isfinite({k}) "
-                    f"ORDER BY {k} LIMIT 1), (SELECT {k}::timestamp FROM {table} WHERE {k} IS NOT NULL AND "
-                    f"isfinite({k}) ORDER BY {k} DESC LIMIT 1)")
+        cur.execute(catalog_sql.key_bounds(table, key))
         lo, hi = cur.fetchone()
     return lo, hi
 
@@ -351,22 +238,7 @@ def catalog_fingerprint(conn: psycopg.Connection, oid: int) -> str:
     lock, re-inspects only if this fingerprint moved. Read the fingerprint BEFORE the
     inspection: a change that lands during it then shows up as a different fingerprint.
     """
-    row = conn.execute(
-        """SELECT md5(concat_ws('|',
-             (SELECT xmin::text FROM pg_class WHERE oid = %(o)s),
-             (SELECT string_agg(xmin::text, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = %(o)s),
-             (SELECT string_agg(xmin::text || ':' || objid::text, ',' ORDER BY objid, objsubid)
-                FROM pg_depend WHERE refobjid = %(o)s AND refclassid = 'pg_class'::regclass),
-             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_trigger WHERE tgrelid = %(o)s),
-             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_policy WHERE polrelid = %(o)s),
-             (SELECT string_agg(xmin::text, ',' ORDER BY objsubid) FROM pg_description
-                WHERE objoid = %(o)s AND classoid = 'pg_class'::regclass),
-             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_publication_rel WHERE prrelid = %(o)s),
-             (SELECT string_agg(xmin::text, ',' ORDER BY oid) FROM pg_constraint
-                WHERE conrelid = %(o)s OR confrelid = %(o)s),
-             (SELECT string_agg(xmin::text, ',' ORDER BY indexrelid) FROM pg_index WHERE indrelid = %(o)s)))""",
-        {"o": oid},
-    ).fetchone()
+    row = conn.execute(catalog_sql.CATALOG_FINGERPRINT, {"o": oid}).fetchone()
     return row[0]
 
 
@@ -442,12 +314,7 @@ def partitioned_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
     parent = plan.table_name
     key = plan.partition_by.column
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT c.oid, c.relkind, pt.partstrat, pt.partnatts, pt.partattrs::int2[], pt.partdefid "
-            "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "LEFT JOIN pg_partitioned_table pt ON pt.partrelid = c.oid WHERE n.nspname = %s AND c.relname = %s",
-            (parent.schema, parent.name),
-        )
+        cur.execute(catalog_sql.PARTITIONED_TABLE, (parent.schema, parent.name))
         row = cur.fetchone()
         if row is None:
             raise PreflightError(f"table {parent} does not exist")
@@ -457,36 +324,18 @@ def partitioned_facts(conn: psycopg.Connection, plan: Plan) -> Facts:
                 f"{parent} is not partitioned by RANGE on one column (run `orchestrate apply` first); "
                 "maintain only manages range-partitioned tables"
             )
-        cur.execute(
-            "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = %s AND attnum = %s",
-            (oid, attrs[0]),
-        )
+        cur.execute(catalog_sql.PART_KEY_COLUMN, (oid, attrs[0]))
         kname, ktype = cur.fetchone()
         if kname != key:
             raise PreflightError(f"{parent} is partitioned by {ident(kname)}, the plan says {ident(key)}")
         if re.sub(r"\(\d+\)", "", ktype) not in _PART_KEY_TYPES:  # timestamp(3) is a time key too
             raise PreflightError(
                 f"{parent} is partitioned by {ident(kname)} of type {ktype}; maintain needs a time key")
-        cur.execute(
-            "SELECT attname, attgenerated::text FROM pg_attribute WHERE attrelid = %s AND attnum > 0 "
-            "AND NOT attisdropped ORDER BY attnum",
-            (oid,),
-        )
+        cur.execute(catalog_sql.PART_COLUMNS, (oid,))
         cols = cur.fetchall()
-        cur.execute(
-            """SELECT a.attname, format_type(a.atttypid, a.atttypmod)
-               FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, ord)
-               JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-               WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.PART_PRIMARY_KEY, (oid,))
         pk = cur.fetchall()
-        cur.execute(
-            """SELECT n.nspname, c.relname, pg_get_expr(c.relpartbound, c.oid), i.inhdetachpending
-               FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
-               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE i.inhparent = %s""",
-            (oid,),
-        )
+        cur.execute(catalog_sql.PARTITIONS, (oid,))
         parts: list[Part] = []
         default = None
         for nsp, rel, expr, pending in cur.fetchall():

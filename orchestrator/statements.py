@@ -24,6 +24,7 @@ import psycopg
 
 from orchestrator.errors import PreflightError
 from orchestrator.inspect import TableInfo
+from orchestrator.sql import statements as statements_sql
 
 _NAME = r'(?:"(?:[^"]|"")+"|[A-Za-z_][A-Za-z0-9_$]*)'
 _INSERT = re.compile(rf"\binsert\s+into\s+(?:only\s+)?(?P<table>{_NAME}(?:\s*\.\s*{_NAME})?)", re.IGNORECASE)
@@ -70,20 +71,15 @@ def breaks(query: str, info: TableInfo, key: str, constraints: set[str]) -> str 
 def find(conn: psycopg.Connection, info: TableInfo, key: str) -> list[dict]:
     """[{queryid, calls, query, reason}] for the statements that will break; [] without
     pg_stat_statements (or without the right to read it)."""
-    row = conn.execute("SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace "
-                       "WHERE e.extname = 'pg_stat_statements'").fetchone()
+    row = conn.execute(statements_sql.EXTENSION_SCHEMA).fetchone()
     if row is None:
         return []
     schema = row[0]
-    constraints = {r[0] for r in conn.execute(
-        "SELECT conname FROM pg_constraint WHERE conrelid = %s AND contype IN ('p', 'u')", (info.oid,)).fetchall()}
+    constraints = {r[0] for r in conn.execute(statements_sql.UNIQUE_CONSTRAINTS, (info.oid,)).fetchall()}
     try:
         with conn.transaction():
-            rows = conn.execute(
-                f'SELECT queryid::text, calls, query FROM "{schema}".pg_stat_statements '
-                "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-                "AND query ~* 'on[[:space:]]+conflict' AND query ILIKE %s ORDER BY calls DESC",
-                (f"%{info.name.name}%",)).fetchall()
+            rows = conn.execute(statements_sql.on_conflict_statements(schema),
+                                (f"%{info.name.name}%",)).fetchall()
     except psycopg.Error:
         return []  # not loaded (shared_preload_libraries) or not readable: nothing to say
     out = []

@@ -62,6 +62,7 @@ from orchestrator.db import close_quietly as _close
 from orchestrator.errors import OrchestrateError, ThrottleAbort
 from orchestrator.owner import MONITOR_HINT, sees_all_sessions
 from orchestrator.plan import Throttle
+from orchestrator.sql import probes
 from orchestrator.sql.probes import PRIMARY_LAG_SQL, REPLICA_LAG_SQL
 from orchestrator.state.store import Store
 
@@ -69,23 +70,7 @@ CHECK_INTERVAL_S = 0.5
 HEARTBEAT_INTERVAL_S = 0.5
 FIRST_BACKOFF_S = 0.25
 CHECK_STATEMENT_TIMEOUT_MS = 5000
-# What holds back vacuum's horizon in this database, oldest first: a session's snapshot (a
-# walsender's too: hot_standby_feedback without a slot), a replication slot, a prepared
-# transaction. orchestrate's own sessions are short and not counted.
-XMIN_HORIZON = """
-SELECT who, age FROM (
-  SELECT 'pid ' || pid || coalesce(' (' || nullif(application_name, '') || ')', '') AS who,
-         age(backend_xmin) AS age
-    FROM pg_stat_activity
-   WHERE backend_xmin IS NOT NULL AND pid <> pg_backend_pid()
-     AND (datname = current_database() OR backend_type = 'walsender')
-     AND pid <> ALL (%s::int[])
-  UNION ALL
-  SELECT 'replication slot ' || slot_name, greatest(age(xmin), age(catalog_xmin))
-    FROM pg_replication_slots WHERE xmin IS NOT NULL OR catalog_xmin IS NOT NULL
-  UNION ALL
-  SELECT 'prepared transaction ' || gid, age(transaction) FROM pg_prepared_xacts WHERE database = current_database()
-) AS horizon ORDER BY age DESC NULLS LAST LIMIT 1"""
+XMIN_HORIZON = probes.XMIN_HORIZON_SQL  # what holds back vacuum's horizon: orchestrator/sql/probes.py
 TRIGGERS_NOTE = "the capture trigger still runs: writes keep reaching the twin"
 
 
@@ -311,10 +296,7 @@ class Throttler:
             if reason is not None:
                 reasons.append(("replay", reason))
             if s.max_slot_retained_bytes is not None:
-                row = conn.execute(
-                    "SELECT slot_name, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint AS retained "
-                    "FROM pg_replication_slots WHERE restart_lsn IS NOT NULL ORDER BY 2 DESC LIMIT 1"
-                ).fetchone()
+                row = conn.execute(probes.SLOT_RETAINED_SQL).fetchone()
                 if row and row[1] > s.max_slot_retained_bytes:
                     reasons.append(("slot", f"slot {row[0]} retains {row[1]} bytes of WAL > "
                                             f"{s.max_slot_retained_bytes}"))
@@ -343,14 +325,7 @@ class Throttler:
                 reasons.append(("blind", "max_xact_age_s / max_xmin_age cannot see other roles' transactions: "
                                          + MONITOR_HINT))
             if s.max_xact_age_s is not None and not blind:
-                row = conn.execute(
-                    "SELECT pid, coalesce(application_name, ''), "
-                    "extract(epoch FROM clock_timestamp() - xact_start)::float8 "
-                    "FROM pg_stat_activity WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid() "
-                    "AND datname = current_database() AND backend_type = 'client backend' "
-                    "AND pid <> ALL (%s::int[]) "
-                    "ORDER BY xact_start LIMIT 1", (own_pids(),)
-                ).fetchone()
+                row = conn.execute(probes.OLDEST_XACT_SQL, (own_pids(),)).fetchone()
                 if row and row[2] > s.max_xact_age_s:
                     who = f" ({row[1]})" if row[1] else ""
                     reasons.append(("xact", f"transaction of pid {row[0]}{who} open for {row[2]:.0f}s > "
@@ -457,16 +432,11 @@ class Throttler:
             return max(0.0, behind)
         # The heartbeat also sees WAL the replica has not even received; until the replica has
         # replayed this run's first beat, it is at least the time since that beat behind.
-        has = conn.execute("SELECT to_regclass('orchestrate.heartbeat') IS NOT NULL").fetchone()[0]
+        has = conn.execute(probes.HEARTBEAT_EXISTS_SQL).fetchone()[0]
         if has:
-            row = conn.execute(
-                "SELECT extract(epoch FROM clock_timestamp() - greatest(max(ts), %s::timestamptz))::float8 "
-                "FROM orchestrate.heartbeat WHERE id = 1",
-                (self._hb_started,),
-            ).fetchone()
+            row = conn.execute(probes.HEARTBEAT_LAG_SQL, (self._hb_started,)).fetchone()
         else:
-            row = conn.execute("SELECT extract(epoch FROM clock_timestamp() - %s::timestamptz)::float8",
-                               (self._hb_started,)).fetchone()
+            row = conn.execute(probes.SINCE_FIRST_BEAT_SQL, (self._hb_started,)).fetchone()
         return max(0.0, behind, float(row[0]))
 
     def _writer_conn(self) -> psycopg.Connection:
