@@ -290,14 +290,27 @@ def backoff_delays(attempts: int, base: float, cap: float, rng: random.Random | 
     return itertools.islice(backoff(base, cap, jitter=rng or random.Random()), attempts)
 
 
+@dataclass(frozen=True)
+class LockPolicy:
+    """How a short locked step waits for its locks: each wait capped by ``lock_timeout_s``,
+    up to ``attempts`` tries, a jittered backoff capped at ``backoff_max_s`` in between.
+    Built once from the plan (``Plan.locks``, the cutover section's settings) for every
+    locked step of a migration; maintain caps the timeout lower (:meth:`capped`)."""
+
+    lock_timeout_s: float
+    attempts: int
+    backoff_max_s: float = 5.0
+
+    def capped(self, lock_timeout_s: float) -> LockPolicy:
+        return LockPolicy(min(self.lock_timeout_s, lock_timeout_s), self.attempts, self.backoff_max_s)
+
+
 def with_lock_retry(
     conn: psycopg.Connection,
     body: Callable[[psycopg.Cursor], T],
     *,
     what: str,
-    lock_timeout_s: float,
-    attempts: int,
-    backoff_max_s: float = 5.0,
+    policy: LockPolicy,
     on_attempt: Callable[[LockAttempt], None] | None = None,
 ) -> T:
     """Run ``body`` in one transaction with a short lock_timeout, retrying on lock waits.
@@ -308,7 +321,8 @@ def with_lock_retry(
     ``lock_timeout`` and retried after a jittered backoff rather than waited out.
     On exhaustion raises LockNotAcquired: every attempt rolled back, nothing changed.
     """
-    delays = backoff_delays(attempts, base=max(lock_timeout_s, 0.05), cap=backoff_max_s)
+    lock_timeout_s, attempts = policy.lock_timeout_s, policy.attempts
+    delays = backoff_delays(attempts, base=max(lock_timeout_s, 0.05), cap=policy.backoff_max_s)
     last = ""
     for attempt in range(1, attempts + 1):
         t0 = time.monotonic()

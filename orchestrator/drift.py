@@ -421,8 +421,7 @@ def carry(ctx, install_capture: Callable[[psycopg.Cursor, Any], None]) -> None:
             _schedule_recopy(cur, ctx)
 
     with_lock_retry(ctx.conn, body, what="carry the table's schema change to the twin",
-                    lock_timeout_s=plan.cutover.lock_timeout_s, attempts=plan.cutover.attempts,
-                    backoff_max_s=plan.cutover.backoff_max_s)
+                    policy=plan.locks)
     msg = "schema change carried to the twin: " + "; ".join(texts)
     logger.warning(msg)
     ctx.store.event(ctx.mid, "drift", msg, changes=texts)
@@ -515,8 +514,7 @@ def _validate_check(ctx, name: str) -> None:
         ctx.store.set_facts(cur, ctx.mid, shape=shape)
 
     with_lock_retry(ctx.conn, body, what=f"validate CHECK {name} on the twin",
-                    lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
-                    backoff_max_s=ctx.plan.cutover.backoff_max_s)
+                    policy=ctx.plan.locks)
     ctx.refresh()
 
 

@@ -88,8 +88,7 @@ def add_not_valid_checks(ctx) -> list[str]:
             # definition: pg_get_constraintdef's text, embedded as SQL by add_constraint.
             cur.execute(fidelity_sql.add_constraint(plan.twin, name, definition))
 
-    with_lock_retry(ctx.conn, body, what="NOT VALID checks on the twin", lock_timeout_s=plan.cutover.lock_timeout_s,
-                    attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s)
+    with_lock_retry(ctx.conn, body, what="NOT VALID checks on the twin", policy=plan.locks)
     return [r[0] for r in rows]
 
 

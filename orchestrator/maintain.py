@@ -86,7 +86,15 @@ from loguru import logger
 from psycopg import errors as pgerr
 
 from orchestrator.context import REVERSE_TRIGGER, session
-from orchestrator.db import LockAttempt, batch_lock_timeout_ms, close_quietly, connect, lock_holder, with_lock_retry
+from orchestrator.db import (
+    LockAttempt,
+    LockPolicy,
+    batch_lock_timeout_ms,
+    close_quietly,
+    connect,
+    lock_holder,
+    with_lock_retry,
+)
 from orchestrator.distribute import is_distributed
 from orchestrator.errors import OrchestrateError, PlanError, PreflightError
 from orchestrator.inspect import Facts, Part, naive_utc, parse_bound, parse_partbound
@@ -247,8 +255,7 @@ def maintenance_preview(plan: Plan, conn: psycopg.Connection, now: datetime | No
 
 
 def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[QualifiedName, str]],
-                  lock_timeout_s: float, attempts: int, backoff_max_s: float,
-                  on_attempt=None) -> tuple[Any, float]:
+                  policy: LockPolicy, on_attempt=None) -> tuple[Any, float]:
     """with_lock_retry around body after LOCKing ``locks`` in order; returns (result, ms held)."""
     mark: dict[str, float] = {}
 
@@ -258,8 +265,7 @@ def _timed_locked(conn: psycopg.Connection, what: str, body, locks: list[tuple[Q
         mark["t"] = time.monotonic()
         return body(cur)
 
-    out = with_lock_retry(conn, wrapped, what=what, lock_timeout_s=lock_timeout_s, attempts=attempts,
-                          backoff_max_s=backoff_max_s, on_attempt=on_attempt)
+    out = with_lock_retry(conn, wrapped, what=what, policy=policy, on_attempt=on_attempt)
     return out, (time.monotonic() - mark["t"]) * 1000
 
 
@@ -272,7 +278,7 @@ class _Pass:
         # the default's lock it holds SHARE on the parent, so writers queue behind it for at
         # most this long, and it gives up before a writer it blocks could be a deadlock victim.
         lock_s = batch_lock_timeout_ms(conn, c.lock_timeout_s) / 1000
-        self.lock_args = {"lock_timeout_s": lock_s, "attempts": c.attempts, "backoff_max_s": c.backoff_max_s}
+        self.locks = plan.locks.capped(lock_s)
         self.result: dict[str, Any] = {
             "table": str(plan.table_name), "now": now.isoformat(), "dry_run": False,
             "created": [], "moved": {}, "copied_under_lock": [], "detached": [], "detach_method": {},
@@ -321,7 +327,7 @@ class _Pass:
                 waited.append(why)
                 self._event("yield", f"maintain {why}")
 
-        out, held = _timed_locked(self.conn, what, body, locks, **self.lock_args, on_attempt=note)
+        out, held = _timed_locked(self.conn, what, body, locks, policy=self.locks, on_attempt=note)
         self.result["lock_held_ms"][what] = round(held, 1)
         if locks:
             logger.info("maintain: {} (locks held {:.1f} ms)", what, held)
@@ -496,7 +502,7 @@ class _Pass:
 
     def _detach_concurrently(self, f: Facts, p: Part) -> None:
         """DETACH .. CONCURRENTLY: outside any transaction block, one attempt under lock_timeout."""
-        ms = int(self.lock_args["lock_timeout_s"] * 1000)
+        ms = int(self.locks.lock_timeout_s * 1000)
         # Its own session, lock_timeout a connection parameter of it: no SET LOCAL outside a
         # transaction block, and no session-level SET on the main session.
         assert self.dsn is not None, "a pass that detaches is built with its DSN"
@@ -710,10 +716,8 @@ def partman_handover(plan: Plan, conn: psycopg.Connection) -> dict:
                      _archive_schema(plan) if plan.retention.action == "archive" else None, target),
                 )
 
-        c = plan.cutover
         locks = [(f.parent, "ACCESS EXCLUSIVE")]
-        _, held = _timed_locked(conn, "pg_partman handover", body, locks, c.lock_timeout_s, c.attempts,
-                                c.backoff_max_s)
+        _, held = _timed_locked(conn, "pg_partman handover", body, locks, plan.locks)
     else:
         held = 0.0
     cfg = conn.execute(msql.partman_config(schema), (target,)).fetchone()

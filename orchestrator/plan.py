@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from orchestrator.db import LockPolicy
 from orchestrator.errors import PlanError
 from orchestrator.sql import MAX_IDENT, QualifiedName, fit_name, parse_qualified
 
@@ -427,6 +428,12 @@ class Plan(_Strict):
     @property
     def table_name(self) -> QualifiedName:
         return parse_qualified(self.table)
+
+    @property
+    def locks(self) -> LockPolicy:
+        """The one lock policy of every locked step (cutover.lock_timeout / attempts / backoff_max)."""
+        c = self.cutover
+        return LockPolicy(c.lock_timeout_s, c.attempts, c.backoff_max_s)
 
     @property
     def twin(self) -> QualifiedName:

@@ -364,8 +364,7 @@ def finalize(plan: Plan, dsn: str) -> Outcome:
             cur.execute(runner_sql.drop_function(ctx.function(EXECUTOR), "text"))
             ctx.store.set_status(cur, m.id, MigrationStatus.FINALIZED)
 
-        with_lock_retry(ctx.conn, body, what="finalize", lock_timeout_s=plan.cutover.lock_timeout_s,
-                        attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s)
+        with_lock_retry(ctx.conn, body, what="finalize", policy=plan.locks)
         ctx.store.event(m.id, "finalized", f"dropped {plan.retired} and the reverse trigger")
         return Outcome(f"{table} finalized: {plan.retired} and the reverse trigger are dropped",
                        {"status": "finalized", "migration_id": m.id})

@@ -195,8 +195,7 @@ class Capture:
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0)
 
         with_lock_retry(ctx.conn, body, what="install the capture trigger",
-                        lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
-                        backoff_max_s=ctx.plan.cutover.backoff_max_s)
+                        policy=ctx.plan.locks)
         if ctx.plan.guard_ddl and not drift.can_guard_ddl(ctx.conn)[0]:
             ctx.store.event(ctx.mid, "warning", drift.can_guard_ddl(ctx.conn)[1])
 
@@ -210,5 +209,4 @@ class Capture:
             drop_sync(cur, ctx, ctx.plan.table_name, FORWARD_TRIGGER, "capture")
 
         with_lock_retry(ctx.conn, body, what="drop the capture trigger",
-                        lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
-                        backoff_max_s=ctx.plan.cutover.backoff_max_s)
+                        policy=ctx.plan.locks)

@@ -593,8 +593,7 @@ class Cutover:
             return [str(p) for p in parts]
 
         parts = with_lock_retry(ctx.conn, body, what="storage parameters on the partitions",
-                                lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
-                                backoff_max_s=ctx.plan.cutover.backoff_max_s)
+                                policy=ctx.plan.locks)
         logger.info("cutover: storage parameters ({}) set on {} partitions", ", ".join(opts), len(parts))
 
     def prepare_partitions(self, ctx: Context) -> None:
@@ -621,13 +620,11 @@ class Cutover:
 
         for i in range(0, len(work), 50):
             with_lock_retry(ctx.conn, chunk(work[i:i + 50]), what="prepare the partitions for the swap",
-                            lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
-                            backoff_max_s=ctx.plan.cutover.backoff_max_s)
+                            policy=ctx.plan.locks)
         if info.replica_identity == "i":
             # USING INDEX: the per-partition indexes are found as the swap finds them.
             with_lock_retry(ctx.conn, lambda c: _carry_replica_identity(c, info, twin, ctx.plan.table_name, True),
-                            what="replica identity on the partitions", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
-                            attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+                            what="replica identity on the partitions", policy=ctx.plan.locks)
         if work:
             logger.info("cutover: {} partition(s) given their owner and replica identity before the lock", len(work))
 
@@ -714,8 +711,7 @@ class Cutover:
             # The replay thread stays out of each attempt (it would queue behind our lock), and
             # catches up between attempts.
             done = with_lock_retry(ctx.conn, held(replayer, body), what="cutover",
-                                   lock_timeout_s=plan.cutover.lock_timeout_s,
-                                   attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s,
+                                   policy=plan.locks,
                                    on_attempt=report)
         except OrchestrateError:
             ctx.store.phase_add_time(ctx.mid, self.name, 0, **report.detail())
@@ -796,8 +792,7 @@ class Cutover:
                 done.append(f"foreign key {table}.{fk['name']} (NOT VALID)")
             return done
 
-        done = with_lock_retry(ctx.conn, body, what="rollback swap", lock_timeout_s=plan.cutover.lock_timeout_s,
-                               attempts=plan.cutover.attempts, backoff_max_s=plan.cutover.backoff_max_s,
+        done = with_lock_retry(ctx.conn, body, what="rollback swap", policy=plan.locks,
                                on_attempt=report)
         held_ms = report.held_ms or 0.0
         ctx.store.event(ctx.mid, "rollback", f"swapped back; ACCESS EXCLUSIVE held {held_ms:.1f} ms",
@@ -816,8 +811,7 @@ class Cutover:
 
         try:
             with_lock_retry(ctx.conn, body, what=f"validate {table}.{name}",
-                            lock_timeout_s=ctx.plan.cutover.lock_timeout_s, attempts=ctx.plan.cutover.attempts,
-                            backoff_max_s=ctx.plan.cutover.backoff_max_s)
+                            policy=ctx.plan.locks)
         except (psycopg.Error, OrchestrateError) as e:
             msg = f"foreign key {table}.{name} restored NOT VALID; validation failed: {str(e).strip().splitlines()[0]}"
             logger.warning(msg)

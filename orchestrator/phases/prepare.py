@@ -279,8 +279,7 @@ class Prepare:
 
         # One transaction: the twin and the record of it commit together. Locks here touch
         # only the new objects, plus referenced tables of outgoing foreign keys.
-        with_lock_retry(ctx.conn, body, what="prepare", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
-                        attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        with_lock_retry(ctx.conn, body, what="prepare", policy=ctx.plan.locks)
         for w in pf.warnings:
             ctx.store.event(ctx.mid, "warning", w)
 
@@ -302,8 +301,7 @@ class Prepare:
             cur.execute(twin_sql.drop_table_cascade(ctx.plan.twin))
 
         # The twin goes in its own short transaction: the application already runs on the heap.
-        with_lock_retry(ctx.conn, body, what="drop the twin", lock_timeout_s=ctx.plan.cutover.lock_timeout_s,
-                        attempts=ctx.plan.cutover.attempts, backoff_max_s=ctx.plan.cutover.backoff_max_s)
+        with_lock_retry(ctx.conn, body, what="drop the twin", policy=ctx.plan.locks)
         # Then the migration's own functions in the state schema (the capture and reverse
         # functions, their guards, the owner's executor) and async capture's change log, even
         # after a crash mid-phase. Last: the staged reverse triggers on the twin used them.
