@@ -60,6 +60,12 @@ def preflight(ctx: Context, resuming: bool = False) -> Preflight:
                     "copied as the owner, the policies would hide rows. ALTER ROLE "
                     f"{ident(info.owner)} BYPASSRLS for the migration, or ALTER TABLE {info.name} "
                     "NO FORCE ROW LEVEL SECURITY")
+    # psycopg reads every % of a statement's text as a placeholder once parameters are bound,
+    # and the copy and verify statements bind them: a name with % would fail mid-migration.
+    pct = [n for n in (plan.table_name.schema, plan.table_name.name, *info.all_columns) if "%" in n]
+    if pct:
+        raise PreflightError(f"{info.name}: the name {ident(pct[0])} contains '%', which orchestrate cannot "
+                             "migrate yet (maintain can): rename it for the migration")
     key = plan.partition_by.column
     col = info.column(key)
     if col is None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import yaml
+
+from helpers import run_cli
 from orchestrator.maintain import maintain_pass
 from orchestrator.plan import parse_plan
 
@@ -38,3 +41,20 @@ def test_maintain_moves_rows_out_of_the_default_of_a_table_named_with_percent(co
     assert left.fetchone()[0] == 0
     total = conn.execute('SELECT count(*), sum("pct%") FROM public."100% orders"').fetchone()
     assert total == (1500, sum(g % 100 for g in range(1, 1501)))
+
+
+def test_apply_refuses_a_name_with_percent_before_it_changes_anything(conn, dsn, tmp_path):
+    """The migration binds parameters into statements that quote the names: refused up front,
+    one line, exit 3, nothing recorded (not a failure in the middle of the backfill)."""
+    conn.execute('CREATE TABLE public.orders (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, "pct%" int)')
+    conn.execute("INSERT INTO public.orders SELECT g, now() - g * interval '1 hour', g FROM generate_series(1, 50) g")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"table": "public.orders",
+                                    "partition_by": {"column": "created_at", "interval": "1 month"}}))
+    for verb in ("plan", "apply"):
+        rc, out, err = run_cli(verb, str(plan), "--dsn", dsn)
+        assert rc == 3, (verb, rc, out, err)
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and "contains '%'" in lines[0] and '"pct%"' in lines[0], err
+    assert conn.execute("SELECT to_regnamespace('orchestrate')").fetchone()[0] is None
+    assert conn.execute("SELECT to_regclass('public.orders_partitioned')").fetchone()[0] is None
