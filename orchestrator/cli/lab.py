@@ -39,10 +39,27 @@ def demo_cmd(rows: int, days: int, clients: int, keep: bool, distributed: bool) 
 @click.option("--distributed", is_flag=True, help="Instead: on a local Citus cluster, the distributed migration "
               "against our migration followed by create_distributed_table_concurrently (wall time, longest "
               "write); writes benchmarks-distributed.json/.md (default ./docs; --quick: only printed).")
+@click.option("--decoding", is_flag=True, help="Instead: async capture's change log against logical decoding "
+              "(a slot), replay included, pgbench side by side; writes benchmarks-decoding.json/.md "
+              "(default ./docs; --quick: small, only printed).")
 @handled
 def bench_cmd(rows: int | None, quick: bool, output_dir: str | None, pg_bin: str | None,
-              distributed: bool = False) -> None:
+              distributed: bool = False, decoding: bool = False) -> None:
     """Measure backfill speed, dual-write overhead, cutover lock and memory, side by side."""
+    if decoding:
+        from orchestrator.lab import bench_decoding
+
+        res = bench_decoding.compare(rows or (20_000 if quick else 200_000), seconds=2.0 if quick else 10.0,
+                                     rounds=1 if quick else 3, pg_bin=pg_bin, say=lambda s: click.echo(s, err=True))
+        out = Path(output_dir) if output_dir else (None if quick else Path("docs"))
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "benchmarks-decoding.json").write_text(json.dumps(res, indent=2) + "\n")
+            (out / "benchmarks-decoding.md").write_text(bench_decoding.render_markdown(res))
+        for m in bench_decoding.MODES:
+            click.echo(f"{m:<8} {res['ratio_tps'][m]:.2f}x of no capture while pgbench ran, "
+                       f"{res['ratio_sustained_tps'][m]:.2f}x sustained (catching up included)")
+        return
     if distributed:
         from orchestrator.lab.bench_citus import LABELS, compare, render_markdown
 

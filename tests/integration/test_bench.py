@@ -81,3 +81,20 @@ def test_bench_quick_writes_every_section(tmp_path):
     head = md.split("## 1. Backfill")[0].splitlines()
     rows = [ln for ln in head if ln.endswith(("| PASS |", "| MISS |"))]
     assert len(rows) == len(data["targets"]), rows
+
+
+def test_bench_decoding_quick_measures_every_mode(tmp_path):
+    """`bench --decoding`: the change log and logical decoding (a slot), replay included, on
+    one server; every mode ran, and the consumers caught up before the next run."""
+    from orchestrator.lab.bench_decoding import MODES
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["bench", "--decoding", "--quick", "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "benchmarks-decoding.json").read_text())
+    assert sorted(r["mode"] for r in data["runs"]) == sorted(MODES)
+    for r in data["runs"]:
+        assert r["tps"] > 0 and 0 < r["sustained_tps"] <= r["tps"] and r["catch_up_s"] >= 0, r
+    assert data["ratio_tps"]["without"] == 1.0 and data["postgres"]
+    md = (out / "benchmarks-decoding.md").read_text()
+    assert all(f"| {m} |" in md for m in MODES)
