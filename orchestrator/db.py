@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from orchestrator.errors import BadEndpoint, ConnectionFailed, LockNotAcquired
 from orchestrator.sql import QualifiedName, swap
 from orchestrator.sql import backfill as backfill_sql
+from orchestrator.sql import session as session_sql
 
 if TYPE_CHECKING:
     from psycopg.sql import Composable
@@ -81,7 +82,7 @@ class Session(psycopg.Connection):
             if self.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
                 try:
                     self.autocommit = True
-                    self.execute("DISCARD ALL")  # RESET ALL, DEALLOCATE ALL, advisory unlock all, ...
+                    self.execute(session_sql.DISCARD_ALL)  # RESET ALL, DEALLOCATE ALL, advisory unlock all, ...
                 except psycopg.Error:
                     pass
         super().close()
@@ -127,7 +128,7 @@ def connect(dsn: str, role: str = "main", autocommit: bool = True,
         check_endpoint(conn, plain, dsn)
         if not _took_options(conn, wanted):
             for name, value in wanted.items():
-                conn.execute("SELECT pg_catalog.set_config(%s, %s, false)", (name, value))
+                conn.execute(session_sql.SET_CONFIG, (name, value))
             conn.pooled = True
         if not autocommit:
             conn.commit()
@@ -175,11 +176,7 @@ def _took_options(conn: psycopg.Connection, wanted: dict[str, str]) -> bool:
     accepts ``options`` but drops them (ignore_startup_parameters) leaves them at the server's
     defaults; one that re-SETs them itself shows 'session'. Either way: not ours to rely on."""
     # libpq sends PGTZ as a startup parameter of its own, applied after ``options``: also 'client'.
-    row = conn.execute(
-        "SELECT count(*), pg_catalog.current_setting('TimeZone') FROM pg_catalog.pg_settings "
-        "WHERE lower(name) = ANY(%s) AND source = 'client'",
-        ([n.lower() for n in wanted],),
-    ).fetchone()
+    row = conn.execute(session_sql.SETTINGS_FROM_CLIENT, ([n.lower() for n in wanted],)).fetchone()
     if not conn.autocommit:
         conn.commit()
     return row is not None and row[0] == len(wanted) and row[1] == wanted["TimeZone"]
@@ -221,7 +218,7 @@ def check_endpoint(conn: psycopg.Connection, params: dict, dsn: str) -> None:
 def _multiplexed(conn: psycopg.Connection, params: dict, dsn: str) -> str | None:
     """Why ``conn``'s endpoint multiplexes transactions over server sessions, or None."""
     def pid(c: psycopg.Connection) -> int:
-        value = c.execute("SELECT pg_catalog.pg_backend_pid()").fetchone()[0]
+        value = c.execute(session_sql.BACKEND_PID).fetchone()[0]
         if not c.autocommit:
             c.commit()
         return int(value)
@@ -329,7 +326,7 @@ def with_lock_retry(
         try:
             with conn.transaction():
                 with conn.cursor() as cur:
-                    cur.execute(f"SET LOCAL lock_timeout = '{int(lock_timeout_s * 1000)}ms'")
+                    cur.execute(session_sql.lock_timeout(lock_timeout_s))
                     result = body(cur)
             elapsed = time.monotonic() - t0
             if on_attempt:

@@ -299,13 +299,14 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
         counters.add(0, True)
         return True
     # guarded: this batch copies with ON CONFLICT DO NOTHING, whatever the probe says. Always in
-    # distributed mode: on Citus a copy without it met a row the capture had just written on a
-    # shard and failed with a unique violation even when redone (once in three fresh-clone runs
-    # of tests/citus, cause inside Citus not found); there a guarded batch that still meets one
-    # is retried a few times (nothing was committed) before the run stops.
+    # distributed mode. There, Citus runs an INSERT .. SELECT from a local table without ON
+    # CONFLICT (or RETURNING) as a COPY into the shards, and a unique violation in that COPY
+    # reaches us as SQLSTATE XX000 (Citus' ReportCopyError re-raises the worker's message
+    # without its code), so the redo below, keyed on 23505, never ran and the run stopped with
+    # exit 1 (a crash-resume test, 2 runs in 12). With ON CONFLICT Citus copies into
+    # intermediate results and runs INSERT .. ON CONFLICT DO NOTHING on each shard.
     distributed = ctx.plan.distribute is not None
     guarded = distributed
-    unique_retries = 0
     lock_ms = batch_lock_timeout_ms(conn, ctx.plan.backfill.lock_timeout_s)
     yielding = Yielding(ctx, conn, ctx.plan.table_name, rng["label"], lock_ms)
     while not stop.is_set():
@@ -325,13 +326,6 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
             stop.wait(yielding.failed(e, size))
             continue
         except psycopg.errors.UniqueViolation as e:
-            if guarded and distributed and unique_retries < 5:
-                unique_retries += 1
-                logger.warning("backfill: range {}: {}; batch retried ({}/5)", rng["label"],
-                               str(e).splitlines()[0], unique_retries)
-                counters.redone()
-                stop.wait(0.2 * unique_retries)
-                continue
             if guarded:
                 raise
             # The trigger wrote a row into this window after the probe found it empty
@@ -342,7 +336,6 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
             counters.redone()
             continue
         guarded = distributed
-        unique_retries = 0
         yielding.committed()
         final = boundary is None
         n = int(row[0]) if row else 0

@@ -26,6 +26,7 @@ from orchestrator.db import close_quietly, connect, is_connection_error
 from orchestrator.distribute import settled_digest
 from orchestrator.errors import ConnectionFailed, VerificationFailed
 from orchestrator.phases import Context, Step
+from orchestrator.sql import session as session_sql
 from orchestrator.state.store import PhaseName
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
 
         def digest(cur: psycopg.Cursor, locked: bool) -> dict:
             if not locked:  # under the lock each statement sees everything committed before it
-                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                cur.execute(session_sql.READ_ONLY_SNAPSHOT)
             return digest_range(cur, ctx, shape, rng, by_type)
 
         # The twin's shards are read in other snapshots than the heap table.
@@ -75,7 +76,7 @@ def _check_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
         deadline = time.monotonic() + 300
         while True:
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                cur.execute(session_sql.READ_ONLY_SNAPSHOT)
                 result = digest_range(cur, ctx, shape, rng, by_type)
             if not result.get("pending") or time.monotonic() > deadline:
                 break

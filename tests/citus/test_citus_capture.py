@@ -88,3 +88,29 @@ def test_verify_settles_a_hot_range_under_a_short_lock(citus_conn, citus_dsn, tm
                                 "AND (verify_detail->>'locked')::bool").fetchone()[0]
     assert locked >= 1
     same(citus_conn)
+
+
+def test_why_every_distributed_batch_copies_with_on_conflict(citus_conn):
+    """The premise of the backfill's rule (phases/backfill.py, copy_range: a distributed batch
+    is always guarded): Citus runs INSERT .. SELECT from a local table without ON CONFLICT as
+    a COPY into the shards, and a duplicate key there reaches the client as XX000, not 23505,
+    so a redo keyed on the unique violation would never run. With ON CONFLICT DO NOTHING the
+    same statement succeeds."""
+    import psycopg
+
+    c = citus_conn
+    c.execute("CREATE TABLE public.dst (tenant bigint NOT NULL, id bigint NOT NULL, PRIMARY KEY (tenant, id))")
+    c.execute("SELECT create_distributed_table('public.dst', 'tenant')")
+    c.execute("CREATE TABLE public.src (tenant bigint NOT NULL, id bigint NOT NULL)")
+    c.execute("INSERT INTO public.src SELECT g % 7, g FROM generate_series(1, 100) g")
+    c.execute("INSERT INTO public.dst VALUES (3, 3)")  # what the capture trigger wrote meanwhile
+    try:
+        c.execute("INSERT INTO public.dst SELECT tenant, id FROM public.src")
+    except psycopg.Error as e:
+        err = e
+    else:
+        raise AssertionError("the duplicate key was not refused")
+    assert "duplicate key value violates unique constraint" in str(err)
+    assert not isinstance(err, psycopg.errors.UniqueViolation), type(err)  # the SQLSTATE is lost
+    c.execute("INSERT INTO public.dst SELECT tenant, id FROM public.src ON CONFLICT DO NOTHING")
+    assert c.execute("SELECT count(*) FROM public.dst").fetchone()[0] == 100

@@ -45,3 +45,10 @@ def test_capture_and_runner():
         'DROP FUNCTION IF EXISTS "orchestrate"."exec_3"(text)'
     assert text(runner_sql.replay_lag(QualifiedName("orchestrate", "replay_lag_3"))) == \
         'SELECT * FROM "orchestrate"."replay_lag_3"()'
+
+
+def test_a_locked_step_sets_its_lock_timeout_in_whole_milliseconds():
+    from orchestrator.sql.session import lock_timeout
+
+    assert text(lock_timeout(0.2)) == "SET LOCAL lock_timeout = '200ms'"
+    assert text(lock_timeout(0.0015)) == "SET LOCAL lock_timeout = '1ms'"
