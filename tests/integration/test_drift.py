@@ -112,11 +112,12 @@ class Writer:
                     self.errors.append(str(e).splitlines()[0])
 
 
-def test_add_column_during_backfill_is_carried(items, dsn, tmp_path):
+def test_add_column_during_backfill_is_carried(items, dsn, tmp_path, capture_mode):
     """Without drift handling: apply dies in verify with exit 1 (`column "region" does not
-    exist`); and the twin would miss the values written before the trigger knew the column."""
+    exist`); and the twin would miss the values written before the trigger knew the column.
+    Async: the replay is regenerated for the new column, and the re-copy covers the rest."""
     plan = write_plan(tmp_path, backfill={"range": "1 day", "batch_size": 100, "fixed_batch_size": True,
-                                          "sleep_ratio": 3})
+                                          "sleep_ratio": 3}, capture={"mode": capture_mode})
     w = Writer(dsn, region=True).start()
     proc = start_apply(tmp_path, plan, dsn)
     try:
@@ -208,10 +209,11 @@ def test_drop_column_cascade_is_carried(items, dsn, tmp_path):
     same_rows(items, "public.items", "public.items_retired")
 
 
-def test_defaults_checks_indexes_are_carried(items, dsn, tmp_path):
+def test_defaults_checks_indexes_are_carried(items, dsn, tmp_path, capture_mode):
     """SET/DROP DEFAULT, a NOT VALID CHECK (legacy rows violate it), a validated CHECK, a
-    unique index and a plain one, a RENAME COLUMN: all on the new table after cutover."""
-    plan = write_plan(tmp_path)
+    unique index and a plain one, a RENAME COLUMN: all on the new table after cutover (in
+    both capture modes: async's log and replay follow the renamed column)."""
+    plan = write_plan(tmp_path, capture={"mode": capture_mode})
     code, _, err = run_cli("apply", plan, "--dsn", dsn, "--until", "backfill")
     assert code == 0, err
     items.execute("""

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 import yaml
 
-from helpers import run_cli
+from helpers import drain, run_cli
 
 NOW = datetime.now(timezone.utc)
 
@@ -208,6 +208,34 @@ def test_extension_type_primary_keys(conn, dsn, tmp_path, ext, typ, values):
             f"EXPLAIN SELECT 1 FROM public.ext_partitioned WHERE id OPERATOR(public.=) %s::{typ} "
             "AND created_at = now()", (first[0][0],)).fetchall())
         assert "Index" in explain, explain
+    apply(plan, dsn)
+    same_rows(conn, "public.ext", "public.ext_retired")
+
+
+@pytest.mark.parametrize("ext,typ,values", [
+    ("citext", "public.citext", ["'Alpha-' || g", "'BETA-' || g"]),
+    ("ltree", "public.ltree", ["('top.a' || g)::public.ltree", "('top.b' || g)::public.ltree"]),
+])
+def test_extension_type_primary_keys_in_async_mode(conn, dsn, tmp_path, ext, typ, values):
+    """The same keys through async capture: the log's trigger records them and the replay
+    (search_path pinned to pg_catalog) matches them with the type's own operators; an UPDATE,
+    a DELETE, a move to another partition and new rows, replayed, then the cutover."""
+    conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
+    conn.execute(f"CREATE TABLE public.ext (id {typ} PRIMARY KEY, created_at timestamptz NOT NULL, v int)")
+    conn.execute(f"INSERT INTO public.ext SELECT {values[0]}, %s::timestamptz - g * interval '5 hours', g "
+                 "FROM generate_series(1, 300) g", (NOW,))
+    plan = write_plan(tmp_path, "public.ext", capture={"mode": "async"})
+    apply(plan, dsn, "--until", "backfill")
+    first = conn.execute("SELECT id::text FROM public.ext ORDER BY created_at DESC LIMIT 3").fetchall()
+    conn.execute("UPDATE public.ext SET v = -1 WHERE id = %s::" + typ, (first[0][0],))
+    conn.execute("DELETE FROM public.ext WHERE id = %s::" + typ, (first[1][0],))
+    conn.execute("UPDATE public.ext SET created_at = created_at - interval '40 days' WHERE id = %s::" + typ,
+                 (first[2][0],))
+    conn.execute(f"INSERT INTO public.ext SELECT {values[1]}, now(), g FROM generate_series(1, 5) g")
+    assert drain(conn) >= 8  # 1 + 1 + 2 (the move: its old and new key) + 5 logged changes
+    same_rows(conn, "public.ext", "public.ext_partitioned")
+    src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname LIKE 'replay\\_%'").fetchone()[0]
+    assert "OPERATOR(public.=)" in src
     apply(plan, dsn)
     same_rows(conn, "public.ext", "public.ext_retired")
 
