@@ -48,13 +48,14 @@ def _table(conn: psycopg.Connection) -> bool:
     return icu
 
 
-def _plan(tmp_path: Path, workers: int) -> Path:
+def _plan(tmp_path: Path, workers: int, capture_mode: str = "sync") -> Path:
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump({
         "table": "public.things",
         "partition_by": {"column": "created_at", "interval": "1 day", "start": "2025-03-01", "premake": 0},
         "backfill": {"range": "1 day", "batch_size": 500},
         "verify": {"workers": workers},
+        "capture": {"mode": capture_mode},
     }))
     return path
 
@@ -70,11 +71,12 @@ def test_only_equal_image_types_are_hashed_by_type(conn: psycopg.Connection) -> 
     assert ("name" in exact) is not icu, exact  # plain text is exact; under the ICU collation it is not
 
 
-@pytest.mark.parametrize("workers", [1, 3])
+# Async (the digest leaves out the keys pending in the log): one worker count is enough.
+@pytest.mark.parametrize(("workers", "capture_mode"), [(1, "sync"), (3, "sync"), (3, "async")])
 def test_verify_names_every_range_with_a_difference_equality_cannot_see(
-        conn: psycopg.Connection, dsn: str, tmp_path: Path, workers: int) -> None:
+        conn: psycopg.Connection, dsn: str, tmp_path: Path, workers: int, capture_mode: str) -> None:
     icu = _table(conn)
-    plan = _plan(tmp_path, workers)
+    plan = _plan(tmp_path, workers, capture_mode)
     code, out, err = run_cli("apply", plan, "--dsn", dsn, "--until", "backfill")
     assert code == 0, err
     # One change per day; each row still compares equal to the original under `=`.
