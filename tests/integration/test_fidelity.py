@@ -175,6 +175,23 @@ def test_63_byte_table_name(conn, dsn, tmp_path):
     same_rows(conn, f"public.{name}", f"public.{retired}")
 
 
+def _ext_keys_backfilled_then_written(conn, dsn, plan, ext, typ, values) -> list:
+    """public.ext keyed by an extension type, backfilled; then an UPDATE, a DELETE, a move to
+    another partition and five new rows through the capture. Returns the three touched keys."""
+    conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
+    conn.execute(f"CREATE TABLE public.ext (id {typ} PRIMARY KEY, created_at timestamptz NOT NULL, v int)")
+    conn.execute(f"INSERT INTO public.ext SELECT {values[0]}, %s::timestamptz - g * interval '5 hours', g "
+                 "FROM generate_series(1, 300) g", (NOW,))
+    apply(plan, dsn, "--until", "backfill")
+    first = conn.execute("SELECT id::text FROM public.ext ORDER BY created_at DESC LIMIT 3").fetchall()
+    conn.execute("UPDATE public.ext SET v = -1 WHERE id = %s::" + typ, (first[0][0],))
+    conn.execute("DELETE FROM public.ext WHERE id = %s::" + typ, (first[1][0],))
+    conn.execute("UPDATE public.ext SET created_at = created_at - interval '40 days' WHERE id = %s::" + typ,
+                 (first[2][0],))
+    conn.execute(f"INSERT INTO public.ext SELECT {values[1]}, now(), g FROM generate_series(1, 5) g")
+    return first
+
+
 @pytest.mark.parametrize("ext,typ,values", [
     ("citext", "public.citext", ["'Alpha-' || g", "'BETA-' || g"]),
     ("ltree", "public.ltree", ["('top.a' || g)::public.ltree", "('top.b' || g)::public.ltree"]),
@@ -184,18 +201,8 @@ def test_extension_type_primary_keys(conn, dsn, tmp_path, ext, typ, values):
     the row with the type's own equality operator. Without the mechanism ltree fails
     (operator does not exist: public.ltree = public.ltree) and citext compares as text
     (no index: a scan of the partition for every write)."""
-    conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
-    conn.execute(f"CREATE TABLE public.ext (id {typ} PRIMARY KEY, created_at timestamptz NOT NULL, v int)")
-    conn.execute(f"INSERT INTO public.ext SELECT {values[0]}, %s::timestamptz - g * interval '5 hours', g "
-                 "FROM generate_series(1, 300) g", (NOW,))
     plan = write_plan(tmp_path, "public.ext")
-    apply(plan, dsn, "--until", "backfill")
-    first = conn.execute("SELECT id::text FROM public.ext ORDER BY created_at DESC LIMIT 3").fetchall()
-    conn.execute("UPDATE public.ext SET v = -1 WHERE id = %s::" + typ, (first[0][0],))
-    conn.execute("DELETE FROM public.ext WHERE id = %s::" + typ, (first[1][0],))
-    conn.execute("UPDATE public.ext SET created_at = created_at - interval '40 days' WHERE id = %s::" + typ,
-                 (first[2][0],))
-    conn.execute(f"INSERT INTO public.ext SELECT {values[1]}, now(), g FROM generate_series(1, 5) g")
+    first = _ext_keys_backfilled_then_written(conn, dsn, plan, ext, typ, values)
     same_rows(conn, "public.ext", "public.ext_partitioned")
     # The trigger's match uses the key's index (search_path as in the function).
     with conn.transaction():
@@ -220,18 +227,8 @@ def test_extension_type_primary_keys_in_async_mode(conn, dsn, tmp_path, ext, typ
     """The same keys through async capture: the log's trigger records them and the replay
     (search_path pinned to pg_catalog) matches them with the type's own operators; an UPDATE,
     a DELETE, a move to another partition and new rows, replayed, then the cutover."""
-    conn.execute(f"CREATE EXTENSION IF NOT EXISTS {ext}")
-    conn.execute(f"CREATE TABLE public.ext (id {typ} PRIMARY KEY, created_at timestamptz NOT NULL, v int)")
-    conn.execute(f"INSERT INTO public.ext SELECT {values[0]}, %s::timestamptz - g * interval '5 hours', g "
-                 "FROM generate_series(1, 300) g", (NOW,))
     plan = write_plan(tmp_path, "public.ext", capture={"mode": "async"})
-    apply(plan, dsn, "--until", "backfill")
-    first = conn.execute("SELECT id::text FROM public.ext ORDER BY created_at DESC LIMIT 3").fetchall()
-    conn.execute("UPDATE public.ext SET v = -1 WHERE id = %s::" + typ, (first[0][0],))
-    conn.execute("DELETE FROM public.ext WHERE id = %s::" + typ, (first[1][0],))
-    conn.execute("UPDATE public.ext SET created_at = created_at - interval '40 days' WHERE id = %s::" + typ,
-                 (first[2][0],))
-    conn.execute(f"INSERT INTO public.ext SELECT {values[1]}, now(), g FROM generate_series(1, 5) g")
+    _ext_keys_backfilled_then_written(conn, dsn, plan, ext, typ, values)
     assert drain(conn) >= 8  # 1 + 1 + 2 (the move: its old and new key) + 5 logged changes
     same_rows(conn, "public.ext", "public.ext_partitioned")
     src = conn.execute("SELECT prosrc FROM pg_proc WHERE proname LIKE 'replay\\_%'").fetchone()[0]
