@@ -11,6 +11,7 @@
 #      workload generator's own tests (test_workload) and the benchmark (test_bench).
 # Before both: ruff over the whole tree and lint-imports (the engine imports neither the command
 # line nor the lab); both configured in pyproject.toml.
+# Both passes print their slowest tests (--durations), to keep the run within its budget.
 # Extra arguments go to both pytest runs. PYTHON overrides the interpreter (.venv's by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,8 +37,8 @@ echo "==> ruff check"
 echo "==> lint-imports (engine, command line, lab)"
 "$py" -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
 
-run_pytest "full suite, default PostgreSQL" -q "$@"
-ORCHESTRATE_TEST_PG=18 run_pytest "reduced pass, PostgreSQL 18 (embedded wheel)" -q -m "not slow and not citus and not partman" \
+run_pytest "full suite, default PostgreSQL" -q --durations=20 "$@"
+ORCHESTRATE_TEST_PG=18 run_pytest "reduced pass, PostgreSQL 18 (embedded wheel)" -q --durations=10 -m "not slow and not citus and not partman" \
   --ignore=tests/integration/test_control.py --ignore=tests/integration/test_throttle.py \
   --ignore=tests/integration/test_pooler.py --ignore=tests/integration/test_workload.py \
   --ignore=tests/integration/test_bench.py "$@"
