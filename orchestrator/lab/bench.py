@@ -149,29 +149,42 @@ class LoadSampler(threading.Thread):
                 "quiet": mean <= cores + 0.5}
 
 
-class ReplayLoop:
-    """Async capture's replay as apply runs it (one session, batches, a short nap when the log
-    is empty), on a thread for the length of a pgbench run; stop() returns the changes replayed."""
+class Consumer:
+    """A session looping over ``statements`` beside pgbench (each returns how many changes it
+    took: a count, or an INSERT's row count), napping briefly when a loop took fewer than
+    ``full``; ``idle`` once a whole loop found nothing. Async capture's replay as apply runs it,
+    and bench --decoding's slot readers; stop() returns the changes taken."""
 
-    def __init__(self, dsn: str, query: str):
-        self.dsn, self.query = dsn, query
-        self.replayed = 0
+    def __init__(self, dsn: str, statements: list[str], full: int = 2000):
+        self.dsn, self.statements, self.full = dsn, statements, full
+        self.consumed, self.idle = 0, False
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-replay", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="bench-consumer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             while not self._stop.is_set():
-                n = conn.execute(self.query).fetchone()[0]
-                self.replayed += n
-                if n < 2000:
+                got = 0
+                for s in self.statements:
+                    cur = conn.execute(s)
+                    got += cur.rowcount if s.startswith("INSERT") else int(cur.fetchone()[0] or 0)
+                self.consumed += got
+                self.idle = got == 0
+                if got < self.full:
                     self._stop.wait(0.05)
+
+    def catch_up(self, timeout_s: float = 600) -> None:
+        """Wait until a whole loop found nothing left."""
+        self.idle = False
+        deadline = time.monotonic() + timeout_s
+        while not self.idle and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def stop(self) -> int:
         self._stop.set()
         self._thread.join(timeout=60)
-        return self.replayed
+        return self.consumed
 
 
 class Bench:
@@ -568,7 +581,7 @@ class Bench:
                     state = "ENABLE ALWAYS" if name in triggers[mode] else "DISABLE"
                     self.sql(dsn, f"ALTER TABLE {TABLE} {state} TRIGGER {ident(name)}")
                 self.sql(dsn, "CHECKPOINT")
-                loop = ReplayLoop(dsn, replay) if mode == "async" else None
+                loop = Consumer(dsn, [replay]) if mode == "async" else None
                 try:
                     r = self.pgbench(dsn, self.pgbench_seconds, self.rows)
                 finally:

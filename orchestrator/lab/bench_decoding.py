@@ -28,7 +28,6 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import psycopg
 import yaml
 
-from orchestrator.lab.bench import PGBENCH_SCRIPT, SERVER_SETTINGS, TABLE, Bench, machine_info
+from orchestrator.lab.bench import PGBENCH_SCRIPT, SERVER_SETTINGS, TABLE, Bench, Consumer, machine_info
 from orchestrator.lab.cluster import LocalCluster, find_pg_bin
 from orchestrator.lab.sample import create_orders
 from orchestrator.phases import FORWARD_TRIGGER
@@ -53,41 +52,6 @@ _INGEST = (
     "WHERE data LIKE 'table public.orders: %'")
 _DECODE = f"SELECT count(*) FROM pg_catalog.pg_logical_slot_get_changes('{SLOT}', NULL, 5000)"
 _DISCARD = f"SELECT count(*) FROM pg_catalog.pg_logical_slot_get_changes('{SLOT}', NULL, NULL)"
-
-
-class Consumer:
-    """One session looping over ``statements`` beside pgbench; ``idle`` once a whole loop
-    found nothing (caught up)."""
-
-    def __init__(self, dsn: str, statements: list[str]):
-        self.dsn, self.statements = dsn, statements
-        self.consumed, self.idle = 0, False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="bench-consumer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self._stop.is_set():
-                got = 0
-                for s in self.statements:
-                    cur = conn.execute(s)
-                    got += cur.rowcount if s.startswith("INSERT") else int(cur.fetchone()[0] or 0)
-                self.consumed += got
-                self.idle = got == 0
-                if got < 1000:
-                    self._stop.wait(0.05)
-
-    def catch_up(self, timeout_s: float = 600) -> None:
-        self.idle = False
-        deadline = time.monotonic() + timeout_s
-        while not self.idle and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        return self.consumed
 
 
 def compare(rows: int = 200_000, seconds: float = 10.0, rounds: int = 3, pg_bin: str | None = None,
@@ -122,9 +86,8 @@ def compare(rows: int = 200_000, seconds: float = 10.0, rounds: int = 3, pg_bin:
                     b.sql(dsn, trigger.format("ENABLE ALWAYS" if mode in ("log", "async") else "DISABLE"))
                     b.sql(dsn, _DISCARD, fetch=True)  # the slot starts at this run
                     b.sql(dsn, "CHECKPOINT")
-                    consumer = {"async": lambda: Consumer(dsn, [replay]),
-                                "decode": lambda: Consumer(dsn, [_DECODE]),
-                                "logical": lambda: Consumer(dsn, [_INGEST, replay])}.get(mode, lambda: None)()
+                    reads = {"async": [replay], "decode": [_DECODE], "logical": [_INGEST, replay]}.get(mode)
+                    consumer = Consumer(dsn, reads, full=1000) if reads else None
                     r = b.pgbench(dsn, seconds, rows)
                     t0 = time.monotonic()
                     if consumer is not None:
