@@ -38,11 +38,11 @@ from contextlib import contextmanager
 import psycopg
 from loguru import logger
 
-from orchestrator import sql
 from orchestrator.db import close_quietly, connect, is_connection_error
 from orchestrator.owner import EXECUTOR, acting_mode, as_owner_sql, give_to_owner
 from orchestrator.sql import QualifiedName, Shape, fit_name
 from orchestrator.sql import changelog as csql
+from orchestrator.sql import sync as sync_sql
 from orchestrator.sql.changelog import AT, GONE, SEQ, TRUNCATE
 from orchestrator.sql.compose import Composed, text
 
@@ -103,12 +103,12 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
     return text(csql.replay_function(fn, src, twin, log, shape, owner))
 
 
-def pending_filter(shape: Shape, log: QualifiedName, table: QualifiedName) -> str:
+def pending_filter(shape: Shape, log: QualifiedName, table: QualifiedName) -> Composed:
     """A condition on ``table``'s rows: not pending in the log (verify's consistent point).
 
     In one snapshot, a key that is not in the log has its latest change replayed: the twin
     holds the live row exactly. A pending key may differ; replay will sync it."""
-    return text(csql.pending_filter(shape, log, table))
+    return csql.pending_filter(shape, log, table)
 
 
 # --- acting on the database ------------------------------------------------------------------
@@ -138,7 +138,7 @@ def install(cur: psycopg.Cursor, ctx, trigger: str) -> None:
     give_to_owner(cur, csql.signature(ctx.function(REPLAY), "integer"), owner, executable_by_us=True)
     cur.execute(csql.lag_function(ctx.function(LAG), log))
     give_to_owner(cur, csql.signature(ctx.function(LAG)), owner, executable_by_us=True)
-    for stmt in sql.drop_sync_triggers(plan.table_name, trigger) + sql.create_sync_triggers(
+    for stmt in sync_sql.drop_sync_triggers(plan.table_name, trigger) + sync_sql.create_sync_triggers(
             plan.table_name, trigger, fn, tfn):
         cur.execute(stmt)
 

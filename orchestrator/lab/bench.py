@@ -43,7 +43,8 @@ from orchestrator.errors import OrchestrateError
 from orchestrator.lab.sample import create_orders
 from orchestrator.phases import FORWARD_TRIGGER
 from orchestrator.plan import parse_duration, parse_plan
-from orchestrator.sql import column_list, ident
+from orchestrator.sql import ident
+from orchestrator.sql.compose import cols, text
 
 TABLE = "public.orders"
 
@@ -279,10 +280,10 @@ class Bench:
 
     def twin_columns(self, dsn: str) -> str:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            cols = [r[0] for r in conn.execute(
+            names = [r[0] for r in conn.execute(
                 "SELECT attname FROM pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
                 "AND NOT attisdropped AND attgenerated = '' ORDER BY attnum", (TABLE,)).fetchall()]
-        return column_list(cols)
+        return text(cols(names))
 
     def count(self, dsn: str, table: str) -> int:
         return self.sql(dsn, f"SELECT count(*) FROM {table}", fetch=True)[0][0]

@@ -4,7 +4,7 @@ Ranges (one day of the key by default, plus open-ended ranges below and above an
 NULL keys) are planned once capture is live: every row outside them was written after the
 trigger existed and is already in the twin. Within a range, batches are windows of
 (key, pk) values: an unlocked read finds where the next window ends, then one statement
-copies the window locking its source rows (see sql.backfill_copy for why this is race-free)
+copies the window locking its source rows (see sql.backfill.backfill_copy for why this is race-free)
 and the range's cursor is advanced in the same transaction. Rows never pass through Python.
 """
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from orchestrator.context import Preflight
 from orchestrator.phases.prepare import fmt
 from orchestrator.sql import backfill as backfill_sql
+from orchestrator.sql.compose import Composed, text
 
 
 def plan_ranges(ctx: Context, key_min: datetime | None, key_max: datetime | None, nullable: bool) -> list[dict]:
@@ -289,7 +290,7 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     batch, and while throttled) says this worker is to go: ``rng["cursor"]`` then holds the
     committed cursor, so the range can be handed to another worker and goes on from there.
     """
-    where, wparams = sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
+    where, wparams = backfill_sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
     cursor = rng["cursor"]
     sync = "on" if ctx.plan.backfill.synchronous_commit else "off"
     if rng.get("state") == "repair":
@@ -351,7 +352,7 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     return False
 
 
-def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
+def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: Composed, wparams: list,
                 cursor: list | None, size: int, sync: str, guarded: bool,
                 lock_ms: int = 0) -> tuple[tuple | None, tuple | None]:
     """One batch, one transaction: (the copy's row count row, the window's upper bound or None
@@ -365,23 +366,24 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
     """
     src, dst = ctx.plan.table_name, ctx.plan.twin
     after = cursor is not None
-    cparams = sql.cursor_params(shape, rng["is_null"], cursor) if after else []
+    cparams = backfill_sql.cursor_params(shape, rng["is_null"], cursor) if after else []
     with conn.pipeline(), conn.cursor() as cur, conn.cursor() as probe:
         with conn.transaction():
             cur.execute(backfill_sql.synchronous_commit(sync))
             # Never wait long for the application's row locks (see batch_lock_timeout_ms).
             cur.execute(backfill_sql.lock_timeout(lock_ms))
             if not guarded:
-                probe.execute(sql.twin_rows_after(dst, shape, where, after, rng["is_null"]), [*wparams, *cparams])
-            cur.execute(sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
+                probe.execute(backfill_sql.twin_rows_after(dst, shape, where, after, rng["is_null"]),
+                              [*wparams, *cparams])
+            cur.execute(backfill_sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
                         [*wparams, *cparams, size - 1])
             boundary = cur.fetchone()
             on_conflict = guarded or bool(probe.fetchone()[0])
             final = boundary is None
-            copy = sql.backfill_copy(src, dst, shape, where, after, not final, rng["is_null"], on_conflict)
+            copy = backfill_sql.backfill_copy(src, dst, shape, where, after, not final, rng["is_null"], on_conflict)
             # The copy runs as the table owner (orchestrator.owner): the twin's CHECKs, defaults
             # and triggers are the owner's code. The checkpoint is our own write, same statement.
-            upto = sql.cursor_params(shape, rng["is_null"], boundary) if boundary else []
+            upto = backfill_sql.cursor_params(shape, rng["is_null"], boundary) if boundary else []
             stmt = owner.render(cur, copy, [*wparams, *cparams, *upto])
             cur.execute(
                 ctx.store.batch_checkpoint(owner.call(ctx.function(owner.EXECUTOR))),
@@ -391,7 +393,7 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
         row = cur.fetchone()
     return row, boundary
 
-def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
+def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: Composed, wparams: list,
             sync: str, stop: threading.Event | None = None) -> None:
     """Re-copy a range that failed verification: delete the twin's rows and copy again, in
     one transaction; concurrent writes stay correct (the copy locks its source rows).
@@ -417,7 +419,7 @@ def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict,
                     removed=removed, copied=n)
 
 
-def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: str, wparams: list,
+def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: Composed, wparams: list,
                  sync: str, lock_ms: int) -> tuple[int, int]:
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(backfill_sql.synchronous_commit(sync))
@@ -428,9 +430,9 @@ def _repair_once(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: 
         run_as_owner = owner.as_owner_sql(ctx.function(owner.EXECUTOR))
         cur.execute(run_as_owner, [owner.render(cur, backfill_sql.delete_range(ctx.plan.twin, where), wparams)])
         removed = cur.fetchone()[0]
-        cur.execute(run_as_owner, [owner.render(
-            cur, sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False, rng["is_null"]),
-            wparams)])
+        copy = backfill_sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, False, False,
+                                          rng["is_null"])
+        cur.execute(run_as_owner, [owner.render(cur, copy, wparams)])
         n = cur.fetchone()[0]
         ctx.store.range_recopied(cur, ctx.mid, rng["idx"], n)
     return removed, n
@@ -453,13 +455,13 @@ class Backfill:
 
     def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]:
         shape = ctx.shape()
-        where, _ = sql.range_predicate(shape, "<lo>", "<hi>", False)
+        where, _ = backfill_sql.range_predicate(shape, "<lo>", "<hi>", False)
         b = ctx.plan.backfill
         return [Step(
             self.name,
             f"copy each {b.range} range in batches of about {b.target_batch_seconds}s "
             f"(start {b.batch_size} rows, {b.workers} worker(s)), checkpoint in the same transaction",
-            sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, True, True, False),
+            text(backfill_sql.backfill_copy(ctx.plan.table_name, ctx.plan.twin, shape, where, True, True, False)),
             f"ROW SHARE on {ctx.plan.table_name} and FOR SHARE row locks on the batch's rows until it commits "
             f"(writers of those rows wait for one batch); each batch waits at most lock_timeout {b.lock_timeout} "
             "(capped at half of deadlock_timeout) for the application's locks, then rolls back and retries",

@@ -20,6 +20,7 @@ from orchestrator.db import with_lock_retry
 from orchestrator.owner import give_to_owner
 from orchestrator.phases import FORWARD_TRIGGER, REVERSE_TRIGGER, Context, Step
 from orchestrator.sql import sync as sync_sql
+from orchestrator.sql.compose import text
 from orchestrator.state.store import MigrationStatus, PhaseName
 
 if TYPE_CHECKING:
@@ -37,15 +38,16 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
     fn, tfn = ctx.function(kind), ctx.function(kind + "_truncate")
     # dst's own key arbitrates the trigger's probe: the twin's (pk..., key), or the live
     # primary key when dst is the retired heap table (the reverse trigger).
-    cur.execute(sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key,
+    cur.execute(sync_sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key,
                                   recheck=ctx.plan.distribute is not None))
-    cur.execute(sql.truncate_function(tfn, dst))
+    cur.execute(sync_sql.truncate_function(tfn, dst))
     # Owned by the table's owner, SECURITY DEFINER: the owner's code this reaches (CHECKs,
     # defaults, triggers on dst) runs as the owner, never as the role running orchestrate.
     owner = ctx.info.owner if ctx.info is not None else ctx.facts["owner"]
     for f in (fn, tfn):
         give_to_owner(cur, f"{f}()", owner)
-    for stmt in sql.drop_sync_triggers(src, trigger) + sql.create_sync_triggers(src, trigger, fn, tfn, switch):
+    for stmt in [*sync_sql.drop_sync_triggers(src, trigger),
+                 *sync_sql.create_sync_triggers(src, trigger, fn, tfn, switch)]:
         cur.execute(stmt)
 
 
@@ -72,7 +74,7 @@ def stage_reverse(cur: psycopg.Cursor, ctx: Context) -> None:
     turns it on (:func:`arm_reverse`): O(1) whatever the partition count.
     """
     switch = ctx.function("reverse_on")
-    cur.execute(sql.sync_switch(switch, False))
+    cur.execute(sync_sql.sync_switch(switch, False))
     install_sync(cur, ctx, ctx.plan.twin, ctx.plan.retired, REVERSE_TRIGGER, "reverse", switch)
     drift.install_column_guard(cur, ctx.plan.twin, REVERSE_TRIGGER, list(ctx.shape().columns),
                                ctx.function("reverse_columns"))
@@ -93,18 +95,18 @@ def arm_reverse(cur: psycopg.Cursor, ctx: Context, on: bool) -> None:
     if on:
         shape = ctx.shape()
         fn = ctx.function("reverse")
-        cur.execute(sql.sync_function(fn, ctx.plan.retired, shape, dst_key=shape.pk))
+        cur.execute(sync_sql.sync_function(fn, ctx.plan.retired, shape, dst_key=shape.pk))
         # CREATE OR REPLACE keeps the owner but resets every property it does not name:
         # SECURITY DEFINER must be given back, or the reverse sync would run as each writer.
         give_to_owner(cur, f"{fn}()", ctx.info.owner if ctx.info is not None else ctx.facts["owner"])
-    cur.execute(sql.sync_switch(ctx.function("reverse_on"), on))
+    cur.execute(sync_sql.sync_switch(ctx.function("reverse_on"), on))
 
 
 def drop_sync(cur: psycopg.Cursor, ctx: Context, table: sql.QualifiedName, trigger: str, kind: str) -> None:
     """Warning: takes ACCESS EXCLUSIVE on table (DROP TRIGGER); call inside with_lock_retry."""
     exists = cur.execute(sync_sql.TO_REGCLASS, (str(table),)).fetchone()[0] is not None
     if exists:
-        for stmt in sql.drop_sync_triggers(table, trigger):
+        for stmt in sync_sql.drop_sync_triggers(table, trigger):
             cur.execute(stmt)
     # One guard function per side: the reverse side's is staged at prepare and must outlive
     # the capture side's, dropped at cutover.
@@ -165,18 +167,20 @@ class Capture:
                      "write throughput without capture); apply replays the log into the twin",
                      changelog.log_function(fn, log, shape), "none"),
                 Step(self.name, "row and TRUNCATE triggers on the live table",
-                     "; ".join(sql.create_sync_triggers(ctx.plan.table_name, FORWARD_TRIGGER, fn,
-                                                        sql.QualifiedName("orchestrate", "capture_<id>_truncate"))),
+                     "; ".join(text(s) for s in sync_sql.create_sync_triggers(
+                         ctx.plan.table_name, FORWARD_TRIGGER, fn,
+                         sql.QualifiedName("orchestrate", "capture_<id>_truncate"))),
                      f"SHARE ROW EXCLUSIVE on {ctx.plan.table_name}: waits for writers in flight; "
                      f"lock_timeout {ctx.plan.cutover.lock_timeout} x {ctx.plan.cutover.attempts} attempts"),
             ]
         return [
             Step(self.name, "dual-write function (INSERT / UPDATE by key / key move = DELETE+INSERT / DELETE)",
-                 sql.sync_function(sql.QualifiedName("orchestrate", "capture_<id>"), ctx.plan.twin, shape), "none"),
+                 text(sync_sql.sync_function(sql.QualifiedName("orchestrate", "capture_<id>"), ctx.plan.twin, shape)),
+                 "none"),
             Step(self.name, "row and TRUNCATE triggers on the live table",
-                 "; ".join(sql.create_sync_triggers(ctx.plan.table_name, FORWARD_TRIGGER,
-                                                    sql.QualifiedName("orchestrate", "capture_<id>"),
-                                                    sql.QualifiedName("orchestrate", "capture_<id>_truncate"))),
+                 "; ".join(text(s) for s in sync_sql.create_sync_triggers(
+                     ctx.plan.table_name, FORWARD_TRIGGER, sql.QualifiedName("orchestrate", "capture_<id>"),
+                     sql.QualifiedName("orchestrate", "capture_<id>_truncate"))),
                  f"SHARE ROW EXCLUSIVE on {ctx.plan.table_name}: waits for writers in flight; "
                  f"lock_timeout {ctx.plan.cutover.lock_timeout} x {ctx.plan.cutover.attempts} attempts"),
         ]

@@ -44,6 +44,7 @@ from orchestrator.phases.capture import arm_reverse, drop_sync, install_sync, re
 from orchestrator.phases.prepare import fmt
 from orchestrator.plan import utc_now
 from orchestrator.sql import QualifiedName, ident, parse_qualified, swap
+from orchestrator.sql import sync as sync_sql
 from orchestrator.sql.compose import Composed, text
 from orchestrator.sql.twin import twin_index_name
 
@@ -514,15 +515,24 @@ class Cutover:
                  f"(waits up to {p.cutover.gate_timeout})",
                  "(state and catalog reads)", "none"),
             Step(self.name, "storage parameters of the table onto each partition (a partitioned parent takes none)",
-                 "ALTER TABLE <partition> SET (...)", "SHARE UPDATE EXCLUSIVE on each partition of the twin"),
+                 # Before the lock: the same statement per partition, with the table's reloptions.
+                 text(swap.set_storage_parameters(p.twin.with_name("<partition>"), pf.info.reloptions))
+                 if pf is not None and pf.info.reloptions else "(none: the table has no storage parameters)",
+                 "SHARE UPDATE EXCLUSIVE on each partition of the twin, before the lock"),
             Step(self.name, "lock both tables, drop the capture trigger, swap the names",
                  # The statements run() executes (lock_both, then the renames), from the same renderers.
                  "; ".join(text(s) for s in [swap.lock_table(p.table_name), swap.lock_table(p.twin),
                                              *swap.renames(p.table_name, p.twin, p.retired.name)]), lock),
             Step(self.name, "move sequences, identity, views, owner, grants, comment, policies, publications, "
                  "statistics targets, user triggers", "(catalog statements)", "same transaction"),
-            Step(self.name, "reverse trigger: writes to the new table reach the retired one (rollback keeps them)",
-                 f"CREATE TRIGGER {REVERSE_TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {p.table_name} ...",
+            Step(self.name, "reverse trigger (staged at prepare, switched off): its function is rendered again "
+                 "from the table as it is now, and switched on; writes to the new table reach the retired one "
+                 "(rollback keeps them)",
+                 # What arm_reverse executes, with the migration's id left open.
+                 "; ".join(text(s) for s in [
+                     sync_sql.sync_function(QualifiedName("orchestrate", "reverse_<id>"), p.retired, ctx.shape(),
+                                            dst_key=ctx.shape().pk),
+                     sync_sql.sync_switch(QualifiedName("orchestrate", "reverse_on_<id>"), True)]),
                  "same transaction") if p.distribute is None else
             Step(self.name, "distributed: NO reverse trigger (it would run on the workers' shards); a rollback after "
                  "this loses the writes made since; refused unless distribute.accept_no_rollback_after_cutover"

@@ -163,17 +163,17 @@ def _outside(ctx: Context, info: TableInfo, partitions: list[tuple[str, str]]) -
     return query, [partitions[0][0], partitions[-1][1]] if partitions else []
 
 
-def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str | Composed]]:
+def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, Composed]]:
     """(action, SQL) for the twin, its keys, indexes, partitions and outgoing foreign keys."""
     plan, info = ctx.plan, pf.info
     shape = ctx.shape(info)
     twin = plan.twin
-    out = [("create the partitioned twin", sql.create_twin(info.name, twin, shape.key))]
+    out = [("create the partitioned twin", twin_sql.create_twin(info.name, twin, shape.key))]
     for lo, hi in pf.partitions:
         part = plan.partition_name(datetime.fromisoformat(lo))
-        out.append((f"partition {part.name}", sql.create_partition(part, twin, lo, hi, shape.key_type)))
+        out.append((f"partition {part.name}", twin_sql.create_partition(part, twin, lo, hi, shape.key_type)))
     out.append(("default partition for NULL and out-of-range keys",
-                sql.create_default_partition(plan.default_partition, twin)))
+                twin_sql.create_default_partition(plan.default_partition, twin)))
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
         mode = acting_mode(cur, info.owner)
     if mode != "owner":
@@ -186,7 +186,7 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str | Composed]]:
             out.append((f"owner of {part.name}: {info.owner}", twin_sql.owner_to(part, info.owner)))
         out.append((f"owner of {plan.default_partition.name}: {info.owner}",
                     twin_sql.owner_to(plan.default_partition, info.owner)))
-    out.append(("its primary key, extended with the partition key", sql.twin_primary_key(twin, shape)))
+    out.append(("its primary key, extended with the partition key", twin_sql.twin_primary_key(twin, shape)))
     out += fidelity.not_valid_checks(info, twin)
     version = ctx.conn.info.server_version // 10000
     with ctx.conn.transaction(), ctx.conn.cursor() as cur:
@@ -210,7 +210,7 @@ def twin_ddl(ctx: Context, pf: Preflight) -> list[tuple[str, str | Composed]]:
             if idx.unique and shape.dist is not None and shape.dist not in (*idx.columns, shape.key):
                 # Citus enforces a unique index only when it holds the distribution column.
                 stmt = sql.rewrite_index(stmt, new_prefix, new_prefix, shape.dist)
-            out.append((f"index like {idx.name}", stmt))
+            out.append((f"index like {idx.name}", SQL(stmt)))  # the server's definition, renamed
     for fk in info.outgoing_fks:
         if fidelity.skip_foreign_key(fk.definition, version):
             continue  # warned at preflight (fidelity.check)
@@ -249,7 +249,7 @@ class Prepare:
             lock = "ACCESS EXCLUSIVE on the new (empty) twin"
             if action.startswith("foreign key"):
                 lock = "SHARE ROW EXCLUSIVE on the referenced table (brief; lock_timeout + retry)"
-            rows.append(Step(self.name, action, stmt if isinstance(stmt, str) else text(stmt), lock))
+            rows.append(Step(self.name, action, text(stmt), lock))
         if ctx.plan.distribute is not None:
             return rows
         rows.append(Step(self.name, "reverse triggers staged on the twin, switched off until the cutover turns them "

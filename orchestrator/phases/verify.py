@@ -8,7 +8,7 @@ row count and an order-independent hash of every column of every row.
 Ranges are independent, so ``verify.workers`` sessions take them from one queue, each
 asking the throttler before every range like the backfill does. The hash reads each
 column through its type's own hash function where that is exact (see
-``sql.range_digest``), which is several times cheaper than hashing every row's text.
+``sql.verify.range_digest``), which is several times cheaper than hashing every row's text.
 """
 
 from __future__ import annotations
@@ -26,7 +26,10 @@ from orchestrator.db import close_quietly, connect, is_connection_error
 from orchestrator.distribute import settled_digest
 from orchestrator.errors import ConnectionFailed, VerificationFailed
 from orchestrator.phases import Context, Step
+from orchestrator.sql import backfill as backfill_sql
 from orchestrator.sql import session as session_sql
+from orchestrator.sql import verify as verify_sql
+from orchestrator.sql.compose import SQL, text
 from orchestrator.state.store import PhaseName
 
 if TYPE_CHECKING:
@@ -34,14 +37,14 @@ if TYPE_CHECKING:
 
 
 def exact_hash_columns(conn: psycopg.Connection, table: sql.QualifiedName) -> frozenset[str]:
-    """The columns of ``table`` that ``sql.range_digest`` may hash by type (see there)."""
-    return frozenset(r[0] for r in conn.execute(sql.EXACT_HASH_COLUMNS, (str(table),)).fetchall())
+    """The columns of ``table`` that ``verify_sql.range_digest`` may hash by type (see there)."""
+    return frozenset(r[0] for r in conn.execute(verify_sql.EXACT_HASH_COLUMNS, (str(table),)).fetchall())
 
 
 def digest_range(cur: psycopg.Cursor, ctx: Context, shape: sql.Shape, rng: dict,
                  by_type: frozenset[str] = frozenset()) -> dict:
     """Count and hash one range of both tables; call inside one REPEATABLE READ transaction."""
-    where, params = sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
+    where, params = backfill_sql.range_predicate(shape, rng["lo"], rng["hi"], rng["is_null"])
     mode = ctx.plan.verify.mode
     src_where = dst_where = where
     if changelog.is_async(ctx) and changelog.exists(cur, ctx):
@@ -50,11 +53,11 @@ def digest_range(cur: psycopg.Cursor, ctx: Context, shape: sql.Shape, rng: dict,
         log = changelog.log_table(ctx.plan)
         if changelog.pending_truncate(cur, ctx):
             return {"ok": False, "pending": True, "live_rows": 0, "twin_rows": 0}
-        src_where = f"{where} AND {changelog.pending_filter(shape, log, ctx.plan.table_name)}"
-        dst_where = f"{where} AND {changelog.pending_filter(shape, log, ctx.plan.twin)}"
-    cur.execute(sql.range_digest(ctx.plan.table_name, shape, src_where, mode, by_type), params)
+        src_where = where + SQL(" AND ") + changelog.pending_filter(shape, log, ctx.plan.table_name)
+        dst_where = where + SQL(" AND ") + changelog.pending_filter(shape, log, ctx.plan.twin)
+    cur.execute(verify_sql.range_digest(ctx.plan.table_name, shape, src_where, mode, by_type), params)
     src_count, src_hash = cur.fetchone()
-    cur.execute(sql.range_digest(ctx.plan.twin, shape, dst_where, mode, by_type), params)
+    cur.execute(verify_sql.range_digest(ctx.plan.twin, shape, dst_where, mode, by_type), params)
     dst_count, dst_hash = cur.fetchone()
     return {"ok": src_count == dst_count and src_hash == dst_hash, "live_rows": src_count, "twin_rows": dst_count,
             "live_hash": str(src_hash), "twin_hash": str(dst_hash)}
@@ -92,11 +95,11 @@ class Verify:
 
     def steps(self, ctx: Context, pf: Preflight | None = None) -> list[Step]:
         shape = ctx.shape()
-        where, _ = sql.range_predicate(shape, "<lo>", "<hi>", False)
+        where, _ = backfill_sql.range_predicate(shape, "<lo>", "<hi>", False)
         v = ctx.plan.verify
         return [Step(self.name, f"per range, in one REPEATABLE READ snapshot: {v.mode} of both tables "
                                 f"({v.workers} session(s) in parallel, throttled like the backfill)",
-                     sql.range_digest(ctx.plan.table_name, shape, where, v.mode),
+                     text(verify_sql.range_digest(ctx.plan.table_name, shape, where, v.mode)),
                      "ACCESS SHARE on both tables (reads only)")]
 
     def run(self, ctx: Context) -> None:

@@ -3,10 +3,9 @@
 Pure functions; :mod:`orchestrator.changelog` only executes what they return (why each
 function does what it does is explained there). Identifiers pass through
 ``sql.Identifier``; PL/pgSQL's record names (``NEW``, ``OLD``) and ``EXCLUDED`` stay bare
-keywords in front of them. Two texts of the str renderers are embedded with ``SQL(...)``
-because they are already safely rendered: ``Shape.eq`` (``=`` or a schema-qualified
-``OPERATOR(...)`` read from the catalog) and ``orchestrator.sql._key_changed`` (quoted by
-``ident()``).
+keywords in front of them. ``Shape.eq`` (``=`` or a schema-qualified ``OPERATOR(...)``
+read from the catalog) is embedded with ``SQL(...)`` as the server rendered it. A function
+body is dollar-quoted by ``compose.with_body``, with a tag no column name holds.
 """
 
 from __future__ import annotations
@@ -15,8 +14,9 @@ from collections.abc import Sequence
 
 from psycopg import sql as pgsql
 
-from orchestrator.sql import QualifiedName, Shape, _key_changed
-from orchestrator.sql.compose import SQL, Composed, Literal, col, cols, name, text
+from orchestrator.sql import QualifiedName, Shape
+from orchestrator.sql.compose import SQL, Composed, Literal, col, cols, name, text, with_body
+from orchestrator.sql.sync import key_changed
 
 SEQ = "orchestrate_seq"
 TRUNCATE = "orchestrate_truncate"
@@ -86,8 +86,8 @@ def log_function(fn: QualifiedName, log: QualifiedName, shape: Shape) -> Compose
     c = cols(shape.twin_key)
     gc = cols((*shape.twin_key, GONE))
     new, old = _rec("NEW", shape.twin_key), _rec("OLD", shape.twin_key)
-    return SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp AS $orchestrate$
+    return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS {q}
 BEGIN
   IF TG_OP = 'INSERT' THEN
     INSERT INTO {log} ({cols}) VALUES ({new});
@@ -100,18 +100,17 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-$orchestrate$""").format(fn=name(fn), log=name(log), cols=c, gcols=gc, new=new, old=old,
-                         changed=SQL(_key_changed(shape)))  # _key_changed: quoted by ident()
+{q}"""), fn=name(fn), log=name(log), cols=c, gcols=gc, new=new, old=old, changed=key_changed(shape))
 
 
 def truncate_log_function(fn: QualifiedName, log: QualifiedName) -> Composed:
-    return SQL("""CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp AS $orchestrate$
+    return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS {q}
 BEGIN
-  INSERT INTO {} ({}) VALUES (true);
+  INSERT INTO {log} ({truncate}) VALUES (true);
   RETURN NULL;
 END
-$orchestrate$""").format(name(fn), name(log), col(TRUNCATE))
+{q}"""), fn=name(fn), log=name(log), truncate=col(TRUNCATE))
 
 
 # --------------------------------------------------------------------------- replay
@@ -156,8 +155,8 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
     rest = [c for c in shape.columns if c not in tk]
     sets = SQL(", ").join(SQL("{} = EXCLUDED.").format(col(c)) + col(c) for c in rest)
     conflict = SQL("DO UPDATE SET {}").format(sets) if rest else SQL("DO NOTHING")
-    return SQL("""CREATE OR REPLACE FUNCTION {fn}(n integer) RETURNS bigint LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET row_security = off AS $orchestrate$
+    return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}(n integer) RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET row_security = off AS {q}
 DECLARE
   s bigint[];
   trunc boolean;
@@ -190,7 +189,7 @@ BEGIN
   DELETE FROM {log} WHERE {seq} OPERATOR(pg_catalog.=) ANY (s);
   RETURN pg_catalog.cardinality(s);
 END
-$orchestrate$""").format(
+{q}"""),
         fn=name(fn), owner=Literal(owner), fn_text=Literal(str(fn)), b_seq=col(SEQ, "b"), b_trunc=col(TRUNCATE, "b"),
         seq=col(SEQ), trunc=col(TRUNCATE), log=lg, twin=name(twin), l_gone=col(GONE, "l"), l_key=col(key, "l"),
         batch=batch, key_cond=key_cond, gone_rows=in_batch("t", gone), still_there=still_there(),
@@ -199,11 +198,11 @@ $orchestrate$""").format(
 
 def lag_function(fn: QualifiedName, log: QualifiedName) -> Composed:
     """``fn() -> (pending bigint, oldest_s float8)``: log rows waiting and the age of the oldest."""
-    return SQL("""CREATE OR REPLACE FUNCTION {}(OUT pending bigint, OUT oldest_s double precision)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $orchestrate$
+    return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}(OUT pending bigint, OUT oldest_s double precision)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS {q}
 SELECT pg_catalog.count(*), coalesce(extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
-       pg_catalog.min({}))::double precision, 0) FROM {}
-$orchestrate$""").format(name(fn), col(AT), name(log))
+       pg_catalog.min({at}))::double precision, 0) FROM {log}
+{q}"""), fn=name(fn), at=col(AT), log=name(log))
 
 
 def pending_filter(shape: Shape, log: QualifiedName, table: QualifiedName) -> Composed:

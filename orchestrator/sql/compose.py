@@ -10,12 +10,13 @@ server, for the snapshot tests and for ``plan``'s listing.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import count
 
 from psycopg import sql
 
 from orchestrator.sql import QualifiedName
 
-__all__ = ["SQL", "Composed", "Literal", "Placeholder", "name", "col", "cols", "text"]
+__all__ = ["SQL", "Composed", "Literal", "Placeholder", "name", "col", "cols", "text", "with_body", "composable"]
 
 SQL, Composed, Literal, Placeholder = sql.SQL, sql.Composed, sql.Literal, sql.Placeholder
 
@@ -38,3 +39,27 @@ def cols(columns: Iterable[str], alias: str | None = None) -> sql.Composed:
 def text(statement: sql.Composable) -> str:
     """The statement's text, rendered without a connection (snapshot tests, ``plan``)."""
     return statement.as_string(None)
+
+
+def with_body(template: sql.SQL, **parts: sql.Composable) -> sql.Composed:
+    """``template.format(**parts)`` with ``{q}`` (written twice in the template, around a
+    function's body) as a dollar-quote tag that occurs nowhere else in the statement.
+
+    Why not a fixed ``$orchestrate$``: the body holds the table's column names, which the
+    table owner chooses. Quoting a name as an identifier does not protect it inside a
+    dollar-quoted body: a column named ``x$orchestrate$`` ended the body there, and the rest
+    of the name was read as SQL by the role running orchestrate (a superuser, say)."""
+    for n in count():
+        tag = "$orchestrate$" if n == 0 else f"$orchestrate_{n}$"
+        statement = template.format(q=sql.SQL(tag), **parts)
+        if text(statement).count(tag) == 2:
+            return statement
+    raise AssertionError("unreachable")
+
+
+def composable(part: object, what: str = "the condition") -> sql.Composable:
+    """``part``, refused when it is not SQL: ``SQL.format`` quotes a str as a literal, so a
+    WHERE clause passed as text would silently become the constant ``'...'``."""
+    if not isinstance(part, sql.Composable):
+        raise TypeError(f"{what} must be SQL, not {type(part).__name__}")
+    return part

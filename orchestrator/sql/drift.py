@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from orchestrator.sql import QualifiedName, rewrite_index
-from orchestrator.sql.compose import SQL, Composed, Literal, col, cols, name, text
+from orchestrator.sql.compose import SQL, Composed, Literal, col, cols, name, text, with_body
 
 __all__ = [
     "ATTRIBUTE_COLLATIONS", "COLUMN_GUARD_COLUMNS", "TRIGGERS_USING_FUNCTION", "IS_SUPERUSER", "GUARD_EVENT_TRIGGERS",
@@ -90,8 +90,8 @@ def no_arg_signature(fn: QualifiedName) -> str:
 
 def column_guard_function(fn: QualifiedName) -> Composed:
     """The sentinel's function: never called (its trigger is WHEN (false))."""
-    return SQL("""CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$ BEGIN RETURN NULL; END $orchestrate$""").format(name(fn))
+    return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog AS {q} BEGIN RETURN NULL; END {q}"""), fn=name(fn))
 
 
 def drop_trigger(table: QualifiedName, trigger: str) -> Composed:
@@ -117,8 +117,8 @@ def ddl_guard_function(fn: QualifiedName, table_oid: int, message: str) -> Compo
     from orchestrate's own sessions (application_name 'orchestrate:...')."""
     oid = Literal(int(table_oid))
     msg = Literal(message)
-    return SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS event_trigger LANGUAGE plpgsql
-SET search_path = pg_catalog AS $orchestrate$
+    return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS event_trigger LANGUAGE plpgsql
+SET search_path = pg_catalog AS {q}
 DECLARE r record;
 BEGIN
   IF pg_catalog.current_setting('application_name') LIKE 'orchestrate:%' THEN
@@ -139,7 +139,7 @@ BEGIN
       RAISE EXCEPTION {msg} USING ERRCODE = 'object_in_use';
     END IF;
   END LOOP;
-END $orchestrate$""").format(fn=name(fn), oid=oid, msg=msg)
+END {q}"""), fn=name(fn), oid=oid, msg=msg)
 
 
 def revoke_function(fn: QualifiedName) -> Composed:

@@ -3,9 +3,8 @@
 Pure functions of names and bounds; :mod:`orchestrator.maintain` only executes what they
 return (the lock order and the transactions are its business, explained there). Every
 identifier passes through ``sql.Identifier``; values are query parameters (``%s``) or
-``sql.Literal``. Two kinds of text are embedded with ``SQL(...)`` because they are already
-safely rendered SQL: partition bounds from :func:`orchestrator.sql.bound_literal` (quoted by
-``literal()``), and type names as PostgreSQL's ``format_type`` printed them (Facts.pk_types).
+``sql.Literal`` (partition bounds: :func:`orchestrator.sql.bound`). Type names are embedded
+with ``SQL(...)`` as PostgreSQL's ``format_type`` printed them (Facts.pk_types).
 """
 
 from __future__ import annotations
@@ -13,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import datetime
 
-from orchestrator.sql import QualifiedName, bound_literal, timestamp_text
+from psycopg import sql
+
+from orchestrator.sql import QualifiedName, timestamp_text
+from orchestrator.sql import bound as bound_value
 from orchestrator.sql.compose import SQL, Composed, Literal, col, cols, name
 
 __all__ = [
@@ -96,9 +98,9 @@ def lock_table(rel: QualifiedName, mode: str) -> Composed:
     return SQL("LOCK TABLE {} IN {} MODE").format(name(rel), SQL(mode))
 
 
-def bound(t: datetime, key_type: str) -> SQL:
-    """A partition bound of the key's type; bound_literal's text is quoted by literal()."""
-    return SQL(bound_literal(timestamp_text(t), key_type))
+def bound(t: datetime, key_type: str) -> sql.Composable:
+    """A partition bound of the key's type."""
+    return bound_value(timestamp_text(t), key_type)
 
 
 def key_range(key: str, key_type: str, lo: datetime, hi: datetime, alias: str | None = None) -> Composed:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from orchestrator.sql import QualifiedName
-from orchestrator.sql.compose import SQL, Composed, Literal, name
+from orchestrator.sql.compose import SQL, Composed, Literal, name, with_body
 
 __all__ = [
     "SEES_ALL_SESSIONS", "ACTING_MODE", "CURRENT_USER", "TABLE_OWNER_ROLE", "STATE_SCHEMA",
@@ -76,8 +76,8 @@ def executor_function(fn: QualifiedName, owner: str) -> Composed:
     ``row_security = off``: a query the owner's RLS policies would filter (FORCE ROW LEVEL
     SECURITY) raises instead of silently copying fewer rows. The ``%`` of RAISE is
     PL/pgSQL's; the statement is run without parameters, so psycopg leaves it alone."""
-    return SQL("""CREATE OR REPLACE FUNCTION {fn}(q text) RETURNS bigint LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp SET row_security = off AS $orchestrate$
+    return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}(q text) RETURNS bigint LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET row_security = off AS {q}
 DECLARE n bigint;
 BEGIN
   IF current_user OPERATOR(pg_catalog.<>) {owner}::pg_catalog.name THEN
@@ -87,7 +87,7 @@ BEGIN
   GET DIAGNOSTICS n = ROW_COUNT;
   RETURN n;
 END
-$orchestrate$""").format(fn=name(fn), owner=Literal(owner), label=Literal(str(fn)))
+{q}"""), fn=name(fn), owner=Literal(owner), label=Literal(str(fn)))
 
 
 def call(fn: QualifiedName) -> Composed:

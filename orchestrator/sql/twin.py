@@ -1,19 +1,18 @@
-"""prepare's statements: the preflight's reads, the twin's owner, indexes and foreign keys,
-the record of what was made, and its removal on rollback.
+"""prepare's statements: the preflight's reads; the twin's CREATE TABLE, partitions, primary
+key, owner, indexes and foreign keys; the record of what was made, and its removal on rollback.
 
 Pure functions returning ``psycopg.sql.Composed`` (fixed statements are constants);
-``orchestrator.phases.prepare`` only executes them. The twin's CREATE TABLE, partitions and
-primary key stay with the str renderers of ``orchestrator.sql`` (``create_twin`` and co.).
-Identifiers go through ``sql.Identifier``; text the server rendered (a type's format_type,
-pg_get_constraintdef, quote_ident) is marked where it is wrapped in ``SQL``.
+``orchestrator.phases.prepare`` only executes them. Identifiers go through ``sql.Identifier``;
+text the server rendered (a type's format_type, pg_get_constraintdef, quote_ident) is marked
+where it is wrapped in ``SQL``.
 """
 
 from __future__ import annotations
 
 from psycopg import sql
 
-from orchestrator.sql import QualifiedName, fit_name
-from orchestrator.sql.compose import SQL, Composed, col, name
+from orchestrator.sql import QualifiedName, Shape, bound, fit_name
+from orchestrator.sql.compose import SQL, Composed, col, cols, name
 from orchestrator.sql.swap import owner_to
 
 __all__ = ["owner_to"]  # the twin's and its partitions' ALTER TABLE .. OWNER TO, as the swap's
@@ -37,6 +36,35 @@ def rows_outside(table: QualifiedName, key: str, key_type: str, bounded: bool) -
         t = SQL(key_type)
         where = SQL("{k} IS NULL OR {k} < %s::{t} OR {k} >= %s::{t}").format(k=k, t=t)
     return SQL("SELECT count(*) FROM {} WHERE {}").format(name(table), where)
+
+
+# --- the twin -------------------------------------------------------------------------------
+
+
+def create_twin(src: QualifiedName, twin: QualifiedName, key: str) -> Composed:
+    """The partitioned twin: same columns, defaults, NOT NULL, CHECKs, generated and identity
+    columns, storage, comments and extended statistics. Indexes are added separately because
+    a partitioned table's unique indexes must include the partition key."""
+    return SQL(
+        "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED "
+        "INCLUDING IDENTITY INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING STATISTICS) "
+        "PARTITION BY RANGE ({})").format(name(twin), name(src), col(key))
+
+
+def twin_primary_key(twin: QualifiedName, shape: Shape) -> Composed:
+    """PRIMARY KEY (pk..., key); with a nullable key a UNIQUE NULLS NOT DISTINCT constraint
+    instead, because primary key columns cannot hold the NULL keys the default partition takes."""
+    what = "UNIQUE NULLS NOT DISTINCT" if shape.key_nullable and shape.key not in shape.pk else "PRIMARY KEY"
+    return SQL("ALTER TABLE {} ADD {} ({})").format(name(twin), SQL(what), cols(shape.twin_key))
+
+
+def create_partition(part: QualifiedName, parent: QualifiedName, lo: str, hi: str | None, key_type: str) -> Composed:
+    return SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})").format(
+        name(part), name(parent), bound(lo, key_type), bound(hi, key_type))
+
+
+def create_default_partition(part: QualifiedName, parent: QualifiedName) -> Composed:
+    return SQL("CREATE TABLE {} PARTITION OF {} DEFAULT").format(name(part), name(parent))
 
 
 # --- the twin's indexes and foreign keys -------------------------------------------------

@@ -16,9 +16,11 @@ import psycopg
 import pytest
 
 from helpers import drain, wait_until
-from orchestrator import runner, sql
+from orchestrator import runner
 from orchestrator.lab.sample import create_orders
 from orchestrator.plan import parse_plan
+from orchestrator.sql import backfill as backfill_sql
+from orchestrator.sql.compose import SQL, cols, text
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 TABLE, TWIN, LOG = "public.orders", "public.orders_partitioned", "public.orders_changes"
@@ -352,7 +354,8 @@ def captured_async(dsn: str, conn: psycopg.Connection):
 
     info = inspect_table(conn, plan.table_name)
     shape = Context(plan=plan, dsn=dsn, conn=conn, store=None, migration=None).shape(info)  # type: ignore[arg-type]
-    where, params = sql.range_predicate(shape, "2026-10-10 00:00:00", "2026-10-11 00:00:00", False)
+    where, params = backfill_sql.range_predicate(shape, "2026-10-10 00:00:00", "2026-10-11 00:00:00", False)
+    where = text(where)
     ids = [r[0] for r in conn.execute(f"SELECT id FROM orders WHERE {where} ORDER BY created_at, id", params)]
     return plan, shape, where, params, ids[len(ids) // 2]
 
@@ -371,7 +374,7 @@ def test_naive_copy_with_replay_in_between_resurrects(captured_async, dsn: str, 
     """The race exists in async mode too: a copy without row locks whose snapshot predates a
     write, committing after replay already synced that write's key, brings the old row back."""
     plan, shape, where, params, victim = captured_async
-    c = sql.column_list(list(shape.columns))
+    c = text(cols(shape.columns))
     with psycopg.connect(dsn) as copier:
         copier.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         copier.execute("SELECT count(*) FROM orders").fetchone()
@@ -397,7 +400,7 @@ def test_backfill_batch_with_replay_in_between_is_exact(captured_async, dsn: str
     runs at the worst moment (after the write commits, while the batch is in flight) and
     again afterwards: the window is exact."""
     plan, shape, where, params, victim = captured_async
-    stmt = sql.backfill_copy(plan.table_name, plan.twin, shape, where, False, False, False, True)
+    stmt = backfill_sql.backfill_copy(plan.table_name, plan.twin, shape, SQL(where), False, False, False, True)
     result: dict = {}
     with psycopg.connect(dsn) as writer, psycopg.connect(dsn, autocommit=True) as copier:
         writer.execute(WRITES[write], (victim,))  # uncommitted, row lock held, key logged

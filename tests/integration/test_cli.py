@@ -240,6 +240,11 @@ def test_plan_json_lists_steps_with_locks(orders, dsn, tmp_path):
     assert all(s["lock"] for s in data["steps"])
     assert data["estimates"]["partitions"] >= 3
     assert any("PRIMARY KEY (id, created_at)" in w for w in data["warnings"])
+    # The cutover's steps show what it executes: the reverse trigger staged at prepare is
+    # switched on (its function rendered again), not created under the lock.
+    cut = " ".join(s["sql"] for s in data["steps"] if s["phase"] == "cutover")
+    assert 'FUNCTION "orchestrate"."reverse_on_<id>"() RETURNS boolean' in cut and "SELECT true" in cut
+    assert 'INSERT INTO "public"."orders_retired"' in cut and "CREATE TRIGGER" not in cut
     # plan changes nothing
     assert orders.execute("SELECT to_regclass('public.orders_partitioned')").fetchone()[0] is None
 

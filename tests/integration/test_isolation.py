@@ -29,6 +29,7 @@ from orchestrator.inspect import inspect_table
 from orchestrator.lab.sample import create_orders
 from orchestrator.phases import Context
 from orchestrator.plan import parse_plan
+from orchestrator.sql import sync as sync_sql
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 TABLE = "public.orders"
@@ -92,7 +93,7 @@ def _without_probe(conn: psycopg.Connection, plan, kind: str, dst: str, dst_key:
     mid = conn.execute("SELECT max(id) FROM orchestrate.migrations").fetchone()[0]
     fn = sql.QualifiedName("orchestrate", f"{kind}_{mid}")
     dst_name = sql.parse_qualified(dst)
-    conn.execute(sql.sync_function(fn, dst_name, _shape(conn, plan), dst_key=dst_key, probe=False))
+    conn.execute(sync_sql.sync_function(fn, dst_name, _shape(conn, plan), dst_key=dst_key, probe=False))
 
 
 def _run(app: psycopg.Connection, stmts: list[str], victims: dict[str, int]) -> BaseException | None:

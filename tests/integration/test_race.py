@@ -10,7 +10,7 @@ moves a row of that window, in a fixed order:
   commits: the trigger of the write finds nothing in the twin, then the copy inserts the
   stale version. The deleted row comes back (or the update is lost, or the moved row is
   duplicated). These cases prove that the interleaving really is the race.
-- our batch (`sql.backfill_copy` as the engine renders it for this table, READ COMMITTED
+- our batch (`sql.backfill.backfill_copy` as the engine renders it for this table, READ COMMITTED
   like the backfill workers): started while the write is uncommitted, it blocks on the
   row lock, the write commits, then the batch finishes: the twin holds exactly what the
   live table holds.
@@ -30,6 +30,8 @@ from orchestrator.inspect import inspect_table
 from orchestrator.lab.sample import create_orders
 from orchestrator.phases import Context
 from orchestrator.plan import parse_plan
+from orchestrator.sql import backfill as backfill_sql
+from orchestrator.sql.compose import SQL, cols, text
 
 END = datetime(2026, 10, 20, 12, tzinfo=timezone.utc)
 DAY = datetime(2026, 10, 10)  # the window the copy works on (UTC day)
@@ -54,7 +56,8 @@ def captured(dsn: str, conn: psycopg.Connection):
 
 def _window(shape: sql.Shape) -> tuple[str, list[str]]:
     lo, hi = DAY, DAY + timedelta(days=1)
-    return sql.range_predicate(shape, f"{lo:%Y-%m-%d %H:%M:%S}", f"{hi:%Y-%m-%d %H:%M:%S}", False)
+    where, params = backfill_sql.range_predicate(shape, f"{lo:%Y-%m-%d %H:%M:%S}", f"{hi:%Y-%m-%d %H:%M:%S}", False)
+    return text(where), params
 
 
 def _victim(conn: psycopg.Connection, where: str, params: list[str]) -> int:
@@ -105,9 +108,9 @@ def test_naive_copy_resurrects_or_loses_the_write(captured, dsn: str, conn: psyc
         copier.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
         copier.execute("SELECT count(*) FROM orders").fetchone()  # the snapshot is taken here
         writer.execute(WRITES[write], (victim,))  # commits; its trigger finds nothing in the twin
-        c = sql.column_list(list(shape.columns))
+        c = text(cols(shape.columns))
         if write == "update":
-            # The trigger's probe (see sql.sync_function) wrote the updated row into the twin
+            # The trigger's probe (see sql.sync.sync_function) wrote the updated row into the twin
             # when its UPDATE found nothing: the stale copy now collides instead of winning.
             with pytest.raises(psycopg.errors.UniqueViolation):
                 copier.execute(f"INSERT INTO {TWIN} ({c}) SELECT {c} FROM orders WHERE {where}", params)
@@ -137,7 +140,7 @@ def test_backfill_batch_waits_for_the_write_and_copies_its_result(captured, dsn:
     where, params = _window(shape)
     victim = _victim(conn, where, params)
     before = _rows(conn, "orders", victim)
-    stmt = sql.backfill_copy(plan.table_name, plan.twin, shape, where, False, False, False, on_conflict)
+    stmt = backfill_sql.backfill_copy(plan.table_name, plan.twin, shape, SQL(where), False, False, False, on_conflict)
     result: dict = {}
     with psycopg.connect(dsn, autocommit=True) as copier, psycopg.connect(dsn) as writer:
         copier.execute("SET TimeZone = 'UTC'")
@@ -167,7 +170,7 @@ def test_backfill_batch_waits_for_the_write_and_copies_its_result(captured, dsn:
         t.join(timeout=30)
         assert not t.is_alive(), "the batch did not finish after the write committed"
     # The trigger put a row into the window: the moved row, or the updated one (its UPDATE
-    # found nothing in the twin, so the probe inserted the new version; see sql.sync_function).
+    # found nothing in the twin, so the probe inserted the new version; see sql.sync.sync_function).
     trigger_wrote = write in ("move_within", "update")
     if trigger_wrote and not on_conflict:
         assert isinstance(result.get("error"), psycopg.errors.UniqueViolation), result

@@ -162,6 +162,40 @@ def test_owner_code_runs_as_the_owner_when_a_superuser_migrates(dsn, conn, tmp_p
     assert {who for _what, who in ran} <= {evil, app}, log
 
 
+HOSTILE_COLUMN = 'x$orchestrate$; ALTER ROLE {evil} SUPERUSER; SELECT $orchestrate$'
+
+
+def test_a_column_name_holding_our_dollar_quote_is_only_a_name(dsn, conn, capture_mode):
+    """The owner names a column so that it would end a function body quoted as
+    ``$orchestrate$`` and run the rest as SQL. The trigger and replay functions hold every
+    column name: their tag is chosen so the name is only ever a name. The migration runs to
+    the end with the rows exact, and the owner gains nothing. (With the fixed tag, prepare
+    failed with exit 1, a syntax error, when it staged the reverse trigger.)"""
+    evil = new_role(conn, "evil")
+    col = HOSTILE_COLUMN.format(evil=evil)
+    quoted = '"' + col.replace('"', '""') + '"'
+    conn.execute(f"GRANT CREATE ON SCHEMA public TO {evil}")
+    with psycopg.connect(role_dsn(dsn, evil), autocommit=True) as owner:
+        owner.execute(f"CREATE TABLE public.items (id bigint PRIMARY KEY, created_at timestamptz NOT NULL, "
+                      f"{quoted} text)")
+        owner.execute("INSERT INTO public.items SELECT g, timestamptz '2026-10-01 00:00+00' + g * interval '1 hour', "
+                      "'v' || g FROM generate_series(1, 2000) g")
+    plan = parse_plan({**PLAN, "table": "public.items", "capture": {"mode": capture_mode},
+                       "backfill": {"range": "1 month", "batch_size": 300}})
+    assert runner.apply(plan, dsn, until="capture").data["phase"] == "capture"
+    # Writes through the capture: each names the column, in the trigger or the replay.
+    conn.execute(f"UPDATE public.items SET {quoted} = 'changed' WHERE id % 7 = 0")
+    conn.execute("DELETE FROM public.items WHERE id % 11 = 0")
+    conn.execute("INSERT INTO public.items VALUES (5000, timestamptz '2026-10-20 00:00+00', 'new')")
+    assert runner.apply(plan, dsn).data["status"] == "cut_over"
+    conn.execute(f"UPDATE public.items SET {quoted} = 'after' WHERE id = 5000")  # the reverse trigger
+    live = conn.execute(f"SELECT id, created_at, {quoted} FROM public.items ORDER BY id").fetchall()
+    retired = conn.execute(f"SELECT id, created_at, {quoted} FROM public.items_retired ORDER BY id").fetchall()
+    assert live == retired and len(live) == 2000 - 2000 // 11 + 1
+    assert conn.execute(f"SELECT count(*) FROM public.items WHERE {quoted} = 'changed'").fetchone()[0] > 0
+    assert conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", (evil,)).fetchone()[0] is False
+
+
 # --- (b) built-ins are never shadowed -------------------------------------------------------
 
 def test_shadowed_builtins_are_never_called(dsn, conn, tmp_path):

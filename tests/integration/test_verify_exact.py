@@ -1,6 +1,6 @@
 """Verification hashes by type only where that is exact, and checks ranges in parallel.
 
-``sql.range_digest`` hashes a column with its type's own hash function only when equal
+``sql.verify.range_digest`` hashes a column with its type's own hash function only when equal
 values of that type are identical images; every other column is hashed as its text. These
 tests change twin rows in ways that equality cannot see (1.5 -> 1.50, 0 -> -0, case under
 citext or a case-insensitive collation, jsonb key order is normalised so not a case) and

@@ -6,6 +6,7 @@ from __future__ import annotations
 from orchestrator import changelog
 from orchestrator.plan import parse_plan
 from orchestrator.sql import QualifiedName, Shape
+from orchestrator.sql.compose import text
 
 SRC, TWIN = QualifiedName("public", "orders"), QualifiedName("public", "orders_partitioned")
 LOG = QualifiedName("public", "orders_changes")
@@ -45,7 +46,7 @@ def test_composite_keys_are_matched_exactly_and_null_keys_found() -> None:
 
 
 def test_verify_filter_names_the_table_it_filters() -> None:
-    f = changelog.pending_filter(SHAPE, LOG, TWIN)
+    f = text(changelog.pending_filter(SHAPE, LOG, TWIN))
     assert f == ('NOT EXISTS (SELECT 1 FROM "public"."orders_changes" l WHERE NOT "l"."orchestrate_truncate" AND '
                  '"l"."id" = "public"."orders_partitioned"."id")')
 

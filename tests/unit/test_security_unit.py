@@ -13,7 +13,9 @@ from orchestrator.errors import PlanError
 from orchestrator.metrics import MetricsServer
 from orchestrator.owner import executor_function
 from orchestrator.plan import env_value, parse_plan
-from orchestrator.sql.compose import text
+from orchestrator.sql.compose import SQL, text
+from orchestrator.sql.sync import sync_function
+from orchestrator.sql.verify import range_digest
 
 BASE = {"version": 1, "table": "public.orders", "partition_by": {"column": "created_at", "interval": "1 month"}}
 SECRET = "Pw-unit-9f2c"
@@ -68,12 +70,12 @@ def test_owner_functions_pin_search_path_and_qualify_builtins():
     shape = sql.Shape(columns=("id", "created_at"), all_columns=("id", "created_at"), pk=("id",), key="created_at",
                       key_type="timestamp with time zone", key_nullable=False, pk_types=("bigint",))
     fn = sql.QualifiedName("orchestrate", "capture_1")
-    body = sql.sync_function(fn, sql.QualifiedName("public", "t_partitioned"), shape)
+    body = text(sync_function(fn, sql.QualifiedName("public", "t_partitioned"), shape))
     assert "SET search_path = pg_catalog, pg_temp" in body
     ex = text(executor_function(sql.QualifiedName("orchestrate", "as_owner_1"), "app_owner"))
     assert "SET search_path = pg_catalog, pg_temp" in ex and "SET row_security = off" in ex
     assert "current_user OPERATOR(pg_catalog.<>) 'app_owner'::pg_catalog.name" in ex
-    digest = sql.range_digest(sql.QualifiedName("public", "t"), shape, "true", "hash")
+    digest = text(range_digest(sql.QualifiedName("public", "t"), shape, SQL("true"), "hash"))
     assert "pg_catalog.hash_record_extended(" in digest and ", 0::pg_catalog.int8)" in digest
     assert " hash_record_extended(" not in digest.replace("pg_catalog.hash_record_extended(", "")
 

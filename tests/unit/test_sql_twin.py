@@ -30,7 +30,7 @@ def test_index_head_matches_and_rewrites():
     assert text(twin.index_head(False, col("i"), name(TW))) == f'CREATE INDEX "i" ON {TW_SQL} USING '
     definition = 'CREATE UNIQUE INDEX "Order Items_note" ON app."Order Items" USING btree (note)'
     assert rewrite_index(definition, live, new, "created_at") == \
-        f'CREATE UNIQUE INDEX "Order Items_note_twin" ON {TW_SQL} USING btree (note, created_at)'
+        f'CREATE UNIQUE INDEX "Order Items_note_twin" ON {TW_SQL} USING btree (note, "created_at")'
 
 
 def test_foreign_key():
@@ -50,3 +50,27 @@ def test_fixed_statements():
     assert text(twin.CATALOG_SEARCH_PATH) == "SET LOCAL search_path = pg_catalog"
     assert text(twin.CITUS_SEQUENTIAL) == "SET LOCAL citus.multi_shard_modify_mode = 'sequential'"
     assert text(twin.TO_REGCLASS_OID) == "SELECT pg_catalog.to_regclass(%s)::oid"
+
+
+def test_the_twin_its_key_and_partitions():
+    from orchestrator.sql import Shape
+
+    shape = Shape(columns=("id", "Created At"), all_columns=("id", "Created At"), pk=("id",), key="Created At",
+                  key_type="timestamp with time zone", key_nullable=False, pk_types=("bigint",))
+    assert text(twin.create_twin(T, TW, "Created At")) == (
+        f"CREATE TABLE {TW_SQL} (LIKE {T_SQL} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED "
+        "INCLUDING IDENTITY INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING STATISTICS) "
+        'PARTITION BY RANGE ("Created At")')
+    assert text(twin.twin_primary_key(TW, shape)) == f'ALTER TABLE {TW_SQL} ADD PRIMARY KEY ("id", "Created At")'
+    # A nullable key cannot be in a primary key: the default partition holds the NULLs.
+    nullable = Shape(**{**shape.__dict__, "key_nullable": True})
+    assert text(twin.twin_primary_key(TW, nullable)) == \
+        f'ALTER TABLE {TW_SQL} ADD UNIQUE NULLS NOT DISTINCT ("id", "Created At")'
+    part = QualifiedName("app", "Order Items_p2024_01")
+    assert text(twin.create_partition(part, TW, "2024-01-01 00:00:00", "2024-02-01 00:00:00", "date")) == (
+        f'CREATE TABLE "app"."Order Items_p2024_01" PARTITION OF {TW_SQL} '
+        "FOR VALUES FROM ('2024-01-01') TO ('2024-02-01')")
+    assert "FROM ('2024-01-01 00:00:00+00') TO (MAXVALUE)" in text(
+        twin.create_partition(part, TW, "2024-01-01 00:00:00", None, "timestamp with time zone"))
+    assert text(twin.create_default_partition(QualifiedName("app", "d"), TW)) == \
+        f'CREATE TABLE "app"."d" PARTITION OF {TW_SQL} DEFAULT'
