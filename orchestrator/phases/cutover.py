@@ -164,8 +164,9 @@ def _carry_publications(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName,
         cur.execute(swap.PUBLICATION_FILTERS, (str(retired),))
         extra = {r[0]: (r[1], r[2]) for r in cur.fetchall()}
     out = []
+    partitioned = new_is_partitioned(cur, new)  # read once: this runs under the lock
     for pub in old.publications:
-        if new_is_partitioned(cur, new):
+        if partitioned:
             # Without it the publication would publish the partitions under their own names
             # after the swap: subscribers and CDC consumers keyed on the table break.
             cur.execute(swap.PUBLISH_VIA_ROOT, (pub,))
@@ -615,10 +616,10 @@ class Cutover:
         trigger writes), the swap itself finds nothing left to do for them. Idempotent."""
         info = ctx.info or inspect_table(ctx.conn, ctx.plan.table_name)
         twin = ctx.plan.twin
-        cur = ctx.conn.cursor()
-        owner = _partitions(cur, twin, not_owned_by=info.owner)
         ident_mode = info.replica_identity in ("f", "n")
-        replident = _partitions(cur, twin, replica_identity_not=info.replica_identity) if ident_mode else []
+        with ctx.conn.cursor() as cur:
+            owner = _partitions(cur, twin, not_owned_by=info.owner)
+            replident = _partitions(cur, twin, replica_identity_not=info.replica_identity) if ident_mode else []
         work = [swap.owner_to(p, info.owner) for p in owner]
         work += [swap.replica_identity(p, info.replica_identity) for p in replident]
 

@@ -245,7 +245,8 @@ LOCK_HOLDERS = SQL(
            GROUP BY 1, 2, 3, 4, 5 ORDER BY 4 DESC""")
 
 # pg_cancel_backend for a running query, pg_terminate_backend for a session idle in transaction.
-SIGNAL_BACKEND = {fn: SQL("SELECT {}(%s)").format(SQL(fn)) for fn in ("pg_cancel_backend", "pg_terminate_backend")}
+SIGNAL_BACKEND = {fn: SQL("SELECT pg_catalog.{}(%s)").format(SQL(fn))
+                  for fn in ("pg_cancel_backend", "pg_terminate_backend")}
 
 # Sessions of this database whose snapshot is older than the given xid (%% is a literal %).
 OLD_SNAPSHOTS = SQL(

@@ -108,8 +108,8 @@ def test_storage_parameters():
 
 
 def test_signals_and_reads():
-    assert text(swap.SIGNAL_BACKEND["pg_cancel_backend"]) == "SELECT pg_cancel_backend(%s)"
-    assert text(swap.SIGNAL_BACKEND["pg_terminate_backend"]) == "SELECT pg_terminate_backend(%s)"
+    assert text(swap.SIGNAL_BACKEND["pg_cancel_backend"]) == "SELECT pg_catalog.pg_cancel_backend(%s)"
+    assert text(swap.SIGNAL_BACKEND["pg_terminate_backend"]) == "SELECT pg_catalog.pg_terminate_backend(%s)"
     # a literal % is doubled: these run with parameters
     assert "application_name NOT LIKE 'orchestrate:%%'" in text(swap.OLD_SNAPSHOTS)
     assert text(swap.REGCLASS_OID) == "SELECT %s::regclass::oid"
