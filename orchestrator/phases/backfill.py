@@ -375,9 +375,7 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
             if not guarded:
                 probe.execute(backfill_sql.twin_rows_after(dst, shape, where, after, rng["is_null"]),
                               [*wparams, *cparams])
-            cur.execute(backfill_sql.backfill_boundary(src, shape, where, after, rng["is_null"]),
-                        [*wparams, *cparams, size - 1])
-            boundary = cur.fetchone()
+            boundary = _boundary(cur, src, shape, where, wparams, cparams, after, rng["is_null"], size)
             on_conflict = guarded or bool(probe.fetchone()[0])
             final = boundary is None
             copy = backfill_sql.backfill_copy(src, dst, shape, where, after, not final, rng["is_null"], on_conflict)
@@ -392,6 +390,26 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
             )
         row = cur.fetchone()
     return row, boundary
+
+def _boundary(cur: psycopg.Cursor, src: sql.QualifiedName, shape: sql.Shape, where: Composed, wparams: list,
+              cparams: list, after: bool, is_null: bool, size: int) -> tuple | None:
+    """The window's upper bound: the (key, pk) of the ``size``-th row after the cursor, or None
+    when fewer rows are left (the range's last window).
+
+    A range's first window asks first how many rows the range holds, up to ``size``: that
+    count reads the key's index alone (no heap when the pages are all-visible, no sort),
+    where the boundary query reads every row of the window in (key, pk) order. Most ranges
+    are smaller than a batch (1-day ranges of a table of a few million rows), and for them
+    the count is the only read before the copy: measured on the benchmark's table, the
+    count took less than half the boundary query's time. A range larger than a batch pays
+    both once, a fraction of a batch."""
+    if not after:
+        cur.execute(backfill_sql.rows_up_to(src, where), [*wparams, size])
+        if cur.fetchone()[0] < size:
+            return None
+    cur.execute(backfill_sql.backfill_boundary(src, shape, where, after, is_null), [*wparams, *cparams, size - 1])
+    return cur.fetchone()
+
 
 def _repair(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, where: Composed, wparams: list,
             sync: str, stop: threading.Event | None = None) -> None:

@@ -111,6 +111,13 @@ def backfill_boundary(src: QualifiedName, shape: Shape, where: sql.Composable, a
         texts, name(src), _window(shape, where, after, False, is_null), cols(columns, "s"))
 
 
+def rows_up_to(src: QualifiedName, where: sql.Composable) -> Composed:
+    """How many rows the range holds, counted up to a limit (param after the where-params):
+    it names no column outside ``where``, so the key's index can answer it alone."""
+    return SQL("SELECT pg_catalog.count(*) FROM (SELECT 1 FROM {} WHERE {} LIMIT %s) AS w").format(
+        name(src), composable(where))
+
+
 def twin_rows_after(dst: QualifiedName, shape: Shape, where: sql.Composable, after: bool, is_null: bool) -> Composed:
     """Does the twin hold any row in the rest of a range (after the cursor)? One index probe.
 

@@ -37,6 +37,10 @@ def test_bench_quick_writes_every_section(tmp_path):
     for key in ("single_worker", "two_workers"):
         assert _numeric(b[key]["seconds"]) and b[key]["rows_per_s"] > 0 and _numeric(b[key]["ratio"])
         assert b[key]["rows_copied"] == 20000
+    # The split copies: every row, in the backfill's ranges (a 1-day range over 365 days).
+    assert b["split"]["ranges"] >= 365
+    for key in ("plain", "for_share"):
+        assert _numeric(b["split"][key]["seconds"]) and _numeric(b["split"][key]["ratio"])
     pm = b["pg_partman"]
     assert pm["status"] == "not installed" or (_numeric(pm["seconds"]) and pm["rows"] == 20000)
 
@@ -77,6 +81,7 @@ def test_bench_quick_writes_every_section(tmp_path):
                     "## 5. Verify against the backfill"):
         assert heading in md
     assert data["postgres"]["version"].split()[0] in md
+    assert md.count("The same copy split into the backfill's") == 2
     # Every target is rendered with its verdict.
     head = md.split("## 1. Backfill")[0].splitlines()
     rows = [ln for ln in head if ln.endswith(("| PASS |", "| MISS |"))]

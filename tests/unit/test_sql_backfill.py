@@ -88,6 +88,12 @@ def test_backfill_copy_locks_source_rows_in_a_value_window():
     assert first.endswith(f'AND ("created_at", "id") <= ({TS}, %s::bigint) FOR SHARE')
 
 
+def test_a_first_window_counts_the_range_from_the_key_alone():
+    where, _ = backfill_sql.range_predicate(SHAPE, "2024-01-01 00:00:00", None, False)
+    assert text(backfill_sql.rows_up_to(ORD, where)) == (
+        f'SELECT pg_catalog.count(*) FROM (SELECT 1 FROM "public"."orders" WHERE "created_at" >= {TS} LIMIT %s) AS w')
+
+
 def test_backfill_boundary_probe_and_null_range():
     where, params = backfill_sql.range_predicate(SHAPE, None, None, True)
     assert text(where) == '"created_at" IS NULL' and params == []
