@@ -102,7 +102,10 @@ def test_distributed_migration_under_app_workload(citus_conn, citus_dsn, tmp_pat
                    message="the workload committed nothing on the distributed table")
     finally:
         report = wl.stop()
-    assert_app_clean(wl, report)
+    try:
+        assert_app_clean(wl, report)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_divergence_facts(citus_conn, wl)}") from None
     assert citus_conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "p"
     assert citus_conn.execute(
         "SELECT partmethod FROM pg_dist_partition WHERE logicalrelid = 'public.orders'::regclass").fetchone()[0] == "h"
@@ -114,6 +117,34 @@ def test_distributed_migration_under_app_workload(citus_conn, citus_dsn, tmp_pat
     # The view and the sequence still serve the application.
     citus_conn.execute("INSERT INTO public.orders (customer_id, amount) VALUES (7, 1)")
     assert citus_conn.execute("SELECT count(*) FROM public.orders_daily").fetchone()[0] > 0
+
+
+def _divergence_facts(conn: psycopg.Connection, wl: Workload) -> str:
+    """What to know when the distributed table and the golden record differ (seen once in
+    about 17 runs, under load: one row inserted in the workload's last moments, missing):
+    where the missing rows are, the workers' prepared transactions (a 2PC commit left to
+    Citus' recovery), and whether the rows appear once recovery had its chance."""
+    from orchestrator.distribute import on_workers
+
+    first = wl.compare()
+    prepared = on_workers(conn, "SELECT count(*) FROM pg_prepared_xacts")
+    where = []
+    retired = conn.execute("SELECT to_regclass('public.orders_retired') IS NOT NULL").fetchone()[0]
+    for key in first.missing_sample:  # '(customer_id,id)'
+        customer, ident = (int(x) for x in key.strip("()").split(","))
+        where.append({
+            "key": key,
+            "golden": conn.execute(f"SELECT created_at::text FROM {wl.golden} WHERE customer_id = %s AND id = %s",
+                                   (customer, ident)).fetchall(),
+            "retired": conn.execute("SELECT created_at::text FROM public.orders_retired WHERE customer_id = %s "
+                                    "AND id = %s", (customer, ident)).fetchall() if retired else None,
+            "any customer": conn.execute("SELECT customer_id FROM public.orders WHERE id = %s", (ident,)).fetchall()})
+    cutover = conn.execute("SELECT at::text, message FROM orchestrate.events WHERE kind = 'cutover'").fetchall() \
+        if conn.execute("SELECT to_regclass('orchestrate.events') IS NOT NULL").fetchone()[0] else None
+    time.sleep(75)  # citus.recover_2pc_interval is 1 min by default
+    later = wl.compare()
+    return (f"facts: workers' prepared transactions {prepared}; missing rows {where}; cutover {cutover}; "
+            f"max id {conn.execute(f'SELECT max(id) FROM {wl.golden}').fetchone()[0]}; 75 s later: {later}")
 
 
 def test_crash_resume_mid_backfill(citus_conn, citus_dsn, tmp_path):
