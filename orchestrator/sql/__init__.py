@@ -142,6 +142,10 @@ class Shape:
         operator schema-qualified (search_path is pinned to pg_catalog in our functions)."""
         return dict(self.eq_ops).get(column) or "="
 
+    def eq_sql(self, column: str) -> sql.SQL:
+        """:meth:`eq` as SQL to compose with (the operator's text is the catalog's)."""
+        return sql.SQL(self.eq(column))
+
     def cmp(self, column: str, op: str) -> str:
         """The ordering operator ``op`` (``<``, ``>``, ...) for ``column``, from the same btree
         operator family as :meth:`eq` (``OPERATOR(public.>)`` for ltree or citext), so a

@@ -63,7 +63,7 @@ def tuple_cmp(columns: list[str], types: list[str], op: str, shape: Shape | None
     assert op in (">", "<=")
     terms = []
     for i, c in enumerate(columns):
-        eqs = [SQL("{} {} {}").format(col(columns[j]), SQL(shape.eq(columns[j])), _param(types[j])) for j in range(i)]
+        eqs = [SQL("{} {} {}").format(col(columns[j]), shape.eq_sql(columns[j]), _param(types[j])) for j in range(i)]
         last = SQL("{} {} {}").format(col(c), SQL(shape.cmp(c, ">")), _param(types[i]))
         terms.append(SQL("(") + SQL(" AND ").join([*eqs, last]) + SQL(")"))
     after = SQL("(") + SQL(" OR ").join(terms) + SQL(")")

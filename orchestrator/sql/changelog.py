@@ -16,7 +16,7 @@ from psycopg import sql as pgsql
 
 from orchestrator.sql import QualifiedName, Shape
 from orchestrator.sql.compose import SQL, Composed, Literal, col, cols, name, text, with_body
-from orchestrator.sql.sync import key_changed
+from orchestrator.sql.sync import fields, key_changed
 
 SEQ = "orchestrate_seq"
 TRUNCATE = "orchestrate_truncate"
@@ -41,21 +41,12 @@ def signature(fn: QualifiedName, args: str = "") -> str:
     return text(name(fn)) + f"({args})"
 
 
-def _rec(record: str, columns: Sequence[str]) -> Composed:
-    """``NEW."a", NEW."b"``: a PL/pgSQL record's fields (the record name stays a bare keyword)."""
-    return SQL(", ").join(SQL(record + ".") + col(c) for c in columns)
-
-
-def _eq(shape: Shape, column: str) -> SQL:
-    return SQL(shape.eq(column))  # "=" or OPERATOR(schema.op), rendered by Shape from the catalog
-
-
 def _match(shape: Shape, columns: Sequence[str], left, right) -> Composed:
     """``left.c = right.c AND ...``; left and right are aliases (str) or a table (QualifiedName)."""
     def ref(owner, c: str):
         return col(c, owner) if isinstance(owner, str) else col_of(owner, c)
 
-    return SQL(" AND ").join(SQL("{} {} {}").format(ref(left, c), _eq(shape, c), ref(right, c)) for c in columns)
+    return SQL(" AND ").join(SQL("{} {} {}").format(ref(left, c), shape.eq_sql(c), ref(right, c)) for c in columns)
 
 
 def col_of(table: QualifiedName, column: str) -> pgsql.Identifier:
@@ -85,7 +76,7 @@ def log_function(fn: QualifiedName, log: QualifiedName, shape: Shape) -> Compose
     """The row trigger: one narrow INSERT of the changed row's twin key (OLD and NEW on a move)."""
     c = cols(shape.twin_key)
     gc = cols((*shape.twin_key, GONE))
-    new, old = _rec("NEW", shape.twin_key), _rec("OLD", shape.twin_key)
+    new, old = fields("NEW", shape.twin_key), fields("OLD", shape.twin_key)
     return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS {q}
 BEGIN
@@ -130,7 +121,7 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
         return SQL("ARRAY(SELECT DISTINCT {} FROM {} l WHERE {})").format(col(c, "l"), lg, where)
 
     def in_batch(alias: str, where: Composed = batch) -> Composed:
-        conds = [SQL("{} {} ANY ({})").format(col(c, alias), _eq(shape, c), values(c, where))
+        conds = [SQL("{} {} ANY ({})").format(col(c, alias), shape.eq_sql(c), values(c, where))
                  for c in pk if c != key]
         if len(pk) > 1 or not conds:
             # The arrays drive the index scan; the exact key tuple comes from the batch itself.
@@ -140,7 +131,7 @@ def replay_function(fn: QualifiedName, src: QualifiedName, twin: QualifiedName, 
 
     def still_there() -> Composed:
         # The live row with this twin row's (pk..., key), if any: then the row stays.
-        conds = [SQL("{} {} {}").format(col(c, "s"), _eq(shape, c), col(c, "t"))
+        conds = [SQL("{} {} {}").format(col(c, "s"), shape.eq_sql(c), col(c, "t"))
                  for c in tk if c != key or not shape.key_nullable]
         if shape.key_nullable:
             sk, tk_ = col(key, "s"), col(key, "t")

@@ -33,22 +33,18 @@ def fields(record: str, columns: Sequence[str]) -> Composed:
     return SQL(", ").join(field(record, c) for c in columns)
 
 
-def _eq(shape: Shape, column: str) -> SQL:
-    return SQL(shape.eq(column))  # "=" or OPERATOR(schema.=), rendered by Shape from the catalog
-
-
 def key_match(shape: Shape, record: str) -> Composed:
     """WHERE clause that finds the record's row in the other table by (pk..., key).
 
     The key is part of the match so the planner prunes to one partition. A NULL key needs
     IS NULL (= never matches NULL); the caller branches on it so both forms stay indexable.
     """
-    return SQL(" AND ").join(SQL("{} {} {}").format(col(c), _eq(shape, c), field(record, c))
+    return SQL(" AND ").join(SQL("{} {} {}").format(col(c), shape.eq_sql(c), field(record, c))
                              for c in shape.twin_key)
 
 
 def _key_match_null(shape: Shape, record: str) -> Composed:
-    parts = [SQL("{} {} {}").format(col(c), _eq(shape, c), field(record, c)) for c in shape.pk if c != shape.key]
+    parts = [SQL("{} {} {}").format(col(c), shape.eq_sql(c), field(record, c)) for c in shape.pk if c != shape.key]
     parts.append(SQL("{} IS NULL").format(col(shape.key)))
     return SQL(" AND ").join(parts)
 
@@ -61,7 +57,7 @@ def key_changed(shape: Shape) -> Composed:
 
     def one(c: str) -> Composed:
         return SQL("NOT coalesce({n} {eq} {o}, ({n} IS NULL) = ({o} IS NULL))").format(
-            n=field("NEW", c), eq=_eq(shape, c), o=field("OLD", c))
+            n=field("NEW", c), eq=shape.eq_sql(c), o=field("OLD", c))
 
     return SQL("(") + SQL(" OR ").join(one(c) for c in shape.twin_key) + SQL(")")
 
