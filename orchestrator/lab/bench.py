@@ -234,7 +234,7 @@ class Bench:
                     conn.execute(s)
             return time.monotonic() - t0
 
-    def split_copies(self, dsn: str, cols: str) -> dict:
+    def split_copies(self, dsn: str, columns: str) -> dict:
         """The ceiling's copy split into the backfill's ranges, one INSERT .. SELECT and one
         transaction per range: without row locks, then with FOR SHARE. Together with the
         ceiling and the backfill they say where the single worker's time goes: the access
@@ -254,8 +254,9 @@ class Bench:
                     conn.execute("CHECKPOINT")
                     t0 = time.monotonic()
                     for lo, hi in ranges:
-                        conn.execute(f"INSERT INTO {self.plan.twin} ({cols}) OVERRIDING SYSTEM VALUE SELECT {cols} "
-                                     f"FROM {TABLE} WHERE created_at >= %s AND created_at < %s{lock}", (lo, hi))
+                        conn.execute(f"INSERT INTO {self.plan.twin} ({columns}) OVERRIDING SYSTEM VALUE "
+                                     f"SELECT {columns} FROM {TABLE} WHERE created_at >= %s AND created_at < %s{lock}",
+                                     (lo, hi))
                     runs[key].append(round(time.monotonic() - t0, 3))
                     self.say(f"split into {len(ranges)} ranges, {key}: {runs[key][-1]:.2f}s")
         for key, seconds in runs.items():
@@ -395,6 +396,7 @@ class Bench:
             ceilings.append({"seconds": round(c1, 3), "rows_per_s": _rate(self.rows, c1)})
             self.say(f"ceiling #1: {c1:.2f}s")
             backfill["split"] = self.split_copies(dsn, cols)
+            self.vacuum(dsn)  # the backfill below starts from a vacuumed table, as the ceiling did
             self.sql(dsn, f"TRUNCATE {self.plan.twin}")
             self.apply(dsn, "m1", "--until", "capture")
             self.sql(dsn, "CHECKPOINT")

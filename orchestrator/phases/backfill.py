@@ -283,12 +283,12 @@ class Yielding:
 
 def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, pace: Pace,
                counters: Counters, stop: threading.Event, throttle=None,
-               leave: Callable[[], bool] | None = None, lock_ms: int | None = None) -> bool:
+               leave: Callable[[], bool] | None = None, *, lock_ms: int) -> bool:
     """Copy one range batch by batch; each batch commits with the range's new cursor.
 
     ``lock_ms``: the batches' lock_timeout (batch_lock_timeout_ms), read once per worker
-    session by the caller; read here when not given (pg_settings costs about a millisecond,
-    a tenth of a small range's copy).
+    session by the caller (pg_settings costs about a millisecond, a tenth of a small
+    range's copy).
 
     True when the range is done; False when `stop` is set or `leave()` (asked before each
     batch, and while throttled) says this worker is to go: ``rng["cursor"]`` then holds the
@@ -312,8 +312,6 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     # intermediate results and runs INSERT .. ON CONFLICT DO NOTHING on each shard.
     distributed = ctx.plan.distribute is not None
     guarded = distributed
-    if lock_ms is None:
-        lock_ms = batch_lock_timeout_ms(conn, ctx.plan.backfill.lock_timeout_s)
     yielding = Yielding(ctx, conn, ctx.plan.table_name, rng["label"], lock_ms)
     while not stop.is_set():
         if (leave is not None and leave()) or (throttle is not None and not throttle.wait(stop, leave)):
@@ -552,7 +550,7 @@ class Backfill:
                 conn = connect(ctx.dsn, f"backfill-{n}")
                 lock_ms = batch_lock_timeout_ms(conn, ctx.plan.backfill.lock_timeout_s)
                 while True:
-                    if not copy_range(conn, ctx, shape, rng, pace, counters, stop, throttle, leave, lock_ms):
+                    if not copy_range(conn, ctx, shape, rng, pace, counters, stop, throttle, leave, lock_ms=lock_ms):
                         queue.put(rng)  # from its committed cursor, for whoever comes next
                     if stop.is_set() or leave():
                         return

@@ -10,7 +10,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from orchestrator.sql import QualifiedName, Shape
-from orchestrator.sql.compose import SQL, Composed, col, composable
+from orchestrator.sql.compose import SQL, Composed, col, composable, name
 
 
 def range_digest(table: QualifiedName, shape: Shape, where: sql.Composable, mode: str,
@@ -26,7 +26,7 @@ def range_digest(table: QualifiedName, shape: Shape, where: sql.Composable, mode
     summed as bigints (exact: int128 accumulation), which is order-independent. Text fields
     are hashed under the "C" collation: byte for byte.
     """
-    t, where = sql.Identifier(table.schema, table.name), composable(where)
+    t, where = name(table), composable(where)
     if mode == "count":
         return SQL("SELECT pg_catalog.count(*), 0::pg_catalog.numeric FROM {} WHERE {}").format(t, where)
     # COLLATE "C": a text field hashes with its expression's collation, and a column under a
