@@ -12,7 +12,9 @@ CTE changes the live table and ``RETURNING`` the full new row (explicit column l
 in golden order, so defaults, identity values, stored generated columns and trigger
 effects are all captured as PostgreSQL computed them); the outer statement applies that
 row to the golden table (INSERT / UPDATE ... FROM / DELETE ... USING). Both commit or
-roll back together. Clients own disjoint sets of primary keys (hash of the key text
+roll back together, and a write whose golden half depends on what its snapshot sees
+checks that both halves changed as many rows (on Citus they can differ: see
+:func:`skew_function`). Clients own disjoint sets of primary keys (hash of the key text
 modulo the number of clients), so the workload never contends with itself: any lock
 wait, deadlock or serialization failure is the migration's doing.
 
@@ -132,7 +134,9 @@ class WorkloadReport:
     writes: int
     reconnects: int = 0
     clients: int = 0
-    #: Retried transactions by SQLSTATE (40001, 40P01); never counted in ``errors``.
+    #: Retried transactions by SQLSTATE (40001, 40P01), and "skew" for the workload's own
+    #: check that a statement's live and golden halves agree (see skew_function); never
+    #: counted in ``errors``.
     retries: dict[str, int] = field(default_factory=dict)
     #: Failures by SQLSTATE ("" for errors without one, e.g. a lost connection).
     error_codes: dict[str, int] = field(default_factory=dict)
@@ -309,6 +313,43 @@ LIMIT 1
 """
 
 
+#: The message of the serialization failure the skew function raises (see skew_function).
+SKEW_MESSAGE = "workload golden skew"
+
+
+def skew_function_name() -> str:
+    return f"{ident(GOLDEN_SCHEMA)}.skew"
+
+
+def skew_function() -> str:
+    """The function every golden write that depends on what its snapshot sees ends with.
+
+    A statement changes the live table in a CTE and the golden copy by what the CTE
+    returned, so on one server both read the same snapshot and change as many rows. On
+    Citus they do not: the coordinator's snapshot (the golden copy is a local table there)
+    is taken before the workers' (where the distributed table is), and a single-shard
+    transaction commits on its worker before the coordinator. So a statement can delete a
+    row on a worker whose golden row its coordinator snapshot does not see yet, and the
+    golden copy keeps a row the application deleted. Citus has no distributed snapshot;
+    an application that cares checks the row count, as this one does: a statement whose
+    two halves changed different numbers of rows raises a serialization failure (40001),
+    and the transaction is retried whole. On one server this never happens; when it does,
+    the live table holds a row the golden copy does not, or lacks one it has.
+    """
+    return (
+        f"CREATE OR REPLACE FUNCTION {skew_function_name()}(live bigint, golden bigint) RETURNS boolean "
+        "LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $f$ BEGIN "
+        "IF live IS DISTINCT FROM golden THEN "
+        f"RAISE EXCEPTION '{SKEW_MESSAGE}: % rows changed in the live table, % in the golden copy', live, golden "
+        "USING ERRCODE = 'serialization_failure'; END IF; RETURN true; END $f$"
+    )
+
+
+def _is_skew(e: BaseException) -> bool:
+    return isinstance(e, psycopg.Error) and e.sqlstate == "40001" and bool(e.diag.message_primary) \
+        and e.diag.message_primary.startswith(SKEW_MESSAGE)
+
+
 def _golden_name(table: QualifiedName) -> QualifiedName:
     name = f"{table.schema}__{table.name}"
     if len(name.encode()) > MAX_IDENT:
@@ -364,6 +405,15 @@ class _Statements:
             return f"ROW({', '.join(f'{alias}.{ident(c.name)}' for c in pkc)})::text"
 
         self.pk_text = pk_text
+
+        def agreed(live: str, gold: str) -> str:
+            # The rows the live write changed and the rows the golden write changed must be
+            # as many, or the transaction is retried (see skew_function). A one-time filter:
+            # evaluated once, also when the golden write changed nothing.
+            return (f" WHERE (SELECT {skew_function_name()}((SELECT count(*) FROM {live}), "
+                    f"(SELECT count(*) FROM {gold})))")
+
+        self.agreed = agreed
         pk_params = "(" + ", ".join(f"%s::text::{c.type}" for c in pkc) + ")"
         self.npk = len(pkc)
         # Row ownership: the hash of the pk text modulo the number of buckets (one per
@@ -457,7 +507,7 @@ class _Statements:
                 f"RETURNING {ret_all}), "
                 f"gw AS (UPDATE {g} AS g SET {gset} FROM u WHERE {pk_tuple('g')} = {pk_params} "
                 f"RETURNING {pk_list('g')}) "
-                f"SELECT {pk_text('gw')} FROM gw"
+                f"SELECT {pk_text('gw')} FROM gw{agreed('u', 'gw')}"
             )
 
         # --- updates of ordinary columns: (sql, generatable)
@@ -489,8 +539,9 @@ class _Statements:
         )
         self.delete = (
             f"WITH d AS (DELETE FROM {t} AS x WHERE {pk_tuple('x')} = {pk_params} "
-            f"RETURNING {', '.join('x.' + ident(c.name) for c in pkc)}) "
-            f"DELETE FROM {g} AS g USING d WHERE {pk_tuple('g')} = {pk_params} RETURNING 1"
+            f"RETURNING {', '.join('x.' + ident(c.name) for c in pkc)}), "
+            f"gw AS (DELETE FROM {g} AS g USING d WHERE {pk_tuple('g')} = {pk_params} RETURNING 1) "
+            f"SELECT 1 FROM gw{agreed('d', 'gw')}"
         )
         self.read_pk = (
             f"SELECT {', '.join(ident(n) for n in self.all)} FROM {t} AS x "
@@ -568,13 +619,15 @@ class _Statements:
                 setc = f"{k} = x.{k}"
             gset = ", ".join(f"{ident(n)} = u.{ident(n)}" for n in self.all)
             self.bulk_update = (
-                f"WITH u AS (UPDATE {t} AS x SET {setc} WHERE {cond} RETURNING {ret_all}) "
-                f"UPDATE {g} AS g SET {gset} FROM u WHERE {pk_tuple('g')} = {pk_tuple('u')} RETURNING 1"
+                f"WITH u AS (UPDATE {t} AS x SET {setc} WHERE {cond} RETURNING {ret_all}), "
+                f"gw AS (UPDATE {g} AS g SET {gset} FROM u WHERE {pk_tuple('g')} = {pk_tuple('u')} RETURNING 1) "
+                f"SELECT 1 FROM gw{self.agreed('u', 'gw')}"
             )
             self.bulk_delete = (
                 f"WITH d AS (DELETE FROM {t} AS x WHERE {cond} "
-                f"RETURNING {', '.join('x.' + ident(c.name) for c in pkc)}) "
-                f"DELETE FROM {g} AS g USING d WHERE {pk_tuple('g')} = {pk_tuple('d')} RETURNING 1"
+                f"RETURNING {', '.join('x.' + ident(c.name) for c in pkc)}), "
+                f"gw AS (DELETE FROM {g} AS g USING d WHERE {pk_tuple('g')} = {pk_tuple('d')} RETURNING 1) "
+                f"SELECT 1 FROM gw{self.agreed('d', 'gw')}"
             )
 
         # --- COPY of new rows: (column, how) in COPY order; None if the shape does not allow it.
@@ -895,6 +948,10 @@ class _Client(threading.Thread):
                 self.transactions += 1
                 self.ops_since_sample += 1
             except Exception as e:  # noqa: BLE001 - every failure is an error, then go on
+                if _is_skew(e) and not (self.conn.broken or self.conn.closed):
+                    self.retries["skew"] += 1  # not the migration's doing: see skew_function
+                    self.conn.rollback()
+                    continue
                 self._error(op, e)
                 if self.conn.broken or self.conn.closed:
                     self.reconnects += 1
@@ -982,6 +1039,8 @@ class _Client(threading.Thread):
                 code = e.sqlstate or ""
                 broken = self.conn.broken or self.conn.closed
                 if code in RETRYABLE and not broken:
+                    if _is_skew(e):
+                        code = "skew"  # the workload's own 40001: see skew_function
                     try:
                         self.conn.rollback()
                         partner = self._deadlock_partner(e) if code == "40P01" else None
@@ -1315,6 +1374,7 @@ class Workload:
             g = str(self.golden)
             with conn.transaction():
                 conn.execute(f"CREATE SCHEMA IF NOT EXISTS {ident(GOLDEN_SCHEMA)}")
+                conn.execute(skew_function())
                 conn.execute(f"DROP TABLE IF EXISTS {g}")
                 conn.execute(f"CREATE TABLE {g} AS SELECT {cols} FROM {self.table}")
                 pkl = ", ".join(ident(c) for c in meta.pk)
