@@ -83,6 +83,18 @@ class OwnedSequence:
     identity: bool
 
 
+@dataclass(frozen=True)
+class Policy:
+    """One row-level security policy, in pg_policy's terms (roles None: PUBLIC)."""
+
+    name: str
+    permissive: bool
+    command: str  # polcmd: r, a, w, d or *
+    roles: tuple[str, ...] | None
+    using: str | None
+    check: str | None
+
+
 @dataclass
 class TableInfo:
     """Everything the orchestrator knows about one live table."""
@@ -92,7 +104,7 @@ class TableInfo:
     relkind: str
     owner: str
     comment: str | None
-    acl: list[tuple[str, str, bool]]  # (grantee or PUBLIC, privilege, grantable)
+    acl: list[tuple[str | None, str, bool]]  # (grantee, None for PUBLIC; privilege, grantable)
     columns: list[Column]
     primary_key: list[str]
     indexes: list[Index]
@@ -106,12 +118,12 @@ class TableInfo:
     replica_identity_index: str | None
     rls_enabled: bool
     rls_forced: bool
-    policies: list[tuple[str, str]]  # (name, CREATE POLICY with a {table} placeholder)
+    policies: list[Policy]
     publications: list[str]
     reloptions: list[str]
     estimated_rows: int
     total_bytes: int
-    column_acl: list[tuple[str, str, str]] = field(default_factory=list)  # (column, grantee, privilege)
+    column_acl: list[tuple[str, str | None, str]] = field(default_factory=list)  # (column, grantee, privilege)
     # column -> its type's btree equality operator, schema-qualified (OPERATOR(public.=)), for
     # columns whose type lives outside pg_catalog (citext, ltree): functions pinned to
     # search_path pg_catalog would not find it, or would find a cast to text's instead.
@@ -195,7 +207,8 @@ def inspect_table(conn: psycopg.Connection, name: QualifiedName, allow_partition
         row = cur.fetchone()
         replident_index = row[0] if row else None
         cur.execute(catalog_sql.POLICIES, (oid,))
-        policies = [(r[0], r[1]) for r in cur.fetchall()]
+        policies = [Policy(r[0], r[1], r[2], None if r[3] is None else tuple(r[3]), r[4], r[5])
+                    for r in cur.fetchall()]
         cur.execute(catalog_sql.PUBLICATIONS, (oid,))
         publications = [r[0] for r in cur.fetchall()]
         cur.execute(catalog_sql.EQ_OPS, (oid,))

@@ -97,9 +97,9 @@ def carry_objects(cur: psycopg.Cursor, old: TableInfo, new: QualifiedName, retir
         done.append(f"view {view.name} re-created")
     cur.execute(swap.POLICY_NAMES, (str(new),))
     existing = {r[0] for r in cur.fetchall()}
-    for name, stmt in old.policies:
-        if name not in existing:
-            cur.execute(swap.create_policy(stmt, new))
+    for p in old.policies:
+        if p.name not in existing:
+            cur.execute(swap.create_policy(new, p.name, p.permissive, p.command, p.roles, p.using, p.check))
     if old.policies:
         done.append(f"{len(old.policies)} RLS policies")
     if old.rls_enabled:

@@ -96,13 +96,14 @@ OWNED_SEQUENCES = SQL(
                JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
                WHERE d.refobjid = %s AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')""")
 
+# The grantee is NULL for PUBLIC: a role may be named "PUBLIC" too.
 TABLE_ACL = SQL(
-    """SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+    """SELECT CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,
                       a.privilege_type, a.is_grantable
                FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = %s AND a.grantee <> c.relowner""")
 
 COLUMN_ACL = SQL(
-    """SELECT att.attname, CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+    """SELECT att.attname, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END,
                       a.privilege_type
                FROM pg_attribute att, aclexplode(att.attacl) a
                WHERE att.attrelid = %s AND att.attacl IS NOT NULL AND NOT att.attisdropped""")
@@ -110,19 +111,14 @@ COLUMN_ACL = SQL(
 REPLIDENT_INDEX = SQL(
     "SELECT i.indexrelid::regclass::text FROM pg_index i WHERE i.indrelid = %s AND i.indisreplident")
 
-# (name, CREATE POLICY with a {table} placeholder the twin's name replaces).
+# A policy's parts: name, permissive, command, roles (NULL: PUBLIC), and its two
+# expressions as the server deparses them (NULL when absent).
 POLICIES = SQL(
-    """SELECT polname, format('CREATE POLICY %%I ON %%s AS %%s FOR %%s TO %%s%%s%%s', polname, '{table}',
-                      CASE WHEN polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
-                      CASE polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
-                                  WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
-                      CASE WHEN polroles = '{0}' THEN 'PUBLIC'
-                           ELSE (SELECT string_agg(quote_ident(rolname), ', ') FROM pg_roles
-                                 WHERE oid = ANY (polroles)) END,
-                      CASE WHEN polqual IS NOT NULL
-                           THEN ' USING (' || pg_get_expr(polqual, polrelid) || ')' ELSE '' END,
-                      CASE WHEN polwithcheck IS NOT NULL
-                           THEN ' WITH CHECK (' || pg_get_expr(polwithcheck, polrelid) || ')' ELSE '' END)
+    """SELECT polname, polpermissive, polcmd::text,
+                      CASE WHEN polroles = '{0}' THEN NULL
+                           ELSE ARRAY(SELECT r.rolname FROM unnest(polroles) WITH ORDINALITY AS u(oid, n)
+                                      JOIN pg_roles r ON r.oid = u.oid ORDER BY u.n) END,
+                      pg_get_expr(polqual, polrelid), pg_get_expr(polwithcheck, polrelid)
                FROM pg_policy WHERE polrelid = %s ORDER BY polname""")
 
 PUBLICATIONS = SQL(

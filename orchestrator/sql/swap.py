@@ -80,8 +80,9 @@ SETVAL = SQL("SELECT pg_catalog.setval(%s::pg_catalog.regclass, %s::bigint, %s::
 _PRIVILEGE = re.compile(r"^[A-Z]+( [A-Z]+)*$")
 
 
-def _grantee(role: str) -> sql.Composable:
-    return SQL("PUBLIC") if role == "PUBLIC" else col(role)
+def _grantee(role: str | None) -> sql.Composable:
+    # None is PUBLIC; a role named "PUBLIC" is only a name.
+    return SQL("PUBLIC") if role is None else col(role)
 
 
 def _privilege(privilege: str) -> SQL:
@@ -91,12 +92,12 @@ def _privilege(privilege: str) -> SQL:
     return SQL(privilege)
 
 
-def grant(privilege: str, table: QualifiedName, grantee: str, grantable: bool = False) -> Composed:
+def grant(privilege: str, table: QualifiedName, grantee: str | None, grantable: bool = False) -> Composed:
     return SQL("GRANT {} ON {} TO {}{}").format(_privilege(privilege), name(table), _grantee(grantee),
                                                 SQL(" WITH GRANT OPTION" if grantable else ""))
 
 
-def grant_column(privilege: str, column: str, table: QualifiedName, grantee: str) -> Composed:
+def grant_column(privilege: str, column: str, table: QualifiedName, grantee: str | None) -> Composed:
     return SQL("GRANT {} ({}) ON {} TO {}").format(_privilege(privilege), col(column), name(table), _grantee(grantee))
 
 
@@ -121,14 +122,20 @@ def replace_view(view: QualifiedName, definition: str, options: Iterable[str] = 
 POLICY_NAMES = SQL("SELECT polname FROM pg_policy WHERE polrelid = %s::regclass")
 
 
-def create_policy(statement: str, table: QualifiedName) -> Composed:
-    """inspect's CREATE POLICY text (format('%I ...') and pg_get_expr, rendered by the
-    server) with each ``{table}`` placeholder replaced by the table's identifier."""
-    first, *rest = statement.split("{table}")
-    parts: list[sql.Composable] = [SQL(first)]
-    for piece in rest:
-        parts += [name(table), SQL(piece)]
-    return Composed(parts)
+_POLICY_COMMANDS = {"r": "SELECT", "a": "INSERT", "w": "UPDATE", "d": "DELETE", "*": "ALL"}
+
+
+def create_policy(table: QualifiedName, policy: str, permissive: bool, command: str,
+                  roles: Iterable[str] | None, using: str | None, check: str | None) -> Composed:
+    """CREATE POLICY from pg_policy's parts (catalog.POLICIES). ``roles`` None is PUBLIC;
+    ``using`` and ``check`` are the server's own deparse (pg_get_expr) of the expressions,
+    taken as SQL whole: nothing is substituted inside them."""
+    to = SQL("PUBLIC") if roles is None else cols(roles)
+    return SQL("CREATE POLICY {} ON {} AS {} FOR {} TO {}{}{}").format(
+        col(policy), name(table), SQL("PERMISSIVE" if permissive else "RESTRICTIVE"),
+        SQL(_POLICY_COMMANDS[command]), to,
+        SQL(" USING ({})").format(SQL(using)) if using is not None else SQL(""),
+        SQL(" WITH CHECK ({})").format(SQL(check)) if check is not None else SQL(""))
 
 
 def row_level_security(table: QualifiedName, force: bool = False) -> Composed:

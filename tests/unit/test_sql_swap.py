@@ -44,7 +44,10 @@ def test_owner_sequences_identity():
 
 
 def test_grants():
-    assert text(swap.grant("SELECT", T, "PUBLIC")) == f"GRANT SELECT ON {T_SQL} TO PUBLIC"
+    assert text(swap.grant("SELECT", T, None)) == f"GRANT SELECT ON {T_SQL} TO PUBLIC"
+    # A role named PUBLIC is a name, not everyone.
+    assert text(swap.grant("SELECT", T, "PUBLIC")) == f'GRANT SELECT ON {T_SQL} TO "PUBLIC"'
+    assert text(swap.grant_column("SELECT", "id", T, None)) == f'GRANT SELECT ("id") ON {T_SQL} TO PUBLIC'
     assert text(swap.grant("INSERT", T, "Reporter", grantable=True)) == \
         f'GRANT INSERT ON {T_SQL} TO "Reporter" WITH GRANT OPTION'
     assert text(swap.grant_column("UPDATE", "Note", T, "app")) == f'GRANT UPDATE ("Note") ON {T_SQL} TO "app"'
@@ -65,12 +68,14 @@ def test_views_and_policies():
     assert text(swap.replace_view(v, " SELECT 1;")) == 'CREATE OR REPLACE VIEW "app"."Daily" AS  SELECT 1;'
     assert text(swap.replace_view(v, " SELECT 1;", ("security_barrier=true", "check_option=local"))) == \
         'CREATE OR REPLACE VIEW "app"."Daily" WITH (security_barrier=true, check_option=local) AS  SELECT 1;'
-    stmt = "CREATE POLICY own ON {table} AS PERMISSIVE FOR ALL TO PUBLIC USING ((owner = CURRENT_USER))"
-    assert text(swap.create_policy(stmt, T)) == \
-        f"CREATE POLICY own ON {T_SQL} AS PERMISSIVE FOR ALL TO PUBLIC USING ((owner = CURRENT_USER))"
-    # braces in the policy's own text are left alone
-    assert text(swap.create_policy("CREATE POLICY p ON {table} USING (tags @> '{a}')", T)) == \
-        f"CREATE POLICY p ON {T_SQL} USING (tags @> '{{a}}')"
+    assert text(swap.create_policy(T, "own", True, "*", None, "(owner = CURRENT_USER)", None)) == \
+        f'CREATE POLICY "own" ON {T_SQL} AS PERMISSIVE FOR ALL TO PUBLIC USING ((owner = CURRENT_USER))'
+    assert text(swap.create_policy(T, "Paid", False, "w", ("PUBLIC", "Support"), None, "(amount < 10)")) == \
+        f'CREATE POLICY "Paid" ON {T_SQL} AS RESTRICTIVE FOR UPDATE TO "PUBLIC", "Support" WITH CHECK ((amount < 10))'
+    # The expressions are taken whole: braces, and our old placeholder, are left alone.
+    assert text(swap.create_policy(T, "p", True, "r", ("app",), "(tags @> '{a}' AND note <> '{table}')", None)) == \
+        f"CREATE POLICY \"p\" ON {T_SQL} AS PERMISSIVE FOR SELECT TO \"app\" " \
+        "USING ((tags @> '{a}' AND note <> '{table}'))"
 
 
 @pytest.mark.parametrize("state, verb", [("O", "ENABLE"), ("D", "DISABLE"), ("R", "ENABLE REPLICA"),
