@@ -14,9 +14,10 @@ phases call in here at a few branch points:
   before the swap unless the plan acknowledges that a rollback after it loses the writes
   made since (:func:`cutover_refusal`).
 
-Capture and backfill need no branch: the capture trigger on the coordinator's local heap
-table writes into the distributed twin through the coordinator (Citus routes each row to
-its shard in the writer's transaction, two-phase committed with it), and the backfill's
+Capture and backfill need almost no branch: the capture trigger on the coordinator's local
+heap table writes into the distributed twin through the coordinator (Citus routes each row
+to its shard in the writer's transaction; the trigger makes Citus commit it with two phases,
+see sql.sync.sync_function's ``two_phase``), and the backfill's
 ``INSERT INTO twin SELECT ... FROM heap ... FOR SHARE`` runs the SELECT locally, with its
 row locks, and ships the rows to the shards in the same transaction.
 """

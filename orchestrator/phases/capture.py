@@ -27,6 +27,13 @@ if TYPE_CHECKING:
     from orchestrator.context import Preflight
 
 
+def distributed_sync(ctx: Context) -> dict[str, bool]:
+    """The sync function's options when the twin is a Citus table (see sql.sync.sync_function):
+    recheck a by-key miss in a newer snapshot, and commit with two phases."""
+    distributed = ctx.plan.distribute is not None
+    return {"recheck": distributed, "two_phase": distributed}
+
+
 def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst: sql.QualifiedName,
                  trigger: str, kind: str, switch: sql.QualifiedName | None = None) -> None:
     """Create the sync functions and the triggers on src that write to dst (with ``switch``:
@@ -39,7 +46,7 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
     # dst's own key arbitrates the trigger's probe: the twin's (pk..., key), or the live
     # primary key when dst is the retired heap table (the reverse trigger).
     cur.execute(sync_sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key,
-                                  recheck=ctx.plan.distribute is not None))
+                                       **distributed_sync(ctx)))
     cur.execute(sync_sql.truncate_function(tfn, dst))
     # Owned by the table's owner, SECURITY DEFINER: the owner's code this reaches (CHECKs,
     # defaults, triggers on dst) runs as the owner, never as the role running orchestrate.
@@ -175,7 +182,8 @@ class Capture:
             ]
         return [
             Step(self.name, "dual-write function (INSERT / UPDATE by key / key move = DELETE+INSERT / DELETE)",
-                 text(sync_sql.sync_function(sql.QualifiedName("orchestrate", "capture_<id>"), ctx.plan.twin, shape)),
+                 text(sync_sql.sync_function(sql.QualifiedName("orchestrate", "capture_<id>"), ctx.plan.twin, shape,
+                                             **distributed_sync(ctx))),
                  "none"),
             Step(self.name, "row and TRUNCATE triggers on the live table",
                  "; ".join(text(s) for s in sync_sql.create_sync_triggers(

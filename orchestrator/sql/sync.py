@@ -63,7 +63,7 @@ def key_changed(shape: Shape) -> Composed:
 
 
 def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: tuple[str, ...] | None = None,
-                  probe: bool = True, recheck: bool = False) -> Composed:
+                  probe: bool = True, recheck: bool = False, two_phase: bool = False) -> Composed:
     """The dual-write trigger function: applies each row change of one table to the other.
 
     - INSERT: a plain INSERT (no upsert: a new row cannot be in the twin yet, and a
@@ -98,6 +98,15 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: 
     by-key statement and the probe (seen under the workload). A visible conflict is then
     not a divergence: the by-key statement runs once more, in a newer snapshot, and only if
     it still finds nothing do the tables differ.
+
+    ``two_phase`` (distributed mode): Citus commits a transaction that wrote one shard with
+    one phase, on the worker, in the coordinator's pre-commit, before the writer's own
+    commit. A SERIALIZABLE writer whose commit then fails (40001, "identification as a
+    pivot, during commit attempt": PostgreSQL checks after pre-commit), or a coordinator that
+    dies in between, would leave in the twin a write the application never committed.
+    Once per transaction the function first runs a zero-row INSERT .. SELECT into dst:
+    Citus executes it through its COPY path, which marks the transaction for two-phase
+    commit, so the worker only prepares before the writer commits and rolls back with it.
     """
     target = name(dst)
     columns = cols(shape.columns)
@@ -130,10 +139,18 @@ def sync_function(fn: QualifiedName, dst: QualifiedName, shape: Shape, dst_key: 
         delete_old += SQL("\n      IF NOT FOUND THEN {} {} END IF;").format(probe_insert(old_vals, delete_old),
                                                                            delete_old)
         update_old += SQL("\n      IF NOT FOUND THEN {} END IF;").format(probe_insert(new_vals, update_old))
+    prologue = SQL("")
+    if two_phase:
+        prologue = SQL("""IF pg_catalog.current_setting('orchestrate.two_phase', true) IS DISTINCT FROM
+       pg_catalog.txid_current()::text THEN
+    INSERT INTO {} ({}) OVERRIDING SYSTEM VALUE SELECT {} WHERE false;
+    PERFORM pg_catalog.set_config('orchestrate.two_phase', pg_catalog.txid_current()::text, true);
+  END IF;
+  """).format(target, columns, new_vals)
     return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS {q}
 BEGIN
-  IF TG_OP = 'INSERT' THEN
+  {prologue}IF TG_OP = 'INSERT' THEN
     {insert}
   ELSIF TG_OP = 'UPDATE' THEN
     IF {changed} THEN
@@ -147,7 +164,8 @@ BEGIN
   END IF;
   RETURN NULL;
 END
-{q}"""), fn=name(fn), insert=insert, changed=key_changed(shape), delete_old=delete_old, update_old=update_old)
+{q}"""), fn=name(fn), prologue=prologue, insert=insert, changed=key_changed(shape), delete_old=delete_old,
+        update_old=update_old)
 
 
 def truncate_function(fn: QualifiedName, dst: QualifiedName) -> Composed:

@@ -42,6 +42,19 @@ def test_distributed_recheck_runs_the_by_key_statement_again_before_calling_it_a
             "IF NOT FOUND THEN RAISE EXCEPTION") in body
 
 
+def test_distributed_capture_commits_with_two_phases_once_per_transaction():
+    body = text(sync_sql.sync_function(FN, TW, SHAPE, two_phase=True))
+    # A zero-row INSERT .. SELECT (Citus' COPY path marks the transaction for 2PC), guarded
+    # by the transaction's id, before any write of the row.
+    assert ("IF pg_catalog.current_setting('orchestrate.two_phase', true) IS DISTINCT FROM\n"
+            "       pg_catalog.txid_current()::text THEN\n"
+            f"    INSERT INTO {TW_SQL} (") in body
+    assert "WHERE false;\n    PERFORM pg_catalog.set_config('orchestrate.two_phase', " \
+           "pg_catalog.txid_current()::text, true);" in body
+    assert body.index("WHERE false;") < body.index("IF TG_OP = 'INSERT'")
+    assert "orchestrate.two_phase" not in text(sync_sql.sync_function(FN, TW, SHAPE))
+
+
 def test_sync_function_nullable_key_branches():
     nullable = Shape(**{**SHAPE.__dict__, "key_nullable": True})
     body = text(sync_sql.sync_function(FN, TW, nullable))
