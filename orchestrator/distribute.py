@@ -112,6 +112,16 @@ def check(ctx: Context, info: TableInfo) -> list[str]:
             raise PreflightError(f"distribute: wal_level is {level} on the {where}: Citus moves shards (a new "
                                  "worker, citus_rebalance_start) by logical replication; set wal_level = logical "
                                  "and restart it")
+    # Every captured writing transaction is prepared on its worker (two-phase commit, see
+    # sql.sync.sync_function): as many may be in flight as the coordinator has sessions.
+    sessions = conn.execute(dsql.MAX_CONNECTIONS).fetchone()[0]
+    for host, port, ok, result in on_workers(conn, dsql.SHOW_MAX_PREPARED):
+        if ok and int(result) < sessions:
+            raise PreflightError(
+                f"distribute: max_prepared_transactions is {result} on the worker {host}:{port}, below the "
+                f"coordinator's max_connections ({sessions}): the capture commits every writing transaction "
+                f"with two phases, so more concurrent writers would fail; set it to at least {sessions} "
+                "(Citus' own default is 2 x max_connections) and restart the worker")
     col = info.column(d.column)
     if col is None:
         raise PreflightError(f"distribute: column {ident(d.column)} does not exist in {info.name}")

@@ -59,8 +59,9 @@ class CitusCluster:
         settings = {
             "shared_preload_libraries": "citus",
             "wal_level": "logical",
-            # Citus commits a transaction that wrote to several nodes with two-phase commit.
-            "max_prepared_transactions": "100",
+            # The capture commits every writing transaction with two phases (plan refuses
+            # fewer than the coordinator's max_connections); Citus' own default is 2x.
+            "max_prepared_transactions": "600",
             "max_connections": "300",
             "shared_buffers": "128MB",
             "citus.log_remote_commands": "off",

@@ -333,8 +333,11 @@ def skew_function() -> str:
     golden copy keeps a row the application deleted. Citus has no distributed snapshot;
     an application that cares checks the row count, as this one does: a statement whose
     two halves changed different numbers of rows raises a serialization failure (40001),
-    and the transaction is retried whole. On one server this never happens; when it does,
-    the live table holds a row the golden copy does not, or lacks one it has.
+    and the transaction is retried whole. On one server it is rare: a READ COMMITTED
+    statement whose live half follows a row's update chain to a version with a new primary
+    key (a concurrent key move) that the golden half's snapshot cannot match; or the live
+    table holds a row the golden copy lacks (a resurrected row), which the retry leaves in
+    place for :meth:`Workload.compare` to find.
     """
     return (
         f"CREATE OR REPLACE FUNCTION {skew_function_name()}(live bigint, golden bigint) RETURNS boolean "
@@ -948,11 +951,10 @@ class _Client(threading.Thread):
                 self.transactions += 1
                 self.ops_since_sample += 1
             except Exception as e:  # noqa: BLE001 - every failure is an error, then go on
-                if _is_skew(e) and not (self.conn.broken or self.conn.closed):
+                if _is_skew(e):
                     self.retries["skew"] += 1  # not the migration's doing: see skew_function
-                    self.conn.rollback()
-                    continue
-                self._error(op, e)
+                else:
+                    self._error(op, e)
                 if self.conn.broken or self.conn.closed:
                     self.reconnects += 1
                     self._reconnect()

@@ -27,6 +27,8 @@ ACTIVE_WORKERS = SQL(
 ON_WORKERS = SQL("SELECT nodename, nodeport, success, result FROM pg_catalog.run_command_on_workers(%s)")
 #: A str, not SQL: the command ON_WORKERS passes to the workers as its parameter value.
 SHOW_WAL_LEVEL = "SHOW wal_level"
+SHOW_MAX_PREPARED = "SHOW max_prepared_transactions"
+MAX_CONNECTIONS = SQL("SELECT pg_catalog.current_setting('max_connections')::int")
 IS_COORDINATOR = SQL("SELECT pg_catalog.citus_is_coordinator()")
 WAL_LEVEL = SQL("SELECT pg_catalog.current_setting('wal_level')")
 #: Param: the type (regtype text, format_type's rendering).

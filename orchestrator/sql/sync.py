@@ -169,6 +169,8 @@ END
 
 
 def truncate_function(fn: QualifiedName, dst: QualifiedName) -> Composed:
+    # No two-phase prologue (see sync_function): Citus commits a TRUNCATE of a distributed
+    # table with two phases by itself (checked with citus.log_remote_commands, Citus 13.2).
     return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}() RETURNS trigger LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS {q}
 BEGIN

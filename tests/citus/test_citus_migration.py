@@ -104,7 +104,7 @@ def test_distributed_migration_under_app_workload(citus_conn, citus_dsn, tmp_pat
     finally:
         report = wl.stop()
     try:
-        assert_app_clean(wl, report, distributed=True)
+        assert_app_clean(wl, report)
     except AssertionError as e:
         raise AssertionError(f"{e}\n{_divergence_facts(citus_conn, wl)}") from None
     assert citus_conn.execute("SELECT relkind FROM pg_class WHERE oid = 'public.orders'::regclass").fetchone()[0] == "p"

@@ -78,6 +78,29 @@ def test_plan_refuses_a_worker_without_logical_wal(citus_db, citus_conn, citus_d
         assert w.execute("SHOW wal_level").fetchone()[0] == "logical"
 
 
+def test_plan_refuses_a_worker_with_fewer_prepared_transactions_than_writers(citus_db, citus_conn, citus_dsn,
+                                                                           tmp_path):
+    """The capture prepares every writing transaction on its worker: a worker that allows fewer
+    prepared transactions than the coordinator has sessions would fail application writes."""
+    cluster, _ = citus_db
+    make_orders(citus_conn, rows=200)
+    worker = cluster.workers[0]
+    with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
+        w.execute("ALTER SYSTEM SET max_prepared_transactions = 10")
+    try:
+        worker.restart_primary()
+        port = cluster.worker_ports()[0]
+        refused(citus_conn, citus_dsn, write_plan(tmp_path),
+                f"max_prepared_transactions is 10 on the worker 127.0.0.1:{port}, below the coordinator's "
+                "max_connections (300)")
+    finally:
+        with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
+            w.execute("ALTER SYSTEM RESET max_prepared_transactions")
+        worker.restart_primary()
+    with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
+        assert w.execute("SHOW max_prepared_transactions").fetchone()[0] == "600"
+
+
 def test_bench_distributed_measures_both_paths(tmp_path):
     rc, out, err = run_cli("bench", "--distributed", "--rows", "5000", "--output-dir", str(tmp_path), timeout=600)
     assert rc == 0, out + err
