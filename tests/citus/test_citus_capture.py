@@ -148,3 +148,33 @@ def test_a_serializable_writer_whose_commit_fails_leaves_nothing_in_the_twin(cit
                               ).fetchone()[0] == 0
     assert citus_conn.execute("SELECT count(*) FROM public.orders_partitioned WHERE note = 't1 committed'"
                               ).fetchone()[0] == 1
+
+
+def test_every_captured_transaction_of_a_long_session_commits_with_two_phases(citus_conn, citus_dsn, tmp_path):
+    """The prologue stays two-phase once PL/pgSQL has switched the trigger's statements to
+    generic plans (after five executions in a session): insert, update and delete, each in
+    its own transaction, twelve rounds in one session, each prepared on its worker."""
+    make_orders(citus_conn, rows=300)
+    plan = write_plan(tmp_path, sleep_ratio=0)
+    rc, out, err = run_cli("apply", str(plan), "--dsn", citus_dsn, "--until", "backfill")
+    assert rc == 0, out + err
+    notes: list[str] = []
+    with psycopg.connect(citus_dsn) as t:
+        t.add_notice_handler(lambda d: notes.append(d.message_primary or ""))
+        t.execute("SET citus.log_remote_commands = on")
+        t.commit()
+        phases = []
+        for i in range(12):
+            for stmt in ("INSERT INTO public.orders (customer_id, amount, created_at) VALUES (%s, 1, now() - "
+                         "interval '1 day') RETURNING id",
+                         "UPDATE public.orders SET note = 'round' WHERE customer_id = %s AND id = %s",
+                         "DELETE FROM public.orders WHERE customer_id = %s AND id = %s"):
+                notes.clear()
+                if stmt.startswith("INSERT"):
+                    new = t.execute(stmt, (i + 1,)).fetchone()[0]
+                else:
+                    t.execute(stmt, (i + 1, new))
+                t.commit()
+                phases.append(any(n.startswith("issuing PREPARE TRANSACTION") for n in notes))
+    assert all(phases), phases
+    same(citus_conn)
