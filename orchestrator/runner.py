@@ -24,7 +24,7 @@ from orchestrator.inspect import inspect_table, resolve
 from orchestrator.maintain import maintenance_preview
 from orchestrator.owner import EXECUTOR, MONITOR_HINT, sees_all_sessions
 from orchestrator.phases import REVERSE_TRIGGER, Context
-from orchestrator.phases.capture import drop_sync, install_capture, replication_warnings
+from orchestrator.phases.capture import drop_sync, install_capture, refresh_distributed_capture, replication_warnings
 from orchestrator.phases.cutover import cutover_gates
 from orchestrator.phases.order import ordered
 from orchestrator.phases.prepare import Preflight, describe_names, preflight
@@ -151,6 +151,7 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
         ctx.refresh()
         started = time.monotonic()
         rounds = 0
+        refreshed = False
         phases = ordered()
         while phases:
             phase = phases.pop(0)
@@ -164,6 +165,14 @@ def apply(plan: Plan, dsn: str, *, until: str | None = None, replica_dsns: tuple
                 phases = ordered()
                 continue
             horizon.extend(ctx)  # partitions that became due while the migration ran
+            if plan.distribute is not None and not refreshed and ctx.migration.done("capture"):
+                refreshed = True  # once per run, after the drift check: the twin has the table's columns
+                if ctx.info is None:
+                    ctx.info = preflight(ctx, resuming=True).info
+                with ctx.conn.transaction(), ctx.conn.cursor() as cur:
+                    if refresh_distributed_capture(cur, ctx):
+                        ctx.store.event(m.id, "capture", "dual-write function rendered again: its writers' "
+                                        "transactions commit with two phases on the Citus workers from now on")
             if phase.name == "cutover":
                 postpone = plan.cutover.postpone if cutover is None else not cutover
                 if postpone:

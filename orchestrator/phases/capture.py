@@ -58,6 +58,24 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
         cur.execute(stmt)
 
 
+def refresh_distributed_capture(cur: psycopg.Cursor, ctx: Context) -> bool:
+    """Render the dual-write function again if the twin is a Citus table and the function was
+    created without the two-phase prologue (by an older version; see sql.sync.sync_function),
+    so the writers' transactions commit with two phases from now on. CREATE OR REPLACE
+    FUNCTION locks no table, and the triggers run the new body from their next row; it resets
+    SECURITY DEFINER, so the function is given to the owner again. True when it did."""
+    if ctx.plan.distribute is None or changelog.is_async(ctx):
+        return False
+    fn = ctx.function("capture")
+    row = cur.execute(sync_sql.LACKS_TWO_PHASE, (f"{fn}()",)).fetchone()
+    if not (row and row[0]):
+        return False
+    shape = ctx.shape()
+    cur.execute(sync_sql.sync_function(fn, ctx.plan.twin, shape, dst_key=shape.twin_key, **distributed_sync(ctx)))
+    give_to_owner(cur, f"{fn}()", ctx.info.owner if ctx.info is not None else ctx.facts["owner"])
+    return True
+
+
 def install_capture(cur: psycopg.Cursor, ctx: Context) -> None:
     """The forward capture of the plan's mode: the dual-write trigger (sync) or the change
     log's trigger and replay functions (async, orchestrator/changelog.py).

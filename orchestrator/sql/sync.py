@@ -19,7 +19,7 @@ from orchestrator.sql.twin import drop_function
 __all__ = [
     "drop_function", "field", "fields", "key_match", "key_changed", "sync_function", "truncate_function",
     "create_sync_triggers", "sync_switch", "drop_sync_triggers", "TO_REGCLASS_OID", "TO_REGCLASS",
-    "STAGED_TRIGGER", "PUBLICATIONS_OF", "SUBSCRIPTIONS_INTO",
+    "STAGED_TRIGGER", "PUBLICATIONS_OF", "SUBSCRIPTIONS_INTO", "LACKS_TWO_PHASE",
 ]  # drop_function: the capture and reverse functions go as prepare's rollback drops them
 
 
@@ -229,6 +229,9 @@ def drop_sync_triggers(table: QualifiedName, trigger: str) -> list[Composed]:
 # --------------------------------------------------------------------------- reads
 
 TO_REGCLASS_OID = SQL("SELECT pg_catalog.to_regclass(%s)::oid")
+# Does the function (regprocedure text) exist without sync_function's two-phase prologue?
+LACKS_TWO_PHASE = SQL("SELECT pg_catalog.strpos(p.prosrc, 'orchestrate.two_phase') = 0 FROM pg_catalog.pg_proc p "
+                      "WHERE p.oid = pg_catalog.to_regprocedure(%s)")
 TO_REGCLASS = SQL("SELECT to_regclass(%s)")
 
 # Is the reverse trigger staged (a WHEN clause: the switch) on the table? Parameters: table, trigger.

@@ -6,6 +6,8 @@ in the twin (the capture commits with two phases)."""
 
 from __future__ import annotations
 
+import re
+
 import psycopg
 import pytest
 from test_citus_migration import make_orders, write_plan
@@ -178,3 +180,37 @@ def test_every_captured_transaction_of_a_long_session_commits_with_two_phases(ci
                 phases.append(any(n.startswith("issuing PREPARE TRANSACTION") for n in notes))
     assert all(phases), phases
     same(citus_conn)
+
+
+def test_a_migration_captured_without_the_prologue_gets_it_when_apply_resumes(citus_conn, citus_dsn, tmp_path):
+    """A distributed migration captured by an older version (its dual-write function has no
+    two-phase prologue) is given this version's function by the next apply, still SECURITY
+    DEFINER and the table owner's; a migration that has it is left alone."""
+    make_orders(citus_conn, rows=300)
+    plan = write_plan(tmp_path, sleep_ratio=0)
+    rc, out, err = run_cli("apply", str(plan), "--dsn", citus_dsn, "--until", "backfill")
+    assert rc == 0, out + err
+    fn = citus_conn.execute("SELECT p.oid FROM pg_proc p WHERE p.pronamespace = 'orchestrate'::regnamespace "
+                            "AND p.proname ~ '^capture_[0-9]+$'").fetchone()[0]
+    source = citus_conn.execute("SELECT pg_get_functiondef(%s)", (fn,)).fetchone()[0]
+    old, n = re.subn(r"IF pg_catalog\.current_setting\('orchestrate\.two_phase'.*?END IF;\s*", "", source,
+                     count=1, flags=re.S)
+    assert n == 1
+    citus_conn.execute(old)  # what an older version left: same owner, SECURITY DEFINER, no prologue
+
+    def facts():
+        return citus_conn.execute(
+            "SELECT strpos(prosrc, 'orchestrate.two_phase') > 0, prosecdef, pg_get_userbyid(proowner) "
+            "FROM pg_proc WHERE oid = %s", (fn,)).fetchone()
+
+    owner = citus_conn.execute("SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = 'public.orders'::regclass"
+                               ).fetchone()[0]
+    assert facts() == (False, True, owner)
+    rc, out, err = run_cli("apply", str(plan), "--dsn", citus_dsn, "--until", "verify")
+    assert rc == 0, out + err
+    assert facts() == (True, True, owner)
+    events = "SELECT count(*) FROM orchestrate.events WHERE message LIKE 'dual-write function rendered again%%'"
+    assert citus_conn.execute(events).fetchone()[0] == 1
+    rc, out, err = run_cli("apply", str(plan), "--dsn", citus_dsn, "--until", "verify")
+    assert rc == 0, out + err
+    assert citus_conn.execute(events).fetchone()[0] == 1  # nothing to do the second time
