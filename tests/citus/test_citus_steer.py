@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import psycopg
 import yaml
@@ -60,22 +62,32 @@ def test_pause_set_resume_reach_a_distributed_apply(citus_conn, citus_dsn, tmp_p
     assert_spread(citus_conn)
 
 
+@contextmanager
+def worker_restarted_with(cluster, index: int, setting: str, value: str) -> Iterator[int]:
+    """Worker ``index`` restarted with ``setting = value`` (its port), then restarted as it was."""
+    worker = cluster.workers[index]
+    with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
+        w.execute(f"ALTER SYSTEM SET {setting} = '{value}'")
+    try:
+        worker.restart_primary()
+        yield cluster.worker_ports()[index]
+    finally:
+        with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
+            w.execute(f"ALTER SYSTEM RESET {setting}")
+        worker.restart_primary()
+
+
+def worker_setting(cluster, index: int, setting: str) -> str:
+    with psycopg.connect(cluster.workers[index].primary_dsn(), autocommit=True) as w:
+        return w.execute(f"SHOW {setting}").fetchone()[0]
+
+
 def test_plan_refuses_a_worker_without_logical_wal(citus_db, citus_conn, citus_dsn, tmp_path):
     cluster, _ = citus_db
     make_orders(citus_conn, rows=200)
-    worker = cluster.workers[1]
-    with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
-        w.execute("ALTER SYSTEM SET wal_level = 'replica'")
-    try:
-        worker.restart_primary()
-        port = cluster.worker_ports()[1]
+    with worker_restarted_with(cluster, 1, "wal_level", "replica") as port:
         refused(citus_conn, citus_dsn, write_plan(tmp_path), f"wal_level is replica on the worker 127.0.0.1:{port}")
-    finally:
-        with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
-            w.execute("ALTER SYSTEM RESET wal_level")
-        worker.restart_primary()
-    with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
-        assert w.execute("SHOW wal_level").fetchone()[0] == "logical"
+    assert worker_setting(cluster, 1, "wal_level") == "logical"
 
 
 def test_plan_refuses_a_worker_with_fewer_prepared_transactions_than_writers(citus_db, citus_conn, citus_dsn,
@@ -84,21 +96,11 @@ def test_plan_refuses_a_worker_with_fewer_prepared_transactions_than_writers(cit
     prepared transactions than the coordinator has sessions would fail application writes."""
     cluster, _ = citus_db
     make_orders(citus_conn, rows=200)
-    worker = cluster.workers[0]
-    with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
-        w.execute("ALTER SYSTEM SET max_prepared_transactions = 10")
-    try:
-        worker.restart_primary()
-        port = cluster.worker_ports()[0]
+    with worker_restarted_with(cluster, 0, "max_prepared_transactions", "10") as port:
         refused(citus_conn, citus_dsn, write_plan(tmp_path),
                 f"max_prepared_transactions is 10 on the worker 127.0.0.1:{port}, below the coordinator's "
                 "max_connections (300)")
-    finally:
-        with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
-            w.execute("ALTER SYSTEM RESET max_prepared_transactions")
-        worker.restart_primary()
-    with psycopg.connect(worker.primary_dsn(), autocommit=True) as w:
-        assert w.execute("SHOW max_prepared_transactions").fetchone()[0] == "600"
+    assert worker_setting(cluster, 0, "max_prepared_transactions") == "600"
 
 
 def test_bench_distributed_measures_both_paths(tmp_path):
