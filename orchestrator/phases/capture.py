@@ -34,6 +34,15 @@ def distributed_sync(ctx: Context) -> dict[str, bool]:
     return {"recheck": distributed, "two_phase": distributed}
 
 
+def render_sync(cur: psycopg.Cursor, ctx: Context, fn: sql.QualifiedName, dst: sql.QualifiedName, kind: str) -> None:
+    """CREATE OR REPLACE the dual-write function ``fn`` writing to dst. dst's own key
+    arbitrates the trigger's probe: the twin's (pk..., key), or the live primary key when dst
+    is the retired heap table (the reverse trigger)."""
+    shape = ctx.shape()
+    cur.execute(sync_sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key,
+                                       **distributed_sync(ctx)))
+
+
 def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst: sql.QualifiedName,
                  trigger: str, kind: str, switch: sql.QualifiedName | None = None) -> None:
     """Create the sync functions and the triggers on src that write to dst (with ``switch``:
@@ -41,12 +50,8 @@ def install_sync(cur: psycopg.Cursor, ctx: Context, src: sql.QualifiedName, dst:
 
     Warning: takes SHARE ROW EXCLUSIVE on src (CREATE TRIGGER); call inside with_lock_retry.
     """
-    shape = ctx.shape()
     fn, tfn = ctx.function(kind), ctx.function(kind + "_truncate")
-    # dst's own key arbitrates the trigger's probe: the twin's (pk..., key), or the live
-    # primary key when dst is the retired heap table (the reverse trigger).
-    cur.execute(sync_sql.sync_function(fn, dst, shape, dst_key=shape.pk if kind == "reverse" else shape.twin_key,
-                                       **distributed_sync(ctx)))
+    render_sync(cur, ctx, fn, dst, kind)
     cur.execute(sync_sql.truncate_function(tfn, dst))
     # Owned by the table's owner, SECURITY DEFINER: the owner's code this reaches (CHECKs,
     # defaults, triggers on dst) runs as the owner, never as the role running orchestrate.
@@ -70,8 +75,7 @@ def refresh_distributed_capture(cur: psycopg.Cursor, ctx: Context) -> bool:
     row = cur.execute(sync_sql.LACKS_TWO_PHASE, (f"{fn}()",)).fetchone()
     if not (row and row[0]):
         return False
-    shape = ctx.shape()
-    cur.execute(sync_sql.sync_function(fn, ctx.plan.twin, shape, dst_key=shape.twin_key, **distributed_sync(ctx)))
+    render_sync(cur, ctx, fn, ctx.plan.twin, "capture")
     give_to_owner(cur, f"{fn}()", ctx.info.owner if ctx.info is not None else ctx.facts["owner"])
     return True
 
