@@ -14,10 +14,10 @@ import random
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from queue import Empty, Queue
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -111,11 +111,114 @@ class Counters:
         with self.lock:
             self.batches_redone += 1
 
-    def add(self, rows: int, done: bool) -> None:
+    def add(self, rows: int, done: int) -> None:
+        """One batch committed: ``rows`` copied, ``done`` ranges finished by it (0, 1, or a span's)."""
         with self.lock:
             self.rows += rows
             self.batches += 1
             self.ranges_done += int(done)
+
+
+#: Most ranges one span may join (see Ranges): bounds the work one batch can lose to a crash
+#: or a yield, and the rows one count may read before it finds a span too large.
+MAX_SPAN = 64
+
+
+def fresh(rng: dict) -> bool:
+    """A range not started: no cursor, not to be repaired, and not the NULL-key range."""
+    return rng.get("state", "pending") == "pending" and rng.get("cursor") is None and not rng["is_null"]
+
+
+def span_of(ranges: list[dict]) -> dict:
+    """One batch's worth of adjacent fresh ranges, as one range: from the first's lower bound
+    to the last's upper bound, checkpointed for all of them (``idxs``) in the batch's statement."""
+    first, last = ranges[0], ranges[-1]
+    return {"label": f"{first['label']} to {last['label']} ({len(ranges)} ranges)", "lo": first["lo"],
+            "hi": last["hi"], "is_null": False, "idx": first["idx"], "idxs": [r["idx"] for r in ranges],
+            "state": "pending", "cursor": None}
+
+
+class Ranges:
+    """The backfill's queue of ranges, thread-safe, that hands out spans.
+
+    Most ranges of a big table are smaller than a batch (a day of a few million rows), and
+    each batch pays a fixed cost: the count, the probe, the call through the owner's
+    executor, the checkpoint, the commit and their round trips (about 5 ms, a third of a
+    2,700-row day's copy: docs/benchmarks.md). So a worker takes, with the range at the
+    front, the fresh ranges that follow it without a gap, as many as the span hint expects
+    to fit in one batch: the span is copied by one statement over its whole key interval
+    (the same race-free window as a range's, bounded by values) and its checkpoint marks
+    every member copied in the same transaction. A span that turns out to hold a batch or
+    more is never copied in windows (its cursor would belong to no range): it is given
+    back, and its first range is copied alone.
+    """
+
+    def __init__(self, ranges: list[dict]):
+        self._q = deque(ranges)
+        self._lock = threading.Lock()
+
+    def get(self) -> dict | None:
+        with self._lock:
+            return self._q.popleft() if self._q else None
+
+    def put(self, rng: dict) -> None:
+        """A range handed back with its committed cursor: to the back, for whoever comes next."""
+        with self._lock:
+            self._q.append(rng)
+
+    def give_back(self, ranges: list[dict]) -> None:
+        """Ranges taken into a span and not copied: to the front, in their order."""
+        with self._lock:
+            self._q.extendleft(reversed(ranges))
+
+    def follow(self, rng: dict, most: int) -> list[dict]:
+        """Up to ``most`` fresh ranges from the front that continue ``rng`` without a gap."""
+        out: list[dict] = []
+        with self._lock:
+            last = rng
+            while self._q and len(out) < most:
+                nxt = self._q[0]
+                if not fresh(nxt) or last["hi"] is None or nxt["lo"] != last["hi"]:
+                    break
+                out.append(self._q.popleft())
+                last = nxt
+        return out
+
+    def empty(self) -> bool:
+        with self._lock:
+            return not self._q
+
+
+@dataclass
+class SpanHint:
+    """How many ranges the next span joins: rows per range as seen so far (a moving average
+    of finished fresh ranges and spans), and a span aims at SPAN_FILL of a batch."""
+
+    per_range: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def ranges(self, batch: int) -> int:
+        with self.lock:
+            if self.per_range is None:
+                return 1  # nothing seen yet: the first range alone tells how big ranges are
+            return max(1, min(MAX_SPAN, int(SPAN_FILL * batch / max(self.per_range, 1.0))))
+
+    def observe(self, rows: int, ranges: int) -> None:
+        with self.lock:
+            seen = rows / ranges
+            self.per_range = seen if self.per_range is None else 0.7 * self.per_range + 0.3 * seen
+
+    def too_big(self, batch: int, ranges: int) -> None:
+        """A span of ``ranges`` held a batch or more: expect denser ranges from here on."""
+        with self.lock:
+            self.per_range = max(self.per_range or 0.0, 1.25 * batch / ranges)
+
+
+SPAN_FILL = 0.7
+
+
+class SpanTooBig(Exception):
+    """The span holds a batch or more rows: rolled back before any write, to be split."""
 
 
 class Crew:
@@ -283,8 +386,13 @@ class Yielding:
 
 def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: dict, pace: Pace,
                counters: Counters, stop: threading.Event, throttle=None,
-               leave: Callable[[], bool] | None = None, *, lock_ms: int) -> bool:
-    """Copy one range batch by batch; each batch commits with the range's new cursor.
+               leave: Callable[[], bool] | None = None, *, lock_ms: int, hint: SpanHint | None = None) -> bool | None:
+    """Copy one range (or a span of ranges, see Ranges) batch by batch; each batch commits
+    with the range's new cursor.
+
+    A span is copied by one batch or not at all: None when it holds a batch or more rows
+    (nothing was written; the caller splits it). ``hint`` learns the rows of each fresh
+    range or span copied whole.
 
     ``lock_ms``: the batches' lock_timeout (batch_lock_timeout_ms), read once per worker
     session by the caller (pg_settings costs about a millisecond, a tenth of a small
@@ -301,7 +409,7 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
         _repair(conn, ctx, shape, rng, where, wparams, sync, stop)
         if stop.is_set():
             return False
-        counters.add(0, True)
+        counters.add(0, 1)
         return True
     # guarded: this batch copies with ON CONFLICT DO NOTHING, whatever the probe says. Always in
     # distributed mode. There, Citus runs an INSERT .. SELECT from a local table without ON
@@ -313,6 +421,9 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
     distributed = ctx.plan.distribute is not None
     guarded = distributed
     yielding = Yielding(ctx, conn, ctx.plan.table_name, rng["label"], lock_ms)
+    members = len(rng.get("idxs") or [rng["idx"]])
+    started_fresh = fresh(rng)
+    copied = 0
     while not stop.is_set():
         if (leave is not None and leave()) or (throttle is not None and not throttle.wait(stop, leave)):
             rng["cursor"] = cursor
@@ -322,6 +433,10 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
         try:
             row, boundary = _copy_batch(conn, ctx, shape, rng, where, wparams, cursor, size, sync, guarded,
                                         lock_ms)
+        except SpanTooBig:
+            if hint is not None:
+                hint.too_big(size, members)
+            return None
         except psycopg.errors.LockNotAvailable as e:
             # A row of the window is locked by the application (idle in transaction, say).
             # The batch has rolled back and released its FOR SHARE locks, so writers of the
@@ -345,8 +460,11 @@ def copy_range(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: di
         n = int(row[0]) if row else 0
         elapsed = time.monotonic() - t0
         pace.observe(n, elapsed)
-        counters.add(n, final)
+        counters.add(n, members if final else 0)
+        copied += n
         if final:
+            if hint is not None and started_fresh:
+                hint.observe(copied, members)
             return True
         cursor = list(boundary)
         if pace.sleep_ratio:
@@ -378,7 +496,8 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
             if not guarded:
                 probe.execute(backfill_sql.twin_rows_after(dst, shape, where, after, rng["is_null"]),
                               [*wparams, *cparams])
-            boundary = _boundary(cur, src, shape, where, wparams, cparams, after, rng["is_null"], size)
+            boundary = _boundary(cur, src, shape, where, wparams, cparams, after, rng["is_null"], size,
+                                 whole=len(rng.get("idxs") or ()) > 1)
             on_conflict = guarded or bool(probe.fetchone()[0])
             final = boundary is None
             copy = backfill_sql.backfill_copy(src, dst, shape, where, after, not final, rng["is_null"], on_conflict)
@@ -388,14 +507,14 @@ def _copy_batch(conn: psycopg.Connection, ctx: Context, shape: sql.Shape, rng: d
             stmt = owner.render(cur, copy, [*wparams, *cparams, *upto])
             cur.execute(
                 ctx.store.batch_checkpoint(owner.call(ctx.function(owner.EXECUTOR))),
-                [stmt, None if final else psycopg.types.json.Jsonb(list(boundary)),
-                 "copied" if final else "copying", ctx.mid, rng["idx"]],
+                [stmt, rng.get("idxs") or [rng["idx"]], None if final else psycopg.types.json.Jsonb(list(boundary)),
+                 "copied" if final else "copying", ctx.mid],
             )
         row = cur.fetchone()
     return row, boundary
 
 def _boundary(cur: psycopg.Cursor, src: sql.QualifiedName, shape: sql.Shape, where: Composed, wparams: list,
-              cparams: list, after: bool, is_null: bool, size: int) -> tuple | None:
+              cparams: list, after: bool, is_null: bool, size: int, whole: bool = False) -> tuple | None:
     """The window's upper bound: the (key, pk) of the ``size``-th row after the cursor, or None
     when fewer rows are left (the range's last window).
 
@@ -405,11 +524,16 @@ def _boundary(cur: psycopg.Cursor, src: sql.QualifiedName, shape: sql.Shape, whe
     are smaller than a batch (1-day ranges of a table of a few million rows), and for them
     the count is the only read before the copy: measured on the benchmark's table, the
     count took less than half the boundary query's time. A range larger than a batch pays
-    both once, a fraction of a batch."""
+    both once, a fraction of a batch. ``whole``: a span, copied in one window or not at all
+    (SpanTooBig, raised inside the batch's transaction, so it rolls back before any write)."""
     if not after:
         cur.execute(backfill_sql.rows_up_to(src, where), [*wparams, size])
         if cur.fetchone()[0] < size:
             return None
+        if whole:
+            raise SpanTooBig
+    elif whole:
+        raise ValueError("a span has no cursor")
     cur.execute(backfill_sql.backfill_boundary(src, shape, where, after, is_null), [*wparams, *cparams, size - 1])
     return cur.fetchone()
 
@@ -528,9 +652,8 @@ class Backfill:
     def _run_workers(self, ctx: Context, pending: list[dict], pace: Pace, counters: Counters, total: int) -> None:
         if not pending:
             return
-        queue: Queue = Queue()
-        for r in pending:
-            queue.put(r)
+        queue = Ranges(pending)
+        hint = SpanHint()
         stop = threading.Event()
         errors: list[BaseException] = []
         shape = ctx.shape()
@@ -546,21 +669,36 @@ class Backfill:
                 return gone
 
             conn = None
+            held: list[dict] = [rng]  # taken from the queue and not copied: given back on an error
             try:
                 conn = connect(ctx.dsn, f"backfill-{n}")
                 lock_ms = batch_lock_timeout_ms(conn, ctx.plan.backfill.lock_timeout_s)
                 while True:
-                    if not copy_range(conn, ctx, shape, rng, pace, counters, stop, throttle, leave, lock_ms=lock_ms):
-                        queue.put(rng)  # from its committed cursor, for whoever comes next
+                    more = queue.follow(rng, hint.ranges(pace.size) - 1) if fresh(rng) else []
+                    held = [rng, *more]
+                    done = None
+                    if more:
+                        done = copy_range(conn, ctx, shape, span_of(held), pace, counters, stop, throttle, leave,
+                                          lock_ms=lock_ms, hint=hint)
+                        if done is None:  # a batch or more: its ranges go back, the first is copied alone
+                            queue.give_back(more)
+                            held = [rng]
+                        elif not done:
+                            queue.give_back(held)  # nothing of a span commits before it is done
+                    if done is None:
+                        if not copy_range(conn, ctx, shape, rng, pace, counters, stop, throttle, leave,
+                                          lock_ms=lock_ms, hint=hint):
+                            queue.put(rng)  # from its committed cursor, for whoever comes next
+                    held = []
                     if stop.is_set() or leave():
                         return
-                    try:
-                        rng = queue.get_nowait()
-                    except Empty:
+                    rng = queue.get()
+                    if rng is None:
                         return
+                    held = [rng]
             except BaseException as e:  # noqa: BLE001 - reported by the coordinator below
-                if conn is None:
-                    queue.put(rng)
+                if held:
+                    queue.give_back(held)
                 errors.append(e)
                 stop.set()
             finally:
@@ -598,9 +736,8 @@ class Backfill:
                 tick()
                 # A new worker starts with a range in hand: never one that would find nothing to do.
                 while not stop.is_set() and crew.join():
-                    try:
-                        rng = queue.get_nowait()
-                    except Empty:
+                    rng = queue.get()
+                    if rng is None:
                         crew.left()
                         break
                     n = len(threads)

@@ -296,14 +296,18 @@ class Store:
         cur.execute("UPDATE orchestrate.migrations SET key_lo = %s, key_hi = %s WHERE id = %s", (key_lo, key_hi, mid))
 
     # The copy of one batch and its checkpoint are ONE statement (one round trip, one
-    # transaction): the executor call that copies as the owner, then this UPDATE of the range.
-    # Its parameters: the copy statement, the new cursor (None when the range is done), the
-    # range's new state, the migration id and the range's idx. It returns the rows copied.
+    # transaction): the executor call that copies as the owner, then this UPDATE of the range,
+    # or of every range of a span (a batch over several adjacent ranges, copied whole: its
+    # rows and its batch are counted on the first). Its parameters: the copy statement, the
+    # ranges' idx (an array: one, or a span's in order), the new cursor (None when done), the
+    # new state and the migration id. It returns the rows copied.
     BATCH_CHECKPOINT = (
-        "WITH c AS (SELECT {copy} AS n) "
-        "UPDATE orchestrate.ranges SET cursor = %s::jsonb, rows_copied = rows_copied + c.n, "
-        "batches = batches + 1, state = %s, copied_at = pg_catalog.now(), verify_state = 'pending' "
-        "FROM c WHERE migration_id = %s AND idx = %s RETURNING c.n")
+        "WITH c AS (SELECT {copy} AS n, %s::int[] AS idxs) "
+        "UPDATE orchestrate.ranges r SET cursor = %s::jsonb, "
+        "rows_copied = r.rows_copied + CASE WHEN r.idx = c.idxs[1] THEN c.n ELSE 0 END, "
+        "batches = r.batches + CASE WHEN r.idx = c.idxs[1] THEN 1 ELSE 0 END, state = %s, "
+        "copied_at = pg_catalog.now(), verify_state = 'pending' "
+        "FROM c WHERE r.migration_id = %s AND r.idx = ANY (c.idxs) RETURNING c.n")
 
     @classmethod
     def batch_checkpoint(cls, copy_call: str) -> str:
