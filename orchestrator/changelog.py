@@ -209,17 +209,27 @@ class Replayer:
     """The replay thread of one ``apply``: batches from the log into the twin, continuously,
     on its own session, from the moment the capture functions exist until apply ends.
 
-    Not stopped by ``pause`` (which holds the backfill only): the twin must keep up.
-    :meth:`held` keeps it out while the cutover drains under its lock."""
+    Not stopped by ``pause`` (which holds the backfill only). With a ``throttle`` (the
+    run's :class:`~orchestrator.throttle.Throttler`, ``capture.replay_throttled``) it waits
+    while the throttle's load signals say the server is overloaded (``holds_replay``): its
+    writes into the twin are the async mode's whole cost to the server, and they can wait for
+    a quieter moment; the changes stay in the log, nothing is lost. :meth:`held` keeps it out
+    while the cutover drains under its lock."""
 
-    def __init__(self, ctx, batch: int, idle_s: float = 0.05):
+    HOLD_POLL_S = 0.25
+
+    def __init__(self, ctx, batch: int, idle_s: float = 0.05, throttle=None):
         self.ctx = ctx
         self.batch = batch
         self.idle_s = idle_s
+        self.throttle = throttle
         self.pending: int | None = None
         self.oldest_s: float | None = None
         self.replayed = 0
         self.error: str | None = None
+        self.waiting: str | None = None  # why the throttle holds the replay, while it does
+        self.waited_s = 0.0  # seconds held so far
+        self._lag_read = 0.0  # time.monotonic() of the last lag read while held
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
@@ -245,6 +255,8 @@ class Replayer:
             try:
                 if conn is None or conn.closed:
                     conn = connect(self.ctx.dsn, "replay", autocommit=True)
+                if self._hold(conn):
+                    continue
                 with self._mutex:
                     if not exists(conn, self.ctx):
                         n = 0
@@ -270,6 +282,27 @@ class Replayer:
                 backoff = min(backoff * 2, 5.0)
         close_quietly(conn)
 
+    def _hold(self, conn: psycopg.Connection) -> bool:
+        """True while the throttle holds the replay (after a short wait, the log's figures
+        read again so status shows the lag growing); logs when the hold starts and ends."""
+        reason = self.throttle.check().holds_replay if self.throttle is not None else None
+        if reason != self.waiting:
+            if reason:
+                logger.warning("replay waits: {} (the changes stay in the change log)", reason)
+            else:
+                logger.info("replay resumes (waited for: {})", self.waiting)
+            self.waiting = reason
+        if reason is None:
+            return False
+        started = time.monotonic()
+        if started - self._lag_read > 1.0 and exists(conn, self.ctx):
+            # At most once a second: the figure counts the whole log, which grows while held.
+            self.pending, self.oldest_s = lag(conn, self.ctx)
+            self._lag_read = time.monotonic()
+        self._stop.wait(self.HOLD_POLL_S)
+        self.waited_s += time.monotonic() - started
+        return True
+
 
 @contextmanager
 def replaying(ctx) -> Iterator[Replayer | None]:
@@ -278,7 +311,8 @@ def replaying(ctx) -> Iterator[Replayer | None]:
     if not is_async(ctx) or ctx.options.get("replay") is False:
         yield None
         return
-    r = Replayer(ctx, ctx.plan.capture.replay_batch).start()
+    throttle = ctx.options.get("throttle") if ctx.plan.capture.replay_throttled else None
+    r = Replayer(ctx, ctx.plan.capture.replay_batch, throttle=throttle).start()
     ctx.options["replayer"] = r
     live = ctx.options.get("live")
     if live is not None:

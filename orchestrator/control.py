@@ -20,7 +20,8 @@ plan's value, ``off`` turns an optional signal off):
   returns to ``--workers`` or the plan.
 - every throttle signal of the plan: ``max_replica_lag_s``, ``resume_replica_lag_s``
   (setting only the pause threshold resumes at half of it), ``critical_replica_lag_s``,
-  ``max_slot_retained_bytes``, ``max_xact_age_s``, ``max_xmin_age``, ``max_replay_lag_s``, ``query``, ``flag_file``
+  ``max_slot_retained_bytes``, ``max_xact_age_s``, ``max_xmin_age``, ``max_replay_lag_s``, ``max_active_sessions``,
+  ``query``, ``flag_file``
   (these seven accept ``off``) and ``backoff_max_s``. They take effect at the next check (half a second);
   workers asleep in their backoff are woken to check again.
 - ``paused`` (through ``orchestrate pause`` / ``resume``): the backfill waits before its next
@@ -70,6 +71,7 @@ SETTINGS: dict[str, Setting] = {
     "max_xact_age_s": Setting(float, 0.001, 10_000_000, can_be_off=True),
     "max_xmin_age": Setting(int, 1, 2_000_000_000, can_be_off=True),
     "max_replay_lag_s": Setting(float, 0.001, 86_400, can_be_off=True),
+    "max_active_sessions": Setting(int, 1, 1_000_000, can_be_off=True),
     "query": Setting(str, can_be_off=True),
     "flag_file": Setting(str, can_be_off=True),
     "backoff_max_s": Setting(float, 0.01, 3_600),
@@ -79,7 +81,8 @@ SETTINGS: dict[str, Setting] = {
 }
 PACE_ATTRS = {"target_batch_seconds": "target_s", "sleep_ratio": "sleep_ratio"}
 THROTTLE_KEYS = ("max_replica_lag_s", "resume_replica_lag_s", "critical_replica_lag_s", "max_slot_retained_bytes",
-                 "max_xact_age_s", "max_xmin_age", "max_replay_lag_s", "query", "flag_file", "backoff_max_s")
+                 "max_xact_age_s", "max_xmin_age", "max_replay_lag_s", "max_active_sessions", "query", "flag_file",
+                 "backoff_max_s")
 
 
 def parse_setting(key: str, raw: Any) -> int | float | str | None:

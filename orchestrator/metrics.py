@@ -130,6 +130,8 @@ class LiveFigures:
             out["replay_lag_s"] = None if r.oldest_s is None else round(r.oldest_s, 3)
             out["replayed"] = r.replayed
             out["replay_error"] = r.error
+            out["replay_waiting"] = r.waiting
+            out["replay_waited_s"] = round(r.waited_s, 1)
         out["pid"] = os.getpid()
         out["active"] = True
         return out

@@ -271,9 +271,15 @@ class Capture(_Strict):
     mode: Literal["sync", "async"] = Field(
         "sync", description="'sync': a trigger writes the twin in the writer's transaction (no lag; costs the "
         "writer a write into an equally indexed table). 'async': the trigger appends the changed row's key to a "
-        "narrow change log, and apply replays it into the twin (lag to drain; measured 0.70x of the writes' "
-        "throughput against 0.62x for sync in the same bench rounds). See README \"Capture modes\".")
+        "narrow change log, and apply replays it into the twin (lag to drain; measured 0.60x of the writes' "
+        "throughput against 0.45x for sync in the same bench rounds, 0.91x while the replay waits). See README "
+        "\"Capture modes\".")
     replay_batch: int = Field(2000, ge=1, le=1_000_000, description="Async: log rows replayed per transaction.")
+    replay_throttled: bool = Field(
+        True, description="Async: the replay waits, like the backfill, while the server says it is overloaded: "
+        "replica lag, WAL retained by slots, the throttle query or flag file (never for pause, nor for its own "
+        "lag). Its writes into the twin are the async mode's cost; held, they wait for a quieter moment, as "
+        "gh-ost's binlog apply does. The cutover's gates wait too.")
     max_pending_at_cutover: int = Field(
         2000, ge=0, le=10_000_000, description="Async: the cutover takes its lock only once at most this many "
         "changes wait in the log (a readiness gate).")
@@ -305,6 +311,10 @@ class Throttle(_Strict):
         60.0, gt=0, description="Async capture: pause the backfill while the oldest change waiting in the change "
         "log is older than this (the replay is falling behind; the backfill gives it the server back). "
         "Ignored in sync mode.")
+    max_active_sessions: int | None = Field(
+        None, ge=1, description="Pause while more than this many sessions of the database are running a "
+        "statement (state 'active', orchestrate's own excluded): the server's load, as gh-ost's max-load "
+        "Threads_running. Needs pg_monitor (fails closed without it).")
     query: str | None = Field(None, description="Operator's SQL: throttle while it returns true.")
     flag_file: str | None = Field(None, description="Throttle while this file exists.")
     replicas: list[str] = Field(default_factory=list, description="Replica DSNs to watch (plus --replica-dsn).")

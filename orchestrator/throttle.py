@@ -26,6 +26,9 @@ Signals, each with the reason string that status, the progress line and the even
 - fail closed (``replica host:port/db unreachable: ...``): a configured replica that cannot
   be read throttles the run; so do failing checks on the primary.
 - WAL retained by replication slots above ``max_slot_retained_bytes``.
+- more than ``max_active_sessions`` sessions of this database running a statement (the
+  server's load, as gh-ost's max-load ``Threads_running``; ours excluded; fails closed
+  without pg_monitor like the next two).
 - a transaction older than ``max_xact_age_s`` in this database (our own sessions, whose
   backend pids this process opened, are not counted; without pg_monitor these checks fail
   closed: throttled, with the missing grant as the reason).
@@ -41,7 +44,8 @@ Every backfill worker calls :meth:`Throttler.wait` before each batch. Checks are
 worker sleeps with exponential backoff capped at ``backoff_max_s`` and checks again (an
 operator's resume or a changed threshold wakes it at once). The capture trigger is not
 affected by any of this: while the backfill waits, the application's writes keep reaching
-the twin.
+the twin (sync) or the change log (async). Async capture's replay waits too on the load
+signals (:data:`REPLAY_HOLDS`, ``capture.replay_throttled``), as gh-ost's binlog apply does.
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ HEARTBEAT_INTERVAL_S = 0.5
 FIRST_BACKOFF_S = 0.25
 CHECK_STATEMENT_TIMEOUT_MS = 5000
 XMIN_HORIZON = probes.XMIN_HORIZON_SQL  # what holds back vacuum's horizon: orchestrator/sql/probes.py
-TRIGGERS_NOTE = "the capture trigger still runs: writes keep reaching the twin"
+TRIGGERS_NOTE = "the capture trigger still runs: no write is lost"
 
 
 # Replica lag, read the same way by the throttle, the cutover's gate (LagProbe) and, on a
@@ -89,6 +93,16 @@ def primary_lag(conn: psycopg.Connection) -> tuple[float, int | None, int]:
     return float(lag), (None if behind is None else int(behind)), int(n)
 
 
+#: The signals that hold async capture's replay too (``capture.replay_throttled``): the ones
+#: that say the server is overloaded, which the replay's own writes would add to (WAL that
+#: replicas and slots must take, sessions competing for the CPUs, the load the operator's query
+#: or flag file watches). Not the
+#: operator's pause (it holds only the backfill), nor the replay's own lag, nor the signals
+#: about other sessions' transactions or about checks that failed: holding the replay for
+#: those would relieve nothing.
+REPLAY_HOLDS = frozenset({"lag", "slot", "active", "query", "flag"})
+
+
 @dataclass(frozen=True)
 class ThrottleState:
     """The last decision: what progress, status and metrics show."""
@@ -99,6 +113,9 @@ class ThrottleState:
     lag_bytes: int | None = None
     paused: bool = False
     critical: str | None = None
+    # The reasons that also hold async capture's replay (load signals: replica lag, slots,
+    # the operator's query and flag file), or None; see REPLAY_HOLDS.
+    holds_replay: str | None = None
     checked_at: float = 0.0  # time.monotonic() of the evaluation; 0 = never
 
     def as_dict(self) -> dict:
@@ -319,11 +336,16 @@ class Throttler:
                             and w_retained > s.max_slot_retained_bytes:
                         reasons.append((f"slot {node}", f"slot {w_slot} on worker {node} retains {w_retained} "
                                                         f"bytes of WAL > {s.max_slot_retained_bytes}"))
-            blind = (s.max_xact_age_s is not None or s.max_xmin_age is not None) and not self._sees_all(conn)
+            blind = (s.max_xact_age_s is not None or s.max_xmin_age is not None
+                     or s.max_active_sessions is not None) and not self._sees_all(conn)
             if blind:
                 # Other roles' transactions read as NULL without pg_read_all_stats: fail closed.
-                reasons.append(("blind", "max_xact_age_s / max_xmin_age cannot see other roles' transactions: "
-                                         + MONITOR_HINT))
+                reasons.append(("blind", "max_xact_age_s / max_xmin_age / max_active_sessions cannot see other "
+                                         "roles' sessions: " + MONITOR_HINT))
+            if s.max_active_sessions is not None and not blind:
+                active = conn.execute(probes.ACTIVE_SESSIONS_SQL, (own_pids(),)).fetchone()[0]
+                if active > s.max_active_sessions:
+                    reasons.append(("active", f"{active} sessions running a statement > {s.max_active_sessions}"))
             if s.max_xact_age_s is not None and not blind:
                 row = conn.execute(probes.OLDEST_XACT_SQL, (own_pids(),)).fetchone()
                 if row and row[2] > s.max_xact_age_s:
@@ -359,8 +381,10 @@ class Throttler:
         if self.critical_s is not None and lag is not None and lag > self.critical_s:
             critical = (f"replica lag {lag:.1f}s{lag_on} passed the critical threshold {self.critical_s:g}s: "
                         "backfill stopped to protect the replicas (run apply again to resume)")
+        holds = [t for k, t in reasons if k in REPLAY_HOLDS or k.startswith("slot ")]
         state = ThrottleState(
             throttled=bool(reasons) or critical is not None,
+            holds_replay="; ".join(holds) or None,
             reason="; ".join(t for _, t in reasons) or (critical and "critical replica lag"),
             lag_s=None if lag is None else round(lag, 3),
             lag_bytes=lag_bytes,

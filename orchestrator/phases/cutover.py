@@ -421,6 +421,8 @@ def cutover_gates(ctx: Context, probe: LagProbe | None = None) -> list[dict]:
         cap = plan.capture.max_pending_at_cutover
         replayer = ctx.options.get("replayer")
         why = f"; replay: {replayer.error}" if replayer is not None and replayer.error else ""
+        if replayer is not None and replayer.waiting:
+            why += f"; replay waits: {replayer.waiting}"
         add(GATE_DRAINED, pending <= cap,
             f"{pending} change(s) pending (oldest {oldest:.1f}s), at most {cap} wanted{why}", True)
     limit = plan.cutover.max_blocker_age_s

@@ -11,7 +11,8 @@ from __future__ import annotations
 from orchestrator.sql.compose import SQL
 
 __all__ = ["REPLICA_LAG_SQL", "PRIMARY_LAG_SQL", "WORKER_SIGNALS_SQL", "SLOT_RETAINED_SQL", "OLDEST_XACT_SQL",
-           "XMIN_HORIZON_SQL", "HEARTBEAT_EXISTS_SQL", "HEARTBEAT_LAG_SQL", "SINCE_FIRST_BEAT_SQL"]
+           "XMIN_HORIZON_SQL", "ACTIVE_SESSIONS_SQL", "HEARTBEAT_EXISTS_SQL", "HEARTBEAT_LAG_SQL",
+           "SINCE_FIRST_BEAT_SQL"]
 
 # On a standby: the age of the last replayed commit while WAL is received but not yet
 # replayed, else 0 (nothing to replay: the age of an old commit is not lag).
@@ -48,6 +49,12 @@ SLOT_RETAINED_SQL = SQL(
 
 # The oldest open transaction of a client in this database: (pid, application_name, age in
 # seconds). Parameter: orchestrate's own backend pids (not counted).
+# The server's load, as gh-ost's max-load: sessions of this database running a statement,
+# ours excluded (their backend pids). Other roles' state reads NULL without pg_read_all_stats.
+ACTIVE_SESSIONS_SQL = SQL(
+    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
+    "AND datname = current_database() AND backend_type = 'client backend' AND pid <> ALL (%s::int[])")
+
 OLDEST_XACT_SQL = SQL(
     "SELECT pid, coalesce(application_name, ''), "
     "extract(epoch FROM clock_timestamp() - xact_start)::float8 "

@@ -456,10 +456,25 @@ def test_status_and_metrics_show_the_replay_lag(copied, dsn: str, conn: psycopg.
     assert runner.status(copied, dsn).data["replay"]["pending"] == 0
 
 
+def _apply_with_replay(tmp_path, path, dsn: str, conn: psycopg.Connection):
+    """``apply --until backfill`` in the background, once it reports its replay thread."""
+    from helpers import apply_log, live, start_apply, stop
+
+    proc = start_apply(tmp_path, path, dsn, "--until", "backfill")
+    try:
+        wait_until(lambda: proc.poll() is not None or live(conn).get("replay_pending") is not None, timeout=90,
+                   message="apply never reported the replay")
+        assert proc.poll() is None, apply_log(proc)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc
+
+
 def test_pause_holds_the_backfill_not_the_replay(dsn: str, conn: psycopg.Connection, tmp_path) -> None:
     import yaml
 
-    from helpers import apply_log, live, rows_copied, run_cli, start_apply, stop
+    from helpers import apply_log, live, rows_copied, run_cli, stop
 
     create_orders(conn, TABLE, rows=3000, days=20, end=END, seed=4)
     path = tmp_path / "plan.yaml"
@@ -468,11 +483,8 @@ def test_pause_holds_the_backfill_not_the_replay(dsn: str, conn: psycopg.Connect
                                     "capture": {"mode": "async"}}))
     code, out, err = run_cli("pause", str(path), "--dsn", dsn)
     assert code == 0, err
-    proc = start_apply(tmp_path, path, dsn, "--until", "backfill")
+    proc = _apply_with_replay(tmp_path, path, dsn, conn)
     try:
-        wait_until(lambda: proc.poll() is not None or live(conn).get("replay_pending") is not None, timeout=90,
-                   message="apply never reported the replay")
-        assert proc.poll() is None, apply_log(proc)
         before = rows_copied(conn)
         ids = _ids(conn)
         conn.execute("UPDATE orders SET note = 'while paused' WHERE id = ANY(%s)", (ids[:40],))
@@ -483,6 +495,49 @@ def test_pause_holds_the_backfill_not_the_replay(dsn: str, conn: psycopg.Connect
         assert live(conn)["paused"] is True
         code, out, err = run_cli("resume", str(path), "--dsn", dsn)
         assert code == 0, err
+        assert proc.wait(180) == 0, apply_log(proc)
+    finally:
+        stop(proc)
+    drain(conn)
+    assert _diff(conn) == 0
+
+
+@pytest.mark.parametrize("throttled", [True, False])
+def test_load_signals_hold_the_replay_and_nothing_is_lost(dsn: str, conn: psycopg.Connection, tmp_path,
+                                                          throttled: bool) -> None:
+    """The throttle's flag file (a load signal) holds the replay too, unless
+    capture.replay_throttled is off (the control run: the same flag, the replay syncs)."""
+    import yaml
+
+    from helpers import apply_log, live, rows_copied, stop
+
+    create_orders(conn, TABLE, rows=3000, days=20, end=END, seed=4)
+    flag = tmp_path / "overloaded"
+    flag.touch()
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"table": TABLE, "partition_by": {"column": "created_at", "interval": "1 month"},
+                                    "backfill": {"batch_size": 50, "fixed_batch_size": True},
+                                    "throttle": {"flag_file": str(flag), "backoff_max_s": 1},
+                                    "capture": {"mode": "async", "replay_throttled": throttled}}))
+    proc = _apply_with_replay(tmp_path, path, dsn, conn)
+    try:
+        ids = _ids(conn)
+        conn.execute("UPDATE orders SET note = 'under load' WHERE id = ANY(%s)", (ids[:40],))
+        in_twin = f"SELECT count(*) FROM {TWIN} WHERE note = 'under load'"
+        if throttled:
+            wait_until(lambda: (live(conn).get("replay_waiting") or "").startswith("flag file"), timeout=60,
+                       message="status never said why the replay waits")
+            time.sleep(3)  # several replay rounds' worth of waiting
+            assert conn.execute(in_twin).fetchone()[0] == 0, "the replay ran while the flag held it"
+            assert _pending(conn) >= 40 and live(conn)["replay_pending"] >= 40
+        else:
+            wait_until(lambda: conn.execute(in_twin).fetchone()[0] == 40 and _pending(conn) == 0, timeout=60,
+                       message="the replay did not run under the flag with replay_throttled off")
+            assert live(conn).get("replay_waiting") is None
+        assert rows_copied(conn) == 0, "the backfill copied under the flag"
+        flag.unlink()
+        wait_until(lambda: conn.execute(in_twin).fetchone()[0] == 40, timeout=60,
+                   message="the replay did not resume once the flag was gone")
         assert proc.wait(180) == 0, apply_log(proc)
     finally:
         stop(proc)

@@ -115,7 +115,7 @@ def test_replica_lag_stops_the_backfill_and_caught_up_replay_lets_it_finish(clus
     events = conn.execute("SELECT message FROM orchestrate.events WHERE kind = 'throttle' ORDER BY id").fetchall()
     messages = [m for (m,) in events]
     assert sum(m.startswith("throttled: replica lag") for m in messages) == 2, messages
-    assert all("writes keep reaching the twin" in m for m in messages if m.startswith("throttled"))
+    assert all("the capture trigger still runs: no write is lost" in m for m in messages if m.startswith("throttled"))
     assert sum(m.startswith("resumed") for m in messages) == 2, messages
     log = apply_log(proc)
     assert "backfill throttled: replica lag" in log and "backfill resumes" in log
@@ -180,6 +180,7 @@ def test_throttler_hysteresis_and_critical_lag_on_a_paused_replica(cluster, dsn,
         cluster.pause_replay()
         st = wait_until(lambda: t.check().throttled and t.state, timeout=10)
         assert st.reason.startswith("replica lag ") and "> 1s" in st.reason, st.reason
+        assert st.holds_replay == st.reason  # a load signal: async capture's replay waits too
         assert st.critical is None
         stop = threading.Event()
         started = time.monotonic()
@@ -207,6 +208,7 @@ def test_throttler_slot_retention_and_old_transactions(dsn, conn):
         conn.execute("CREATE TABLE public.filler AS SELECT g, md5(g::text) AS m FROM generate_series(1, 60000) g")
         st = t.check(force=True)
         assert st.throttled and st.reason.startswith(f"slot {slot} retains "), st.reason
+        assert st.holds_replay == st.reason
         conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         assert not t.check(force=True).throttled, t.state.reason
 
@@ -219,6 +221,7 @@ def test_throttler_slot_retention_and_old_transactions(dsn, conn):
             time.sleep(1.3)
             st = t.check(force=True)
             assert st.throttled and "(reporting) open for" in st.reason and "> 1s" in st.reason, st.reason
+            assert st.holds_replay is None  # holding the replay would not end another session's transaction
             app.commit()
             assert not t.check(force=True).throttled, t.state.reason  # ours does not count
         finally:
@@ -244,10 +247,50 @@ def test_throttler_xmin_horizon(dsn, conn):
         assert st.throttled, st
         assert st.reason.startswith("oldest xmin is ") and f"(pid {report.info.backend_pid} (report)) > 25" in \
             st.reason, st.reason
+        assert st.holds_replay is None
         report.execute("ROLLBACK")
         assert not t.check(force=True).throttled, t.state.reason
     finally:
         report.close()
+        t.stop()
+
+
+def test_throttler_active_sessions_hold_backfill_and_replay(dsn, conn):
+    """The server's load as gh-ost's max-load: sessions running a statement, ours excluded."""
+    t = Throttler(Throttle(max_active_sessions=2, backoff_max_s=0.2), dsn, check_interval_s=0.05)
+    busy = [psycopg.connect(dsn, application_name=f"app-{i}", autocommit=True) for i in range(4)]
+    ours = psycopg.connect(dsn, application_name="orchestrate:other-run", autocommit=True)
+    our_pid = ours.info.backend_pid
+    OWN_PIDS.add(our_pid)  # ours by backend pid
+    threads = []
+    try:
+        assert not t.check(force=True).throttled, t.state.reason
+
+        def sleep_in(c: psycopg.Connection, seconds: float) -> None:
+            c.execute("SELECT pg_sleep(%s)", (seconds,))
+
+        # Ours and two of the application's: not more than 2 of theirs.
+        threads = [threading.Thread(target=sleep_in, args=(c, 4.0)) for c in (ours, *busy[:2])]
+        for th in threads:
+            th.start()
+        wait_until(lambda: conn.execute("SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
+                                        "AND query LIKE 'SELECT pg_sleep%%'").fetchone()[0] == 3, timeout=10)
+        assert not t.check(force=True).throttled, t.state.reason  # ours does not count
+        threads += [threading.Thread(target=sleep_in, args=(c, 3.0)) for c in busy[2:]]
+        for th in threads[3:]:
+            th.start()
+        st = wait_until(lambda: t.check(force=True).throttled and t.state, timeout=10)
+        assert st.reason == "4 sessions running a statement > 2", st.reason
+        assert st.holds_replay == st.reason  # a load signal: async capture's replay waits too
+        for th in threads:
+            th.join()
+        assert not t.check(force=True).throttled, t.state.reason
+    finally:
+        for th in threads:
+            th.join()
+        for c in (*busy, ours):
+            c.close()
+        OWN_PIDS.discard(our_pid)
         t.stop()
 
 

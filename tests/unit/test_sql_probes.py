@@ -10,7 +10,7 @@ def _text(statement) -> str:
 
 
 def test_every_probe_names_only_catalog_or_qualified_relations():
-    assert len(probes.__all__) == 9
+    assert len(probes.__all__) == 10
     for n in probes.__all__:
         assert unqualified_non_catalog(_text(getattr(probes, n))) == set(), n
 
@@ -21,5 +21,5 @@ def test_heartbeat_is_the_state_schemas():
 
 
 def test_own_sessions_are_a_parameter():
-    for statement in (probes.OLDEST_XACT_SQL, probes.XMIN_HORIZON_SQL):
+    for statement in (probes.OLDEST_XACT_SQL, probes.XMIN_HORIZON_SQL, probes.ACTIVE_SESSIONS_SQL):
         assert "pid <> ALL (%s::int[])" in text(statement)
