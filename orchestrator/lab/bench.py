@@ -150,6 +150,40 @@ class LoadSampler(threading.Thread):
                 "quiet": mean <= cores + 0.5}
 
 
+HELD = "async, replay waits on load"
+
+
+class _HeldReplay:
+    """apply's Replayer (orchestrator/changelog.py) under a Throttler whose one signal, a flag
+    file, is present for the whole run: an operator (or a cron job) marking peak hours. The
+    server's own figures (max_active_sessions, the throttle query, replica lag) hold it the
+    same way; on this machine pgbench's client shares the 2 cores, so its sessions mostly wait
+    for it (idle in transaction) and a count of active sessions does not see the load.
+    stop() returns the changes it replayed."""
+
+    def __init__(self, dsn: str, plan, mid: int, flag: Path):
+        from types import SimpleNamespace
+
+        from orchestrator.changelog import Replayer
+        from orchestrator.plan import Throttle
+        from orchestrator.sql import QualifiedName
+        from orchestrator.throttle import Throttler
+
+        self.flag = flag
+        flag.touch()
+        ctx = SimpleNamespace(dsn=dsn, plan=plan, function=lambda kind: QualifiedName("orchestrate", f"{kind}_{mid}"))
+        self.throttle = Throttler(Throttle(flag_file=str(flag), heartbeat=False), dsn)
+        self.replayer = Replayer(ctx, plan.capture.replay_batch, throttle=self.throttle).start()
+        self.waited_s = 0.0
+
+    def stop(self) -> int:
+        self.replayer.stop()
+        self.throttle.stop()
+        self.flag.unlink(missing_ok=True)
+        self.waited_s = self.replayer.waited_s
+        return self.replayer.replayed
+
+
 class Consumer:
     """A session looping over ``statements`` beside pgbench (each returns how many changes it
     took: a count, or an INSERT's row count), napping briefly when a loop took fewer than
@@ -594,9 +628,10 @@ class Bench:
                 "state": "after backfill (the twin holds every row, so the trigger's UPDATE finds it)"}
 
     def async_capture(self, dsn: str) -> dict:
-        """pgbench with no capture, sync capture and async capture, alternated (A B C A B C), on
-        one migration of its own (capture.mode async, backfilled), so the three share the table,
-        the twin and the moment. Sync: the dual-write trigger as capture installs it (under
+        """pgbench with no capture, an empty trigger, sync capture, async capture and async
+        capture with its replay waiting on the load, alternated (A B C D E A B C D E), on one migration of
+        its own (capture.mode async, backfilled), so they share the table, the twin and the
+        moment. Sync: the dual-write trigger as capture installs it (under
         another name). Async: while its trigger is on, a replay loop like apply's
         (orchestrator/changelog.py) runs in the same server, and the log is drained after each
         run, so the figure includes the replay's cost."""
@@ -614,28 +649,48 @@ class Bench:
         mid = int(self.sql(dsn, "SELECT max(id) FROM orchestrate.migrations", fetch=True)[0][0])
         replay = f"SELECT orchestrate.replay_{mid}(2000)"
         sync_fn, sync_trigger = QualifiedName("orchestrate", f"bench_sync_{mid}"), "orchestrate_bench_sync"
+        empty_fn, empty_trigger = QualifiedName("orchestrate", f"bench_empty_{mid}"), "orchestrate_bench_empty"
         with psycopg.connect(dsn, autocommit=True) as conn:
             shape = Context(plan=plan, dsn=dsn, conn=conn, store=None,  # type: ignore[arg-type]
                             migration=None).shape(inspect_table(conn, plan.table_name))
             conn.execute(sync_function(sync_fn, plan.twin, shape))
             for stmt in create_sync_triggers(plan.table_name, sync_trigger, sync_fn, sync_fn)[:1]:
                 conn.execute(stmt)
-        triggers = {"without": (), "sync": (sync_trigger,), "async": (FORWARD_TRIGGER,)}
+            # The floor of any trigger-based capture: a PL/pgSQL row trigger declared like
+            # capture's (AFTER, FOR EACH ROW, search_path pinned) whose body does nothing.
+            conn.execute(f"CREATE FUNCTION {empty_fn}() RETURNS trigger LANGUAGE plpgsql "
+                         "SET search_path = pg_catalog, pg_temp AS $$BEGIN RETURN NULL; END$$")
+            conn.execute(f"CREATE TRIGGER {ident(empty_trigger)} AFTER INSERT OR UPDATE OR DELETE ON {TABLE} "
+                         f"FOR EACH ROW EXECUTE FUNCTION {empty_fn}()")
+        # "async, replay waits on load": the same trigger, replayed by apply's own Replayer
+        # under a throttle that holds it (capture.replay_throttled; _HeldReplay): what the
+        # writers pay in their own transactions while the twin's writes wait for a quieter moment.
+        triggers = {"without": (), "empty trigger": (empty_trigger,), "sync": (sync_trigger,),
+                    "async": (FORWARD_TRIGGER,), HELD: (FORWARD_TRIGGER,)}
         runs = []
         try:
-            for i, mode in enumerate(("without", "sync", "async") * 2):
-                for name in (sync_trigger, FORWARD_TRIGGER):
+            rounds = 2 if self.quick else 3
+            for i, mode in enumerate(tuple(triggers) * rounds):
+                for name in (sync_trigger, FORWARD_TRIGGER, empty_trigger):
                     state = "ENABLE ALWAYS" if name in triggers[mode] else "DISABLE"
                     self.sql(dsn, f"ALTER TABLE {TABLE} {state} TRIGGER {ident(name)}")
+                # The previous run's dead rows (its updates, the drained log's upserts) are
+                # vacuumed now, so no autovacuum worker takes the CPUs during this run.
+                self.sql(dsn, f"VACUUM {TABLE}, {plan.twin}, public.orders_changes")
                 self.sql(dsn, "CHECKPOINT")
-                loop = Consumer(dsn, [replay]) if mode == "async" else None
+                loop: Consumer | _HeldReplay | None = None
+                if mode == "async":
+                    loop = Consumer(dsn, [replay])
+                elif mode == HELD:
+                    loop = _HeldReplay(dsn, plan, mid, self.workdir / "peak")
                 try:
                     r = self.pgbench(dsn, self.pgbench_seconds, self.rows)
                 finally:
                     replayed = loop.stop() if loop else 0
                 pending = self.count(dsn, "public.orders_changes")
-                runs.append({"round": i // 3 + 1, "capture": mode, "tps": r["tps"], "failed": r["failed"],
-                             "replayed_during_run": replayed, "pending_after_run": pending})
+                runs.append({"round": i // len(triggers) + 1, "capture": mode, "tps": r["tps"], "failed": r["failed"],
+                             "replayed_during_run": replayed, "pending_after_run": pending,
+                             "replay_waited_s": round(getattr(loop, "waited_s", 0.0), 1)})
                 self.say(f"pgbench {mode} capture: {r['tps']:.0f} tps" +
                          (f" (replayed {replayed:,} changes, {pending:,} pending at the end)" if loop else ""))
                 while self.sql(dsn, replay, fetch=True)[0][0]:
@@ -644,12 +699,19 @@ class Bench:
             from orchestrator.runner import rollback
 
             self.sql(dsn, f"DROP TRIGGER IF EXISTS {ident(sync_trigger)} ON {TABLE}")
+            self.sql(dsn, f"DROP TRIGGER IF EXISTS {ident(empty_trigger)} ON {TABLE}")
             self.sql(dsn, f"DROP FUNCTION IF EXISTS {sync_fn}()")
+            self.sql(dsn, f"DROP FUNCTION IF EXISTS {empty_fn}()")
             rollback(plan, dsn)
         med = {m: statistics.median(r["tps"] for r in runs if r["capture"] == m) for m in triggers}
         ratio = round(med["async"] / med["without"], 3) if med["without"] else 0.0
+        held = med[HELD]
+        empty = med["empty trigger"]
         return {"runs": runs, "tps_without": round(med["without"], 1), "tps_sync": round(med["sync"], 1),
-                "tps_async": round(med["async"], 1), "ratio": ratio,
+                "tps_async": round(med["async"], 1), "ratio": ratio, "tps_async_held": round(held, 1),
+                "held_ratio": round(held / med["without"], 3) if med["without"] else 0.0,
+                "tps_empty_trigger": round(empty, 1),
+                "empty_trigger_ratio": round(empty / med["without"], 3) if med["without"] else 0.0,
                 "sync_ratio": round(med["sync"] / med["without"], 3) if med["without"] else 0.0,
                 "target": TARGETS["async_capture"], "pass": ratio >= TARGETS["async_capture"],
                 "replay": "one session, batches of 2,000 log rows, looping while pgbench runs"}
@@ -816,20 +878,29 @@ def render_markdown(r: dict) -> str:
         f"Ratio with / without: **{d['ratio']:.2f}x** ({verdict(d['pass'])}, target {d['target']:.2f}x).",
         "",
         "No capture, sync capture and async capture (`capture: {mode: async}`) side by side: the same script on "
-        "a migration of its own, alternated A B C A B C. Async: the trigger only appends keys to the change "
-        "log while a replay loop (apply's, one session) syncs them into the twin in the same server; the log "
-        "is drained after each run.",
+        "a migration of its own, alternated A B C D E, three times (twice with --quick), each run after a VACUUM "
+        "of the table, the twin and the log. Async: the trigger only appends keys to the "
+        "change log while a replay loop (apply's, one session) syncs them into the twin in the same server; "
+        "the log is drained after each run. \"Async, replay waits on load\": the same trigger, replayed by "
+        "apply's own replay thread under a throttle that holds it for the run (`capture.replay_throttled`; the "
+        "signal is a flag file, as an operator marks peak hours; replica lag, `max_active_sessions` or the "
+        "throttle query hold it the same way): the figure is what the writers pay in their own transactions "
+        "while the twin's writes wait for a quieter moment. "
+        "\"Empty trigger\": a PL/pgSQL row trigger declared like capture's (AFTER, FOR EACH ROW, "
+        "search_path pinned) whose body only returns: the floor of any trigger-based capture.",
         "",
-        "| Run | Capture | tps | replayed during the run | pending at its end |",
-        "|---:|---|---:|---:|---:|",
+        "| Run | Capture | tps | replayed during the run | replay held (s) | pending at its end |",
+        "|---:|---|---:|---:|---:|---:|",
     ]
     for i, x in enumerate(d["async"]["runs"], 1):
         lines.append(f"| {i} | {x['capture']} | {x['tps']:,.0f} | {x['replayed_during_run']:,} | "
-                     f"{x['pending_after_run']:,} |")
+                     f"{x.get('replay_waited_s', 0):g} | {x['pending_after_run']:,} |")
     lines += [
         "",
         f"Ratio async / without: **{d['async']['ratio']:.2f}x** ({verdict(d['async']['pass'])}, target "
-        f"{d['async']['target']:.2f}x); sync / without in the same rounds: {d['async']['sync_ratio']:.2f}x.",
+        f"{d['async']['target']:.2f}x); sync / without in the same rounds: {d['async']['sync_ratio']:.2f}x; "
+        f"async with the replay waiting on the load / without: {d['async'].get('held_ratio', 0):.2f}x; "
+        f"an empty trigger / without: {d['async'].get('empty_trigger_ratio', 0):.2f}x.",
         "",
         "## 3. Cutover",
         "",
@@ -886,9 +957,10 @@ def render_markdown(r: dict) -> str:
     if load and not load.get("quiet"):
         lines += ["## Caveat: a busy machine", "",
                   f"The 1-minute load average during this run was {load['loadavg_1m_mean']:.1f} on average "
-                  f"(max {load['loadavg_1m_max']:.1f}) on {load['cores']} cores, more than the benchmark's own "
-                  "processes explain: other work shared the CPUs, so absolute figures are low and ratios noisy. "
-                  "Re-run on a quiet machine for reference numbers.",
+                  f"(max {load['loadavg_1m_max']:.1f}) on {load['cores']} cores, above the bench's rule for a quiet "
+                  "machine (the cores plus 0.5). Its own pgbench clients, servers and copies load the machine too; if "
+                  "other work shared the CPUs, absolute figures are low and ratios noisy. Ratios compare runs of "
+                  "this one run, alternated; re-run on a quiet machine for reference numbers.",
                   ""]
     if r.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in r["notes"]] + [""]

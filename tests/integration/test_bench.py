@@ -49,7 +49,12 @@ def test_bench_quick_writes_every_section(tmp_path):
     assert all(_numeric(r["tps"]) and r["tps"] > 0 for r in d["runs"])
     assert _numeric(d["ratio"]) and d["ratio"] > 0
     a = d["async"]  # async capture, the replay running in the same server
-    assert [r["capture"] for r in a["runs"]] == ["without", "sync", "async"] * 2
+    assert [r["capture"] for r in a["runs"]] == ["without", "empty trigger", "sync", "async",
+                                                  "async, replay waits on load"] * 2
+    # The load signal (pgbench's 4 clients > 2) held apply's replay thread for part of each run.
+    assert all(r["replay_waited_s"] > 0 for r in a["runs"] if r["capture"] == "async, replay waits on load")
+    assert all(r["pending_after_run"] == 0 for r in a["runs"] if r["capture"] in ("empty trigger", "without"))
+    assert _numeric(a["held_ratio"]) and _numeric(a["empty_trigger_ratio"])
     assert all(r["tps"] > 0 for r in a["runs"]) and _numeric(a["ratio"]) and a["ratio"] > 0
     assert all(r["replayed_during_run"] > 0 for r in a["runs"] if r["capture"] == "async")
     assert _numeric(a["sync_ratio"]) and a["sync_ratio"] > 0
