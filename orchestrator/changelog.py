@@ -230,6 +230,9 @@ class Replayer:
         self.waiting: str | None = None  # why the throttle holds the replay, while it does
         self.waited_s = 0.0  # seconds held so far
         self._lag_read = 0.0  # time.monotonic() of the last lag read while held
+        # Set by the cutover once its gates passed: from then on the replay drains whatever the
+        # load (holding it would only make every lock attempt find too much to replay).
+        self.draining = False
         self._mutex = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="replay", daemon=True)
@@ -256,6 +259,7 @@ class Replayer:
                 if conn is None or conn.closed:
                     conn = connect(self.ctx.dsn, "replay", autocommit=True)
                 if self._hold(conn):
+                    self.error = None
                     continue
                 with self._mutex:
                     if not exists(conn, self.ctx):
@@ -285,7 +289,7 @@ class Replayer:
     def _hold(self, conn: psycopg.Connection) -> bool:
         """True while the throttle holds the replay (after a short wait, the log's figures
         read again so status shows the lag growing); logs when the hold starts and ends."""
-        reason = self.throttle.check().holds_replay if self.throttle is not None else None
+        reason = self.throttle.peek().holds_replay if self.throttle is not None and not self.draining else None
         if reason != self.waiting:
             if reason:
                 logger.warning("replay waits: {} (the changes stay in the change log)", reason)

@@ -22,7 +22,7 @@ plan's value, ``off`` turns an optional signal off):
   (setting only the pause threshold resumes at half of it), ``critical_replica_lag_s``,
   ``max_slot_retained_bytes``, ``max_xact_age_s``, ``max_xmin_age``, ``max_replay_lag_s``, ``max_active_sessions``,
   ``query``, ``flag_file``
-  (these seven accept ``off``) and ``backoff_max_s``. They take effect at the next check (half a second);
+  (these eight accept ``off``) and ``backoff_max_s``. They take effect at the next check (half a second);
   workers asleep in their backoff are woken to check again.
 - ``paused`` (through ``orchestrate pause`` / ``resume``): the backfill waits before its next
   batch with the throttle reason ``paused by operator``; the capture trigger keeps running.

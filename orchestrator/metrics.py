@@ -132,6 +132,7 @@ class LiveFigures:
             out["replay_error"] = r.error
             out["replay_waiting"] = r.waiting
             out["replay_waited_s"] = round(r.waited_s, 1)
+            out["replay_held"] = bool(r.waiting)
         out["pid"] = os.getpid()
         out["active"] = True
         return out
@@ -190,6 +191,8 @@ _REPLAY_FAMILIES = (  # async capture only
     ("orchestrate_replay_lag_seconds", "gauge", "Age of the oldest change waiting in the change log.",
      "replay_lag_s"),
     ("orchestrate_replayed", "counter", "Changes replayed into the twin by this run.", "replayed"),
+    ("orchestrate_replay_held", "gauge", "1 while a load signal holds the replay (capture.replay_throttled).",
+     "replay_held"),
 )
 
 

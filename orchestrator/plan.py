@@ -271,15 +271,16 @@ class Capture(_Strict):
     mode: Literal["sync", "async"] = Field(
         "sync", description="'sync': a trigger writes the twin in the writer's transaction (no lag; costs the "
         "writer a write into an equally indexed table). 'async': the trigger appends the changed row's key to a "
-        "narrow change log, and apply replays it into the twin (lag to drain; measured 0.60x of the writes' "
-        "throughput against 0.45x for sync in the same bench rounds, 0.91x while the replay waits). See README "
+        "narrow change log, and apply replays it into the twin (lag to drain; measured 0.62x of the writes' "
+        "throughput against 0.47x for sync in the same bench rounds, 0.84x while the replay waits). See README "
         "\"Capture modes\".")
     replay_batch: int = Field(2000, ge=1, le=1_000_000, description="Async: log rows replayed per transaction.")
     replay_throttled: bool = Field(
         True, description="Async: the replay waits, like the backfill, while the server says it is overloaded: "
-        "replica lag, WAL retained by slots, the throttle query or flag file (never for pause, nor for its own "
-        "lag). Its writes into the twin are the async mode's cost; held, they wait for a quieter moment, as "
-        "gh-ost's binlog apply does. The cutover's gates wait too.")
+        "replica lag, WAL retained by slots, max_active_sessions, the throttle query or flag file (never for "
+        "pause, nor for its own lag, nor once the cutover's gates have passed). Its writes into the twin are "
+        "the async mode's cost; held, they wait for a quieter moment, as gh-ost's binlog apply does. The "
+        "cutover's gates wait too.")
     max_pending_at_cutover: int = Field(
         2000, ge=0, le=10_000_000, description="Async: the cutover takes its lock only once at most this many "
         "changes wait in the log (a readiness gate).")

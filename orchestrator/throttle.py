@@ -193,6 +193,8 @@ class Throttler:
         self._heartbeat = Ticker("throttle-heartbeat", self.heartbeat_interval_s, self._beat)
         self._hb_started: datetime | None = None  # primary time of this run's first beat
         self._hb_ok_at = 0.0
+        self._refresher: threading.Thread | None = None  # peek()'s evaluation, off the caller's thread
+        self._refresher_lock = threading.Lock()
 
     # --- life cycle -------------------------------------------------------------------
     def start(self) -> Throttler:
@@ -258,6 +260,24 @@ class Throttler:
             self._record(state, keys)
             self._state = state
             return state
+
+    def peek(self) -> ThrottleState:
+        """The last decision, without waiting: a stale one is re-evaluated on a short-lived
+        thread, so a slow check (an unreachable replica's connect timeout, a statement timeout)
+        never stalls the caller (async capture's replay, which must not slow down for a signal
+        that does not hold it)."""
+        if time.monotonic() - self._state.checked_at >= self.check_interval_s:
+            with self._refresher_lock:
+                if self._refresher is None or not self._refresher.is_alive():
+                    self._refresher = threading.Thread(target=self._refresh, name="throttle-check", daemon=True)
+                    self._refresher.start()
+        return self._state
+
+    def _refresh(self) -> None:
+        try:
+            self.check()
+        except Exception as e:  # a thread of its own: say it, the next peek tries again
+            logger.warning("throttle check failed: {}", _first_line(e))
 
     def wait(self, stop: threading.Event, leave: Callable[[], bool] | None = None) -> bool:
         """True when the next batch may run; False when `stop` is set or `leave()` turns true
@@ -381,7 +401,10 @@ class Throttler:
         if self.critical_s is not None and lag is not None and lag > self.critical_s:
             critical = (f"replica lag {lag:.1f}s{lag_on} passed the critical threshold {self.critical_s:g}s: "
                         "backfill stopped to protect the replicas (run apply again to resume)")
-        holds = [t for k, t in reasons if k in REPLAY_HOLDS or k.startswith("slot ")]
+        # A lag gate that is shut while the lag is unknown (a replica unreachable since) does
+        # not hold the replay: nothing says the server is loaded, and nothing would reopen it.
+        holds = [t for k, t in reasons
+                 if (k in REPLAY_HOLDS or k.startswith("slot ")) and not (k == "lag" and lag is None)]
         state = ThrottleState(
             throttled=bool(reasons) or critical is not None,
             holds_replay="; ".join(holds) or None,

@@ -94,6 +94,8 @@ def status_text(data: dict) -> str:
         lines.append(f"           {state}; figures of {str(live.get('updated_at', '?'))[:19]}"
                      + ("; paused: the capture trigger keeps writes flowing to the twin" if live.get("paused")
                         else ""))
+        if live.get("replay_waiting"):
+            lines.append(f"           replay waits: {live['replay_waiting']} (changes wait in the log)")
     for w in data.get("warnings", []):
         lines.append(f"warning    {w}")
     lines.append("phases")

@@ -54,10 +54,9 @@ resume_cmd = _pause_switch("resume", False, "Undo `orchestrate pause`: the backf
 def set_cmd(plan_file: str, assignments: tuple[str, ...], dsn: str | None, output: str) -> None:
     """Change a running migration: batch_size (or auto), workers, target_batch_seconds,
     sleep_ratio, and every throttle setting (max_replica_lag_s, resume_replica_lag_s,
-    critical_replica_lag_s, max_slot_retained_bytes, max_xact_age_s, max_xmin_age, max_replay_lag_s, query,
-    flag_file,
-    backoff_max_s). `default` returns a setting to the plan; `off` turns an optional
-    signal off."""
+    critical_replica_lag_s, max_slot_retained_bytes, max_xact_age_s, max_xmin_age, max_replay_lag_s,
+    max_active_sessions, query, flag_file, backoff_max_s). `default` returns a setting to the plan;
+    `off` turns an optional signal off."""
     settings = parse_assignments(assignments)
     table, result, live = _set(plan_file, dsn, settings)
     emit(Outcome(f"{table}: set {describe(settings)}{_tail(live)}", {"table": table, "controls": result}), output)

@@ -653,6 +653,11 @@ class Cutover:
         self.ensure_partitions(ctx)
         ctx.refresh()
         self.wait_for_gates(ctx)
+        replayer = ctx.options.get("replayer")
+        if replayer is not None:
+            # The gates waited for the load to pass; from here the replay drains whatever it is
+            # (held, every lock attempt would find too much to replay and roll back).
+            replayer.draining = True
         self.carry_storage_parameters(ctx)
         self.prepare_partitions(ctx)
         fidelity.add_not_valid_checks(ctx)
@@ -719,7 +724,6 @@ class Cutover:
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done
 
-        replayer = ctx.options.get("replayer")
         try:
             # The replay thread stays out of each attempt (it would queue behind our lock), and
             # catches up between attempts.

@@ -187,13 +187,28 @@ END
         cols=cols(shape.columns), src=name(src), batch_rows=in_batch("t"), twin_key=cols(tk), conflict=conflict)
 
 
+#: Below this distance between the log's lowest and highest sequence numbers the lag
+#: function counts the log exactly (a scan of at most this many narrow rows).
+LAG_EXACT_SPAN = 100_000
+
+
 def lag_function(fn: QualifiedName, log: QualifiedName) -> Composed:
-    """``fn() -> (pending bigint, oldest_s float8)``: log rows waiting and the age of the oldest."""
+    """``fn() -> (pending bigint, oldest_s float8)``: log rows waiting, and the age of the next
+    one to replay (the lowest sequence number). Read every half second by the throttle and
+    status, so it never scans a large log: the bounds come from the sequence's index, and the
+    exact count only when they are less than LAG_EXACT_SPAN apart (beyond, their distance: an
+    upper bound, since rolled-back writers and out-of-order commits leave gaps)."""
+    seq = col(SEQ)
     return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}(OUT pending bigint, OUT oldest_s double precision)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS {q}
-SELECT pg_catalog.count(*), coalesce(extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
-       pg_catalog.min({at}))::double precision, 0) FROM {log}
-{q}"""), fn=name(fn), at=col(AT), log=name(log))
+SELECT CASE WHEN b.lo IS NULL THEN 0
+            WHEN b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.<) {span}
+            THEN (SELECT pg_catalog.count(*) FROM {log})
+            ELSE b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.+) 1 END,
+       coalesce(extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+       (SELECT {at} FROM {log} ORDER BY {seq} LIMIT 1))::double precision, 0)
+  FROM (SELECT pg_catalog.min({seq}) AS lo, pg_catalog.max({seq}) AS hi FROM {log}) b
+{q}"""), fn=name(fn), at=col(AT), seq=seq, log=name(log), span=Literal(LAG_EXACT_SPAN))
 
 
 def pending_filter(shape: Shape, log: QualifiedName, table: QualifiedName) -> Composed:

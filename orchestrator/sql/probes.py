@@ -49,12 +49,6 @@ SLOT_RETAINED_SQL = SQL(
 
 # The oldest open transaction of a client in this database: (pid, application_name, age in
 # seconds). Parameter: orchestrate's own backend pids (not counted).
-# The server's load, as gh-ost's max-load: sessions of this database running a statement,
-# ours excluded (their backend pids). Other roles' state reads NULL without pg_read_all_stats.
-ACTIVE_SESSIONS_SQL = SQL(
-    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
-    "AND datname = current_database() AND backend_type = 'client backend' AND pid <> ALL (%s::int[])")
-
 OLDEST_XACT_SQL = SQL(
     "SELECT pid, coalesce(application_name, ''), "
     "extract(epoch FROM clock_timestamp() - xact_start)::float8 "
@@ -62,6 +56,12 @@ OLDEST_XACT_SQL = SQL(
     "AND datname = current_database() AND backend_type = 'client backend' "
     "AND pid <> ALL (%s::int[]) "
     "ORDER BY xact_start LIMIT 1")
+
+# The server's load, as gh-ost's max-load: sessions of this database running a statement,
+# ours excluded (their backend pids). Other roles' state reads NULL without pg_read_all_stats.
+ACTIVE_SESSIONS_SQL = SQL(
+    "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid() "
+    "AND datname = current_database() AND backend_type = 'client backend' AND pid <> ALL (%s::int[])")
 
 # What holds back vacuum's horizon in this database, oldest first: a session's snapshot (a
 # walsender's too: hot_standby_feedback without a slot), a replication slot, a prepared

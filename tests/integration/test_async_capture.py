@@ -456,6 +456,24 @@ def test_status_and_metrics_show_the_replay_lag(copied, dsn: str, conn: psycopg.
     assert runner.status(copied, dsn).data["replay"]["pending"] == 0
 
 
+def test_replay_lag_of_a_large_log_is_read_from_its_bounds(copied, dsn: str, conn: psycopg.Connection) -> None:
+    """Exact while the sequence numbers waiting span less than LAG_EXACT_SPAN; beyond, their
+    distance (an upper bound), without a scan of the log; the age is the next change's."""
+    from orchestrator.sql.changelog import LAG_EXACT_SPAN
+
+    conn.execute("UPDATE orders SET amount = amount + 1 WHERE id = ANY(%s)", (_ids(conn)[:30],))
+    time.sleep(0.3)
+    assert runner.status(copied, dsn).data["replay"]["pending"] == 30
+    first = conn.execute(f"SELECT min(orchestrate_seq) FROM {LOG}").fetchone()[0]
+    conn.execute(f"ALTER TABLE {LOG} ALTER COLUMN orchestrate_seq RESTART WITH {first + LAG_EXACT_SPAN + 10}")
+    conn.execute("UPDATE orders SET amount = amount + 1 WHERE id = ANY(%s)", (_ids(conn)[:5],))
+    replay = runner.status(copied, dsn).data["replay"]
+    assert replay["pending"] == LAG_EXACT_SPAN + 10 + 5  # 35 rows: the bound, not the count
+    assert replay["oldest_s"] >= 0.3  # the first of the 30, by sequence number
+    drain(conn)
+    assert runner.status(copied, dsn).data["replay"] == {"pending": 0, "oldest_s": 0.0}
+
+
 def _apply_with_replay(tmp_path, path, dsn: str, conn: psycopg.Connection):
     """``apply --until backfill`` in the background, once it reports its replay thread."""
     from helpers import apply_log, live, start_apply, stop

@@ -96,8 +96,15 @@ def test_lag_and_verify():
     assert text(c.lag_function(fn, LOG)) == """CREATE OR REPLACE FUNCTION "orchestrate"."replay_lag_1"(OUT pending \
 bigint, OUT oldest_s double precision)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $orchestrate$
-SELECT pg_catalog.count(*), coalesce(extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
-       pg_catalog.min("orchestrate_at"))::double precision, 0) FROM "app"."Order Items_changes"
+SELECT CASE WHEN b.lo IS NULL THEN 0
+            WHEN b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.<) 100000
+            THEN (SELECT pg_catalog.count(*) FROM "app"."Order Items_changes")
+            ELSE b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.+) 1 END,
+       coalesce(extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
+       (SELECT "orchestrate_at" FROM "app"."Order Items_changes" ORDER BY "orchestrate_seq" LIMIT 1))::double \
+precision, 0)
+  FROM (SELECT pg_catalog.min("orchestrate_seq") AS lo, pg_catalog.max("orchestrate_seq") AS hi FROM \
+"app"."Order Items_changes") b
 $orchestrate$"""
     assert text(c.lag_query(fn)) == 'SELECT * FROM "orchestrate"."replay_lag_1"()'
     assert text(c.replay_call(QualifiedName("orchestrate", "replay_1"))) == 'SELECT "orchestrate"."replay_1"(%s)'

@@ -205,3 +205,56 @@ def test_status_text_shows_the_live_figures_as_a_progress_line():
             "lag 0.4s | THROTTLED: paused by operator") in text, text
     assert ("apply running (pid 4242); figures of 2026-11-21T10:00:01; paused: the capture trigger keeps writes "
             "flowing to the twin") in text, text
+
+
+def test_peek_never_waits_for_a_slow_check():
+    """The replay reads the throttle with peek(): a check that hangs (an unreachable replica's
+    connect timeout) runs on a thread of its own while peek returns the last decision."""
+    t = Throttler(Throttle(heartbeat=False), "host=127.0.0.1 port=1 dbname=x", check_interval_s=0.0)
+    release, evaluating = threading.Event(), threading.Event()
+    held = ThrottleState(throttled=True, reason="flag file f exists", holds_replay="flag file f exists")
+
+    def slow_evaluate():
+        evaluating.set()
+        release.wait(30)
+        return held, ("flag",)
+
+    t._evaluate = slow_evaluate  # type: ignore[method-assign]
+    t._record = lambda state, keys: None  # type: ignore[method-assign]
+    got: list[ThrottleState] = []
+    reader = threading.Thread(target=lambda: got.extend(t.peek() for _ in range(3)))
+    reader.start()
+    assert evaluating.wait(10), "peek did not start a check"
+    reader.join(10)
+    assert not reader.is_alive() and len(got) == 3, "peek waited for the check"
+    assert all(s.holds_replay is None for s in got)  # the last decision: not evaluated yet
+    release.set()
+    deadline = time.monotonic() + 10
+    while t.state is not held and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert t.peek() is held  # the check's result, once it came
+
+
+def test_replay_waits_while_held_and_not_once_the_cutover_drains():
+    from types import SimpleNamespace
+
+    from orchestrator.changelog import Replayer
+
+    class Signal:
+        reason: str | None = "replica lag 12.0s on r:5432/app > 10s"
+
+        def peek(self):
+            return SimpleNamespace(holds_replay=self.reason)
+
+    signal = Signal()
+    r = Replayer(ctx=None, batch=10, throttle=signal)
+    r.HOLD_POLL_S = 0.01
+    r._lag_read = time.monotonic() + 3600  # no lag read: there is no server here
+    assert r._hold(conn=None) and r.waiting == signal.reason and r.waited_s > 0
+    signal.reason = None
+    assert not r._hold(conn=None) and r.waiting is None
+    signal.reason = "flag file f exists"
+    assert r._hold(conn=None)
+    r.draining = True  # the cutover's gates passed: drain whatever the load
+    assert not r._hold(conn=None) and r.waiting is None
+    assert not Replayer(ctx=None, batch=10)._hold(conn=None)  # capture.replay_throttled off: no throttle
