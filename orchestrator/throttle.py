@@ -195,6 +195,7 @@ class Throttler:
         self._hb_ok_at = 0.0
         self._refresher: threading.Thread | None = None  # peek()'s evaluation, off the caller's thread
         self._refresher_lock = threading.Lock()
+        self._stopped = False
 
     # --- life cycle -------------------------------------------------------------------
     def start(self) -> Throttler:
@@ -205,6 +206,11 @@ class Throttler:
         return self
 
     def stop(self) -> None:
+        with self._refresher_lock:
+            self._stopped = True  # no check started by peek() from now on
+            refresher = self._refresher
+        if refresher is not None:
+            refresher.join(timeout=CHECK_STATEMENT_TIMEOUT_MS / 1000 + 5)
         self._heartbeat.stop()
         with self._lock:
             for c in [self._conn, *self._replica_conns.values()]:
@@ -268,7 +274,7 @@ class Throttler:
         that does not hold it)."""
         if time.monotonic() - self._state.checked_at >= self.check_interval_s:
             with self._refresher_lock:
-                if self._refresher is None or not self._refresher.is_alive():
+                if not self._stopped and (self._refresher is None or not self._refresher.is_alive()):
                     self._refresher = threading.Thread(target=self._refresh, name="throttle-check", daemon=True)
                     self._refresher.start()
         return self._state
@@ -276,8 +282,9 @@ class Throttler:
     def _refresh(self) -> None:
         try:
             self.check()
-        except Exception as e:  # a thread of its own: say it, the next peek tries again
+        except Exception as e:  # a thread of its own: say it; the next peek tries again, not at once
             logger.warning("throttle check failed: {}", _first_line(e))
+            time.sleep(self.check_interval_s)
 
     def wait(self, stop: threading.Event, leave: Callable[[], bool] | None = None) -> bool:
         """True when the next batch may run; False when `stop` is set or `leave()` turns true

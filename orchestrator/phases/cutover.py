@@ -654,10 +654,21 @@ class Cutover:
         ctx.refresh()
         self.wait_for_gates(ctx)
         replayer = ctx.options.get("replayer")
-        if replayer is not None:
-            # The gates waited for the load to pass; from here the replay drains whatever it is
-            # (held, every lock attempt would find too much to replay and roll back).
-            replayer.draining = True
+        if replayer is None:
+            self.lock_and_swap(ctx)
+            return
+        # The gates waited for the load to pass; from here the replay drains whatever it is
+        # (held, every lock attempt would find too much to replay and roll back). Until the
+        # swap fails or a drift sends the run back to the backfill: then it waits again.
+        replayer.draining = True
+        try:
+            self.lock_and_swap(ctx)
+        except BaseException:
+            replayer.draining = False
+            raise
+
+    def lock_and_swap(self, ctx: Context) -> None:
+        """After the gates: what the partitions need before the lock, then the lock attempts."""
         self.carry_storage_parameters(ctx)
         self.prepare_partitions(ctx)
         fidelity.add_not_valid_checks(ctx)
@@ -724,6 +735,7 @@ class Cutover:
             ctx.store.phase_done(cur, ctx.mid, self.name, time.monotonic() - t0, carried=done)
             return done
 
+        replayer = ctx.options.get("replayer")
         try:
             # The replay thread stays out of each attempt (it would queue behind our lock), and
             # catches up between attempts.

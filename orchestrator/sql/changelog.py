@@ -196,14 +196,16 @@ def lag_function(fn: QualifiedName, log: QualifiedName) -> Composed:
     """``fn() -> (pending bigint, oldest_s float8)``: log rows waiting, and the age of the next
     one to replay (the lowest sequence number). Read every half second by the throttle and
     status, so it never scans a large log: the bounds come from the sequence's index, and the
-    exact count only when they are less than LAG_EXACT_SPAN apart (beyond, their distance: an
+    exact count (through the same index: a log emptied by replay keeps its heap until vacuum)
+    only when they are less than LAG_EXACT_SPAN apart (beyond, their distance: an
     upper bound, since rolled-back writers and out-of-order commits leave gaps)."""
     seq = col(SEQ)
     return with_body(SQL("""CREATE OR REPLACE FUNCTION {fn}(OUT pending bigint, OUT oldest_s double precision)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS {q}
 SELECT CASE WHEN b.lo IS NULL THEN 0
             WHEN b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.<) {span}
-            THEN (SELECT pg_catalog.count(*) FROM {log})
+            THEN (SELECT pg_catalog.count(*) FROM {log} c WHERE c.{seq} OPERATOR(pg_catalog.>=) b.lo
+                  AND c.{seq} OPERATOR(pg_catalog.<=) b.hi)
             ELSE b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.+) 1 END,
        coalesce(extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
        (SELECT {at} FROM {log} ORDER BY {seq} LIMIT 1))::double precision, 0)

@@ -98,7 +98,9 @@ bigint, OUT oldest_s double precision)
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $orchestrate$
 SELECT CASE WHEN b.lo IS NULL THEN 0
             WHEN b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.<) 100000
-            THEN (SELECT pg_catalog.count(*) FROM "app"."Order Items_changes")
+            THEN (SELECT pg_catalog.count(*) FROM "app"."Order Items_changes" c WHERE c."orchestrate_seq" \
+OPERATOR(pg_catalog.>=) b.lo
+                  AND c."orchestrate_seq" OPERATOR(pg_catalog.<=) b.hi)
             ELSE b.hi OPERATOR(pg_catalog.-) b.lo OPERATOR(pg_catalog.+) 1 END,
        coalesce(extract(epoch FROM pg_catalog.clock_timestamp() OPERATOR(pg_catalog.-)
        (SELECT "orchestrate_at" FROM "app"."Order Items_changes" ORDER BY "orchestrate_seq" LIMIT 1))::double \
