@@ -258,3 +258,57 @@ def test_replay_waits_while_held_and_not_once_the_cutover_drains():
     r.draining = True  # the cutover's gates passed: drain whatever the load
     assert not r._hold(conn=None) and r.waiting is None
     assert not Replayer(ctx=None, batch=10)._hold(conn=None)  # capture.replay_throttled off: no throttle
+
+
+def test_an_unknown_replica_lag_does_not_hold_the_replay():
+    """The lag gate keeps its state while the lag is unknown (the backfill stays held, fail
+    closed); the replay is held only by a lag that is known to be high."""
+    import psycopg
+
+    t = Throttler(Throttle(max_replica_lag_s=10, heartbeat=False), "host=127.0.0.1 port=1 dbname=x",
+                  replicas=["host=replica dbname=x"])
+    lag: list = [20.0]
+
+    def replica_lag(dsn):
+        if lag[0] is None:
+            raise psycopg.OperationalError("connection refused")
+        return lag[0]
+
+    def primary():
+        raise psycopg.OperationalError("no primary here")
+
+    t._replica_lag = replica_lag  # type: ignore[method-assign]
+    t._primary = primary  # type: ignore[method-assign]
+    t._record = lambda state, keys: None  # type: ignore[method-assign]
+    st = t.check(force=True)
+    assert st.throttled and st.holds_replay and st.holds_replay.startswith("replica lag 20.0s")
+    lag[0] = None  # the replica became unreachable: the gate stays shut, the lag unknown
+    st = t.check(force=True)
+    assert st.throttled and "replica lag unknown" in st.reason and "unreachable" in st.reason, st.reason
+    assert st.holds_replay is None
+
+
+def test_the_replay_waits_again_when_the_swap_fails():
+    """After the gates the replay drains whatever the load; when the swap raises (attempts
+    exhausted, or a drift that sends the run back to the backfill) it waits again."""
+    from types import SimpleNamespace
+
+    from orchestrator.changelog import Replayer
+    from orchestrator.errors import OrchestrateError
+    from orchestrator.phases.cutover import Cutover
+
+    replayer = Replayer(ctx=None, batch=10)
+    ctx = SimpleNamespace(options={"replayer": replayer}, refresh=lambda: None)
+    seen = []
+    phase = Cutover()
+    phase.ensure_partitions = lambda c: None  # type: ignore[method-assign]
+    phase.wait_for_gates = lambda c: []  # type: ignore[method-assign]
+
+    def swap_fails(c):
+        seen.append(replayer.draining)
+        raise OrchestrateError("cutover: 30 lock attempts failed")
+
+    phase.lock_and_swap = swap_fails  # type: ignore[method-assign]
+    with pytest.raises(OrchestrateError):
+        phase.run(ctx)  # type: ignore[arg-type]
+    assert seen == [True] and replayer.draining is False
