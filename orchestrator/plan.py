@@ -271,8 +271,8 @@ class Capture(_Strict):
     mode: Literal["sync", "async"] = Field(
         "sync", description="'sync': a trigger writes the twin in the writer's transaction (no lag; costs the "
         "writer a write into an equally indexed table). 'async': the trigger appends the changed row's key to a "
-        "narrow change log, and apply replays it into the twin (lag to drain; measured 0.62x of the writes' "
-        "throughput against 0.47x for sync in the same bench rounds, 0.84x while the replay waits). See README "
+        "narrow change log, and apply replays it into the twin (lag to drain; measured 0.57x of the writes' "
+        "throughput against 0.45x for sync in the same bench rounds, 0.69x while the replay waits). See README "
         "\"Capture modes\".")
     replay_batch: int = Field(2000, ge=1, le=1_000_000, description="Async: log rows replayed per transaction.")
     replay_throttled: bool = Field(
