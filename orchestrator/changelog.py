@@ -300,7 +300,7 @@ class Replayer:
             return False
         started = time.monotonic()
         if started - self._lag_read > 1.0 and exists(conn, self.ctx):
-            # At most once a second: the figure counts the whole log, which grows while held.
+            # At most once a second: enough for status while the log grows.
             self.pending, self.oldest_s = lag(conn, self.ctx)
             self._lag_read = time.monotonic()
         self._stop.wait(self.HOLD_POLL_S)

@@ -95,11 +95,10 @@ def primary_lag(conn: psycopg.Connection) -> tuple[float, int | None, int]:
 
 #: The signals that hold async capture's replay too (``capture.replay_throttled``): the ones
 #: that say the server is overloaded, which the replay's own writes would add to (WAL that
-#: replicas and slots must take, sessions competing for the CPUs, the load the operator's query
-#: or flag file watches). Not the
-#: operator's pause (it holds only the backfill), nor the replay's own lag, nor the signals
-#: about other sessions' transactions or about checks that failed: holding the replay for
-#: those would relieve nothing.
+#: replicas and slots must take, sessions competing for the CPUs, the load the operator's
+#: query or flag file watches). Not the operator's pause (it holds only the backfill), nor the
+#: replay's own lag, nor the signals about other sessions' transactions or about checks that
+#: failed: holding the replay for those would relieve nothing.
 REPLAY_HOLDS = frozenset({"lag", "slot", "active", "query", "flag"})
 
 
@@ -114,7 +113,7 @@ class ThrottleState:
     paused: bool = False
     critical: str | None = None
     # The reasons that also hold async capture's replay (load signals: replica lag, slots,
-    # the operator's query and flag file), or None; see REPLAY_HOLDS.
+    # active sessions, the operator's query and flag file), or None; see REPLAY_HOLDS.
     holds_replay: str | None = None
     checked_at: float = 0.0  # time.monotonic() of the evaluation; 0 = never
 
