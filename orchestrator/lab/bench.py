@@ -629,9 +629,9 @@ class Bench:
 
     def async_capture(self, dsn: str) -> dict:
         """pgbench with no capture, an empty trigger, sync capture, async capture and async
-        capture with its replay waiting on the load, alternated (A B C D E A B C D E), on one migration of
-        its own (capture.mode async, backfilled), so they share the table, the twin and the
-        moment. Sync: the dual-write trigger as capture installs it (under
+        capture with its replay waiting on the load, alternated A B C D E three times (twice with
+        --quick), on one migration of its own (capture.mode async, backfilled), so they share the
+        table, the twin and the moment. Sync: the dual-write trigger as capture installs it (under
         another name). Async: while its trigger is on, a replay loop like apply's
         (orchestrator/changelog.py) runs in the same server, and the log is drained after each
         run, so the figure includes the replay's cost."""
